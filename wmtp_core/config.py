@@ -1,0 +1,252 @@
+"""The recipe: one pydantic tree that describes a WMTP run, YAML loading and `--set` overrides.
+
+This module imports no torch, so flows can use it as a Prefect parameter type and the UI form
+can be built from source.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class RecipeError(ValueError):
+    """A recipe, override or run name the user must change; the message names the field or file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class RunConfig(_Section):
+    name: str | None = Field(default=None, pattern=RUN_NAME_PATTERN)
+    """Run name: the directory under $WMTP_HOME/runs and the MLflow run name; null generates one."""
+    tags: list[str] = []
+    """Free-form tags recorded on the MLflow run."""
+
+
+class ModelConfig(_Section):
+    horizon: int = Field(default=4, ge=1, le=16)
+    """Number of MTP heads; head k predicts the token k+1 positions ahead."""
+    num_layers: PositiveInt = 2
+    """Transformer blocks in the shared trunk (each head adds one more block)."""
+    d_model: PositiveInt = 64
+    """Width of the residual stream; must be divisible by model.num_heads."""
+    num_heads: PositiveInt = 4
+    """Attention heads per block."""
+    max_seq_len: int = Field(default=256, ge=8)
+    """Longest sequence in tokens; longer examples are truncated."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout probability inside the blocks."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
+        return self
+
+
+class DataConfig(_Section):
+    path: Path | None = None
+    """JSONL file in the MBPP schema (text, code, test_list); null uses the built-in dataset."""
+    batch_size: PositiveInt = 16
+    """Sequences per micro-batch."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes (0 loads in the training process)."""
+    eval_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    """Share of records held out for the eval loss."""
+
+
+class TrainConfig(_Section):
+    algorithm: Literal["baseline-mtp"] = "baseline-mtp"
+    """Token-weighting algorithm; baseline-mtp weights every (token, head) equally."""
+    max_steps: PositiveInt = 300
+    """Optimizer steps to train for (each step is train.grad_accumulation_steps micro-batches)."""
+    lr: float = Field(default=3e-3, gt=0.0)
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of train.lr for the cosine and linear schedules."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup, counted in optimizer steps."""
+    warmup_steps: int = Field(default=20, ge=0)
+    """Optimizer steps of linear warmup from 0 to train.lr."""
+    lr_decay_steps: PositiveInt | None = None
+    """Optimizer steps over which the schedule decays; null means train.max_steps."""
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    """AdamW weight decay (matrices only; biases, norms and embeddings are not decayed)."""
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    grad_accumulation_steps: PositiveInt = 1
+    """Micro-batches whose gradients are summed before one optimizer step."""
+    save_every: PositiveInt = 100
+    """Write a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_last: int = Field(default=3, ge=2)
+    """Checkpoints kept on disk; at least 2, because the newest may be mid-write when a run dies."""
+    log_every: PositiveInt = 10
+    """Report training metrics every this many optimizer steps."""
+    eval_every: PositiveInt = 100
+    """Compute the eval loss every this many optimizer steps (and at the start and end)."""
+    eval_batches: PositiveInt = 8
+    """Eval micro-batches per evaluation (the eval split is cycled in a fixed order)."""
+
+
+class LossConfig(_Section):
+    scale: float = Field(default=1.0, gt=0.0)
+    """Multiplier on the weighted MTP loss (the original code's loss.lambda)."""
+
+
+class DevicesConfig(_Section):
+    backend: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """Compute device; auto picks CUDA, then MPS, then CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision; auto is bf16 on CUDA where supported and fp32 elsewhere."""
+
+
+class TrackingConfig(_Section):
+    experiment: str = "wmtp"
+    """MLflow experiment that holds the run."""
+    enabled: bool = True
+    """Log params, metrics and checkpoints to MLflow."""
+
+
+class PhaseGates(_Section):
+    checkpoint: bool = True
+    """Phase 1: checkpoint saving that works for every model kind (off: legacy FSDP-only calls, fail on plain modules)."""
+    mps: bool = True
+    """Phase 2: device-aware precision and DataLoader workers (off: autocast with the configured dtype everywhere)."""
+    api: bool = True
+    """Phase 3: torch.distributed.checkpoint state dicts and explicit cleanup (off: deprecated FSDP.state_dict_type)."""
+
+
+class Recipe(_Section):
+    run: RunConfig = RunConfig()
+    """Run identity."""
+    seed: int = Field(default=1337, ge=0)
+    """Seed for model init, data order and every RNG the run uses."""
+    model: ModelConfig = ModelConfig()
+    """Model size and MTP horizon."""
+    data: DataConfig = DataConfig()
+    """Training data and loading."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation, schedule, checkpoint and eval cadence."""
+    loss: LossConfig = LossConfig()
+    """Weighted MTP loss settings."""
+    devices: DevicesConfig = DevicesConfig()
+    """Device and precision."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking."""
+    phases: PhaseGates = PhaseGates()
+    """Fix-plan gates: on is the fixed path, off the legacy one."""
+
+    @model_validator(mode="after")
+    def _cadences_fit(self) -> Recipe:
+        if self.train.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})"
+            )
+        return self
+
+
+def load_recipe(path: Path | str | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or the defaults when path is None), apply `key=value` overrides and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for override in overrides:
+        _apply_override(data, override)
+    return validate_recipe(data)
+
+
+def validate_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate a recipe dict; a problem raises RecipeError naming the first offending field."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "recipe"
+        given = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
+        message = first["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"{field}: {message}{given}") from None
+
+
+def check_run_name(name: str) -> str:
+    """Return name if it is a safe directory name, else raise RecipeError saying what is allowed."""
+    if not re.match(RUN_NAME_PATTERN, name):
+        raise RecipeError(
+            f"run name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The recipe as flat, complete YAML (the form stored beside checkpoints)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten_recipe(recipe: Recipe) -> dict[str, str]:
+    """Dotted keys to string values, e.g. {'train.lr': '0.003'}; used for tracking params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {error}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Set one dotted key in the raw dict; pydantic coerces the string to the field's type."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {override!r} must look like dotted.key=value, e.g. train.lr=1e-3")
+    parts = key.strip().split(".")
+    _check_key_exists(parts)
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = _parse_value(raw.strip())
+
+
+def _check_key_exists(parts: list[str]) -> None:
+    model: type[BaseModel] | None = Recipe
+    for depth, part in enumerate(parts):
+        fields = model.model_fields if model is not None else {}
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the recipe"
+            raise RecipeError(f"unknown recipe key {'.'.join(parts)!r}: {where} has {', '.join(fields) or 'no sections'}")
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _parse_value(raw: str) -> Any:
+    # Strings go to pydantic as-is (lax mode turns "1e-3" into a float, "false" into a bool);
+    # only null and YAML collections need parsing first.
+    if raw.lower() in {"null", "none", "~"}:
+        return None
+    if raw[:1] in "[{":
+        return yaml.safe_load(raw)
+    return raw

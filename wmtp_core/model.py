@@ -1,0 +1,99 @@
+"""A Meta-style multi-token-prediction transformer: a shared trunk, `horizon` parallel one-block heads,
+one shared final norm and unembedding (Gloeckle et al. 2024, "Better & Faster LLMs via Multi-token Prediction").
+
+Shapes: B batch, T time, D model width, K horizon (heads), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wmtp_core.config import ModelConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        # Padding sits at the end of each row, so the causal mask alone keeps real tokens from seeing it.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.down = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x_BTD))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm_mlp = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD))
+        return x_BTD + self.mlp(self.norm_mlp(x_BTD))
+
+
+class MTPTransformer(nn.Module):
+    """forward(tokens_BT) -> logits_BTKV, where head k at position t predicts token t + k + 1."""
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(vocab_size, cfg.d_model)
+        self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.horizon))
+        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.unembedding = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.apply(_init_weights)
+        # GPT-2's scaled init of residual projections keeps the residual stream's variance flat with depth.
+        depth = cfg.num_layers + 1
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+
+    def trunk_hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """The shared trunk's last hidden state h_BTD (the input of every head)."""
+        T = tokens_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        positions_T = torch.arange(T, device=tokens_BT.device)
+        x_BTD = self.token_embedding(tokens_BT) + self.position_embedding(positions_T)
+        for block in self.trunk:
+            x_BTD = block(x_BTD)
+        return x_BTD
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        h_BTD = self.trunk_hidden(tokens_BT)
+        head_states_BTKD = torch.stack([head(h_BTD) for head in self.heads], dim=2)
+        return self.unembedding(self.final_norm(head_states_BTKD))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

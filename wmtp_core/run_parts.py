@@ -1,0 +1,78 @@
+"""Builds the objects one run trains with (model, optimizer, schedule, data) from a recipe and a device plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from wmtp_core.config import Recipe
+from wmtp_core.data import (
+    MTPCollator,
+    TokenSequences,
+    builtin_dataset_path,
+    epoch_batches,
+    load_records,
+    make_loader,
+    split_records,
+)
+from wmtp_core.device import DevicePlan
+from wmtp_core.model import MTPTransformer
+from wmtp_core.optim import build_optimizer, build_scheduler
+from wmtp_core.tokenizer import ByteTokenizer
+
+
+@dataclass
+class RunParts:
+    """Everything a training run holds in memory; built once per run, never passed between Prefect tasks."""
+
+    model: MTPTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    train_data: TokenSequences
+    eval_batches: list[dict[str, torch.Tensor]]
+    collator: MTPCollator
+    pad_id: int
+    batch_size: int
+    num_workers: int
+    seed: int
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(len(self.train_data), batch_size=self.batch_size, seed=self.seed, epoch=epoch)
+
+    def loader(self, batches: list[list[int]]) -> DataLoader:
+        return make_loader(self.train_data, batches, self.collator, num_workers=self.num_workers)
+
+
+def build_run_parts(recipe: Recipe, plan: DevicePlan) -> RunParts:
+    """Tokenize the data, build the model on the plan's device and the optimizer after it (the order FSDP needs)."""
+    tokenizer = ByteTokenizer()
+    records = load_records(recipe.data.path or builtin_dataset_path())
+    train_records, eval_records = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
+    max_len = recipe.model.max_seq_len
+    collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
+    model = MTPTransformer(recipe.model, vocab_size=tokenizer.vocab_size).to(plan.device)
+    optimizer = build_optimizer(model, recipe.train)
+    return RunParts(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, recipe.train),
+        scaler=torch.amp.GradScaler(plan.device, enabled=plan.use_grad_scaler),
+        train_data=TokenSequences(train_records, tokenizer, max_len=max_len),
+        eval_batches=_fixed_eval_batches(TokenSequences(eval_records, tokenizer, max_len=max_len), collator, recipe),
+        collator=collator,
+        pad_id=tokenizer.pad_id,
+        batch_size=recipe.data.batch_size,
+        num_workers=plan.num_workers,
+        seed=recipe.seed,
+    )
+
+
+def _fixed_eval_batches(eval_data: TokenSequences, collator: MTPCollator, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
+    size = recipe.data.batch_size
+    starts = range(0, len(eval_data), size)
+    return [collator([eval_data[i] for i in range(start, min(start + size, len(eval_data)))]) for start in starts][
+        : recipe.train.eval_batches
+    ]

@@ -1,0 +1,91 @@
+"""Gathering and restoring full model/optimizer state, behind the fix plan's gates.
+
+The on-disk optimizer format is always keyed by parameter name (as torch.distributed.checkpoint writes
+it), so a checkpoint loads whichever gate saved it.
+
+- phases.checkpoint off: the legacy code, FSDP full-state-dict calls on whatever model is given. On a plain
+  module torch raises KeyError(None), the failure the fix plan reports; it is re-raised as CheckpointSaveError.
+- phases.api on: torch.distributed.checkpoint.state_dict (get_state_dict / set_state_dict).
+- phases.api off: an isinstance(model, FSDP) branch with the deprecated FSDP.state_dict_type, else state_dict().
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from wmtp_core.config import PhaseGates
+
+StateDict = dict[str, object]
+
+
+class CheckpointSaveError(RuntimeError):
+    """Saving a checkpoint failed; the message says which path failed and what to change."""
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, phases: PhaseGates) -> tuple[StateDict, StateDict]:
+    """Full (unsharded, CPU) model and optimizer state dicts, the optimizer keyed by parameter name."""
+    if not phases.checkpoint:
+        return _legacy_gather(model, optimizer)
+    if phases.api:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, optimizer, options=options)
+    if isinstance(model, FSDP):
+        return _legacy_gather(model, optimizer)
+    model_state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    return model_state, _optimizer_state_by_name(model, optimizer)
+
+
+def restore_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: StateDict, optim_state: StateDict, phases: PhaseGates
+) -> None:
+    """Load full state dicts written by gather_state into a freshly built model and optimizer."""
+    if phases.api:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(_optimizer_state_by_index(model, optimizer, optim_state))
+
+
+def _legacy_gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[StateDict, StateDict]:
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    try:
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+            model_state = model.state_dict()
+            optim_state = FSDP.optim_state_dict(model, optimizer)
+    except KeyError as error:
+        raise CheckpointSaveError(
+            f"legacy checkpoint path (phases.checkpoint=off) failed on a {type(model).__name__}: "
+            f"FSDP.state_dict_type raised KeyError({error.args[0]!r}); set phases.checkpoint=true"
+        ) from error
+    return model_state, optim_state
+
+
+def _optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> StateDict:
+    names = _names_by_param_id(model)
+    index_to_name = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            index_to_name[len(index_to_name)] = names[id(param)]
+    raw = optimizer.state_dict()
+    state = {index_to_name[i]: value for i, value in raw["state"].items()}
+    groups = [{**group, "params": [index_to_name[i] for i in group["params"]]} for group in raw["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _optimizer_state_by_index(model: torch.nn.Module, optimizer: torch.optim.Optimizer, by_name: StateDict) -> StateDict:
+    names = _names_by_param_id(model)
+    name_to_index = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name_to_index[names[id(param)]] = len(name_to_index)
+    state = {name_to_index[name]: value for name, value in by_name["state"].items()}
+    groups = [{**group, "params": [name_to_index[n] for n in group["params"]]} for group in by_name["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _names_by_param_id(model: torch.nn.Module) -> dict[int, str]:
+    return {id(param): name for name, param in model.named_parameters()}
