@@ -7,6 +7,7 @@ can be built from source.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +183,16 @@ def check_run_name(name: str) -> str:
             f"run name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+def generate_run_name(recipe: Recipe) -> str:
+    """A unique, readable default run name: <algorithm>-<UTC timestamp>."""
+    return f"{recipe.train.algorithm}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
+
+
+def with_run_name(recipe: Recipe, name: str) -> Recipe:
+    """A copy of the recipe with run.name set (validated)."""
+    return recipe.model_copy(update={"run": recipe.run.model_copy(update={"name": check_run_name(name)})})
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -17,11 +17,12 @@ from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from wmtp_core.config import PhaseGates
+from wmtp_core.manifest import CheckpointError
 
 StateDict = dict[str, object]
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(CheckpointError):
     """Saving a checkpoint failed; the message says which path failed and what to change."""
 
 
@@ -55,7 +56,7 @@ def _legacy_gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     try:
         with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
             model_state = model.state_dict()
-            optim_state = FSDP.optim_state_dict(model, optimizer)
+        optim_state = FSDP.optim_state_dict(model, optimizer) if isinstance(model, FSDP) else optimizer.state_dict()
     except KeyError as error:
         raise CheckpointSaveError(
             f"legacy checkpoint path (phases.checkpoint=off) failed on a {type(model).__name__}: "

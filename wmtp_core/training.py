@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from wmtp_core.checkpoint import check_shapes_match, load_checkpoint, prune_checkpoints, save_checkpoint
+from wmtp_core.checkpoint import check_shapes_match, load_checkpoint, save_checkpoint
+from wmtp_core.manifest import prune_checkpoints
 from wmtp_core.config import Recipe
 from wmtp_core.device import DevicePlan, autocast_context
 from wmtp_core.losses import head_cross_entropy, mean_ce_per_head, uniform_weights, valid_mask, weighted_mtp_loss

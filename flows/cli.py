@@ -1,0 +1,155 @@
+"""The `wmtp` command: train, resume, checkpoints, probe. Input is validated before anything is written.
+
+Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from tasks.locations import run_dir, wmtp_home
+from wmtp_core.config import Recipe, RecipeError, generate_run_name, load_recipe, with_run_name
+from wmtp_core.manifest import latest_valid_checkpoint, list_checkpoints
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weighted multi-token-prediction training pipeline.")
+INVALID_INPUT, FAILURE = 2, 1
+
+RecipeOption = typer.Option(None, "--recipe", help="YAML recipe file (flat and complete; see configs/).")
+SetOption = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
+JsonOption = typer.Option(False, "--json", help="Print one JSON summary object as the last stdout line.")
+
+
+def main() -> None:
+    """Console entry point: set Prefect defaults for local runs, then dispatch."""
+    _default_prefect_environment()
+    app()
+
+
+@app.command()
+def train(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption, as_json: bool = JsonOption) -> None:
+    """Train a new run (the embedded defaults when no recipe is given)."""
+    loaded = _invalid_input_guard(lambda: _new_run_recipe(recipe, overrides))
+    _run_flow(loaded, resume=False, as_json=as_json)
+
+
+@app.command()
+def resume(run: str, overrides: list[str] = SetOption, as_json: bool = JsonOption) -> None:
+    """Continue RUN from its newest valid checkpoint, e.g. with --set train.max_steps=600."""
+    loaded = _invalid_input_guard(lambda: _resume_recipe(run, overrides))
+    _run_flow(loaded, resume=True, as_json=as_json)
+
+
+@app.command()
+def checkpoints(run: str, as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """List RUN's checkpoints, each verified against its manifest (sha256 of every file)."""
+    directory = _invalid_input_guard(lambda: _existing_run_dir(run))
+    infos = list_checkpoints(directory)
+    if as_json:
+        rows = [{"step": i.step, "path": str(i.path), "valid": i.valid, "problem": i.problem} for i in infos]
+        print(json.dumps(rows))
+        return
+    for info in infos:
+        print(f"{info.step:>10}  {'valid  ' if info.valid else 'INVALID'}  {info.path}  {info.problem or ''}")
+    if not infos:
+        print(f"run {run} has no checkpoints yet")
+
+
+@app.command()
+def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) -> None:
+    """Show what this machine offers and the device plan the recipe would get."""
+    from wmtp_core.device import plan_devices, probe_environment
+
+    loaded = _invalid_input_guard(lambda: load_recipe(recipe, overrides))
+    found = probe_environment()
+    plan = _invalid_input_guard(lambda: plan_devices(loaded.devices, loaded.data, loaded.phases, found))
+    print(json.dumps({"environment": found.to_dict(), "device_plan": plan.__dict__}, indent=2))
+
+
+def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
+    loaded = load_recipe(recipe, overrides)
+    loaded = with_run_name(loaded, loaded.run.name or generate_run_name(loaded))
+    if latest_valid_checkpoint(run_dir(loaded.run.name)) is not None:
+        raise RecipeError(f"run.name: run {loaded.run.name!r} already has checkpoints; use `wmtp resume {loaded.run.name}`")
+    _check_data_file(loaded)
+    return loaded
+
+
+def _resume_recipe(run: str, overrides: list[str]) -> Recipe:
+    directory = _existing_run_dir(run)
+    if latest_valid_checkpoint(directory) is None:
+        raise RecipeError(f"run {run!r} has no valid checkpoint to resume from (see `wmtp checkpoints {run}`)")
+    loaded = load_recipe(directory / "recipe.yaml", overrides)
+    if loaded.run.name != run:
+        raise RecipeError(f"run.name cannot change on resume (got {loaded.run.name!r} for run {run!r})")
+    _check_data_file(loaded)
+    return loaded
+
+
+def _existing_run_dir(run: str) -> Path:
+    directory = run_dir(run)
+    if not directory.is_dir():
+        raise RecipeError(f"run {run!r} does not exist under {directory.parent}")
+    return directory
+
+
+def _check_data_file(recipe: Recipe) -> None:
+    from wmtp_core.data import builtin_dataset_path, load_records
+
+    load_records(Path(recipe.data.path) if recipe.data.path else builtin_dataset_path())
+
+
+def _invalid_input_guard(build):
+    """Run a validation step; a ValueError (RecipeError, DataError, bad run name) exits 2 with one line."""
+    try:
+        return build()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT) from None
+
+
+def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
+    from flows.train import wmtp_train
+
+    state = wmtp_train(recipe=recipe, resume=resume, return_state=True)
+    summary_file = run_dir(recipe.run.name) / "summary.json"
+    if not summary_file.is_file():
+        print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
+        raise typer.Exit(FAILURE)
+    summary = json.loads(summary_file.read_text())
+    _print_summary(summary, as_json=as_json)
+    if summary["status"] != "completed":
+        raise typer.Exit(FAILURE)
+
+
+def _print_summary(summary: dict, *, as_json: bool) -> None:
+    from tasks.tracking import ui_command
+
+    if summary["status"] != "completed":
+        print(f"error: run {summary['run_name']} failed: {summary['reason']}", file=sys.stderr)
+    else:
+        print(
+            f"run {summary['run_name']} completed {summary['steps']} steps: eval loss "
+            f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
+            f"checkpoint: {summary['latest_checkpoint']}\nMLflow UI: {ui_command()}",
+            file=sys.stderr if as_json else sys.stdout,
+        )
+    if as_json:
+        print(json.dumps(summary), flush=True)
+
+
+def _default_prefect_environment() -> None:
+    """Local-run defaults, each only when the user has not set it: a Prefect home under $WMTP_HOME, a
+    temporary-server start-up timeout that survives a slow first start, and core logs in the run log."""
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        prefect_home = wmtp_home() / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+        os.environ["PREFECT_HOME"] = str(prefect_home)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wmtp_core")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
