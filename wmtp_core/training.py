@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,7 +165,11 @@ def apply_update(parts: RunParts, *, recipe: Recipe, loss_ok: bool) -> float | N
             grad_norm = norm
         parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
-    parts.scheduler.step()
+    with warnings.catch_warnings():
+        # A skipped update still advances the schedule, so lr stays a function of the step count; torch warns
+        # about scheduler.step() without optimizer.step(), which is exactly what is meant here.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler", category=UserWarning)
+        parts.scheduler.step()
     return grad_norm
 
 

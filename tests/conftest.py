@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny recipe, an isolated $WMTP_HOME, and one Prefect test server per session.
+
+Prefect settings are read when prefect is first imported, so its environment is set here, before any test
+module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="wmtp-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
+os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "wmtp_core"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+from wmtp_core.config import Recipe, load_recipe  # noqa: E402  (after the Prefect environment above)
+
+TINY_OVERRIDES = [
+    "model.num_layers=2",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.horizon=2",
+    "model.max_seq_len=64",
+    "data.batch_size=4",
+    "train.max_steps=4",
+    "train.warmup_steps=1",
+    "train.save_every=2",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "seed=7",
+]
+
+
+@pytest.fixture
+def tiny_recipe() -> Recipe:
+    """The tiny CPU model (2 layers, d_model 32, horizon 2, 64 tokens) on the built-in data, 4 steps."""
+    return load_recipe(None, TINY_OVERRIDES)
+
+
+@pytest.fixture
+def wmtp_home(tmp_path, monkeypatch):
+    """An empty $WMTP_HOME for the test (checkpoints, the embedded MLflow store, summaries)."""
+    home = tmp_path / "wmtp-home"
+    home.mkdir()
+    monkeypatch.setenv("WMTP_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """One temporary Prefect server for the whole session (it takes ~20 s to start on two cores)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
