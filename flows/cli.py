@@ -25,8 +25,7 @@ JsonOption = typer.Option(False, "--json", help="Print one JSON summary object a
 
 
 def main() -> None:
-    """Console entry point: set Prefect defaults for local runs, then dispatch."""
-    _default_prefect_environment()
+    """Console entry point."""
     app()
 
 
@@ -113,6 +112,7 @@ def _invalid_input_guard(build):
 
 
 def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
+    _default_prefect_environment()  # before prefect is first imported: it reads its settings then
     from flows.train import wmtp_train
 
     state = wmtp_train(recipe=recipe, resume=resume, return_state=True)

@@ -67,7 +67,7 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     algorithm: Literal["baseline-mtp"] = "baseline-mtp"
     """Token-weighting algorithm; baseline-mtp weights every (token, head) equally."""
-    max_steps: PositiveInt = 300
+    max_steps: PositiveInt = 150
     """Optimizer steps to train for (each step is train.grad_accumulation_steps micro-batches)."""
     lr: float = Field(default=3e-3, gt=0.0)
     """Peak learning rate of AdamW."""
@@ -75,7 +75,7 @@ class TrainConfig(_Section):
     """Final learning rate as a fraction of train.lr for the cosine and linear schedules."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup, counted in optimizer steps."""
-    warmup_steps: int = Field(default=20, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
     """Optimizer steps of linear warmup from 0 to train.lr."""
     lr_decay_steps: PositiveInt | None = None
     """Optimizer steps over which the schedule decays; null means train.max_steps."""
@@ -85,13 +85,13 @@ class TrainConfig(_Section):
     """Clip the global gradient norm to this value; 0 disables clipping."""
     grad_accumulation_steps: PositiveInt = 1
     """Micro-batches whose gradients are summed before one optimizer step."""
-    save_every: PositiveInt = 100
+    save_every: PositiveInt = 50
     """Write a checkpoint every this many optimizer steps (and always at the end)."""
     keep_last: int = Field(default=3, ge=2)
     """Checkpoints kept on disk; at least 2, because the newest may be mid-write when a run dies."""
     log_every: PositiveInt = 10
     """Report training metrics every this many optimizer steps."""
-    eval_every: PositiveInt = 100
+    eval_every: PositiveInt = 50
     """Compute the eval loss every this many optimizer steps (and at the start and end)."""
     eval_batches: PositiveInt = 8
     """Eval micro-batches per evaluation (the eval split is cycled in a fixed order)."""

@@ -1,0 +1,72 @@
+"""The `wmtp` CLI contract for invalid input: exit 2, one line naming the field or file, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from wmtp_core.checkpoint import save_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["train", "--set", "train.lr=-1"], "train.lr"),
+        (["train", "--set", "train.nope=1"], "train.nope"),
+        (["train", "--set", "train.algorithm=magic"], "train.algorithm"),
+        (["train", "--set", "model.horizon=0"], "model.horizon"),
+        (["train", "--set", "train.keep_last=1"], "train.keep_last"),
+        (["train", "--set", "run.name=../escape"], "run.name"),
+        (["train", "--set", "notakeyvalue"], "dotted.key=value"),
+        (["train", "--recipe", "missing.yaml"], "missing.yaml"),
+        (["resume", "no-such-run"], "no-such-run"),
+        (["checkpoints", "../etc"], "../etc"),
+    ],
+)
+def test_invalid_input_exits_2_naming_the_field_and_writes_nothing(wmtp_home, args, named):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert list(wmtp_home.iterdir()) == []
+
+
+def test_malformed_data_line_exits_2_naming_file_and_line(wmtp_home, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "t", "code": "c", "test_list": []}\n{"text": oops}\n')
+    result = runner.invoke(app, ["train", "--set", f"data.path={data}"])
+    assert result.exit_code == 2
+    assert f"{data}:2" in result.output
+    assert list(wmtp_home.iterdir()) == []
+
+
+def test_training_an_existing_run_name_asks_for_resume(wmtp_home):
+    save_checkpoint(wmtp_home / "runs" / "taken", step=1, model_state={}, train_state={}, manifest_extra={})
+    result = runner.invoke(app, ["train", "--set", "run.name=taken"])
+    assert result.exit_code == 2
+    assert "wmtp resume taken" in result.output
+
+
+def test_checkpoints_json_lists_step_path_and_validity(wmtp_home):
+    run = wmtp_home / "runs" / "listed"
+    good = save_checkpoint(run, step=1, model_state={}, train_state={}, manifest_extra={})
+    bad = save_checkpoint(run, step=2, model_state={}, train_state={"x": 1}, manifest_extra={})
+    (bad / "train_state.pt").write_bytes(b"tampered")
+    result = runner.invoke(app, ["checkpoints", "listed", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["step"], r["path"], r["valid"]) for r in rows] == [(1, str(good), True), (2, str(bad), False)]
+
+
+def test_console_script_reports_bad_override_in_one_line(wmtp_home):
+    wmtp = [sys.executable, "-c", "from flows.cli import main; main()"]
+    out = subprocess.run([*wmtp, "train", "--set", "train.lr=-1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: train.lr: Input should be greater than 0 (got '-1')"
