@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
 from wmtp_core.checkpoint import save_checkpoint
+from wmtp_core.config import load_recipe
 
 runner = CliRunner()
 
@@ -70,3 +73,10 @@ def test_console_script_reports_bad_override_in_one_line(wmtp_home):
     out = subprocess.run([*wmtp, "train", "--set", "train.lr=-1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: train.lr: Input should be greater than 0 (got '-1')"
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")))
+def test_example_recipes_load_and_are_complete(recipe):
+    raw = yaml.safe_load(recipe.read_text())
+    loaded = load_recipe(recipe)
+    assert raw == loaded.model_dump(mode="json")  # flat and complete: every key written out

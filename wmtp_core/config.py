@@ -94,7 +94,7 @@ class TrainConfig(_Section):
     eval_every: PositiveInt = 50
     """Compute the eval loss every this many optimizer steps (and at the start and end)."""
     eval_batches: PositiveInt = 8
-    """Eval micro-batches per evaluation (the eval split is cycled in a fixed order)."""
+    """Eval micro-batches per evaluation: the first ones of the held-out split, the same every time."""
 
 
 class LossConfig(_Section):
@@ -122,7 +122,7 @@ class PhaseGates(_Section):
     mps: bool = True
     """Phase 2: device-aware precision and DataLoader workers (off: autocast with the configured dtype everywhere)."""
     api: bool = True
-    """Phase 3: torch.distributed.checkpoint state dicts and explicit cleanup (off: deprecated FSDP.state_dict_type)."""
+    """Phase 3: torch.distributed.checkpoint state dicts (off: the deprecated FSDP.state_dict_type path)."""
 
 
 class Recipe(_Section):
