@@ -19,7 +19,13 @@ from wmtp_core.manifest import latest_valid_checkpoint
 
 @flow(name="wmtp-train")
 def wmtp_train(recipe: Recipe = Recipe(), phases: PhaseGates | None = None, resume: bool = False) -> dict | State:
-    """Train a WMTP model. `phases`, when given, replaces recipe.phases; `resume` continues recipe.run.name."""
+    """Train a WMTP model, checkpointing as it goes, and upload the checkpoints and a summary to MLflow.
+
+    Args:
+        recipe: The whole run description (model, data, training, tracking, phase gates).
+        phases: Fix-plan gates for this run; when set they replace recipe.phases.
+        resume: Continue the run named recipe.run.name from its newest valid checkpoint.
+    """
     if phases is not None:
         recipe = recipe.model_copy(update={"phases": phases})
     probe = probe_environment()
