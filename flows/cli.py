@@ -13,7 +13,8 @@ from pathlib import Path
 import typer
 
 from tasks.locations import run_dir, wmtp_home
-from wmtp_core.config import Recipe, RecipeError, generate_run_name, load_recipe, with_run_name
+from wmtp_core.config import Recipe, RecipeError, generate_run_name, with_run_name
+from wmtp_core.recipes import load_recipe
 from wmtp_core.manifest import latest_valid_checkpoint, list_checkpoints
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weighted multi-token-prediction training pipeline.")

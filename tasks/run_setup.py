@@ -8,7 +8,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.locations import run_dir
-from wmtp_core.config import Recipe, generate_run_name, recipe_to_yaml, with_run_name
+from wmtp_core.config import Recipe, generate_run_name, with_run_name
+from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.manifest import latest_valid_checkpoint
 
 

@@ -17,7 +17,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from tasks.locations import wmtp_home
 from wmtp_core.manifest import list_checkpoints
-from wmtp_core.config import Recipe, flatten_recipe
+from wmtp_core.config import Recipe
+from wmtp_core.recipes import flatten_recipe
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"

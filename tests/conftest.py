@@ -19,7 +19,8 @@ os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "wmtp_core"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-from wmtp_core.config import Recipe, load_recipe  # noqa: E402  (after the Prefect environment above)
+from wmtp_core.config import Recipe  # noqa: E402  (after the Prefect environment above)
+from wmtp_core.recipes import load_recipe  # noqa: E402
 
 TINY_OVERRIDES = [
     "model.num_layers=2",

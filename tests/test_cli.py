@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from wmtp_core.checkpoint import save_checkpoint
-from wmtp_core.config import load_recipe
+from wmtp_core.recipes import load_recipe
 
 runner = CliRunner()
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wmtp_core.config import flatten_recipe, Recipe
+from wmtp_core.config import Recipe
+from wmtp_core.recipes import flatten_recipe
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

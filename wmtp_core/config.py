@@ -1,4 +1,4 @@
-"""The recipe: one pydantic tree that describes a WMTP run, YAML loading and `--set` overrides.
+"""The recipe: one pydantic tree that describes a WMTP run (wmtp_core.recipes reads, overrides and writes it).
 
 This module imports no torch, so flows can use it as a Prefect parameter type and the UI form
 can be built from source.
@@ -9,10 +9,9 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -154,28 +153,6 @@ class Recipe(_Section):
         return self
 
 
-def load_recipe(path: Path | str | None = None, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (or the defaults when path is None), apply `key=value` overrides and validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_yaml(Path(path))
-    for override in overrides:
-        _apply_override(data, override)
-    return validate_recipe(data)
-
-
-def validate_recipe(data: dict[str, Any]) -> Recipe:
-    """Validate a recipe dict; a problem raises RecipeError naming the first offending field."""
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "recipe"
-        given = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
-        message = first["msg"].removeprefix("Value error, ")
-        raise RecipeError(f"{field}: {message}{given}") from None
-
-
 def check_run_name(name: str) -> str:
     """Return name if it is a safe directory name, else raise RecipeError saying what is allowed."""
     if not re.match(RUN_NAME_PATTERN, name):
@@ -193,71 +170,3 @@ def generate_run_name(recipe: Recipe) -> str:
 def with_run_name(recipe: Recipe, name: str) -> Recipe:
     """A copy of the recipe with run.name set (validated)."""
     return recipe.model_copy(update={"run": recipe.run.model_copy(update={"name": check_run_name(name)})})
-
-
-def recipe_to_yaml(recipe: Recipe) -> str:
-    """The recipe as flat, complete YAML (the form stored beside checkpoints)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def flatten_recipe(recipe: Recipe) -> dict[str, str]:
-    """Dotted keys to string values, e.g. {'train.lr': '0.003'}; used for tracking params."""
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, inner)
-        else:
-            flat[prefix] = str(value)
-
-    walk("", recipe.model_dump(mode="json"))
-    return flat
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {error}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe file {path} must hold a mapping of sections, not {type(data).__name__}")
-    return data
-
-
-def _apply_override(data: dict[str, Any], override: str) -> None:
-    """Set one dotted key in the raw dict; pydantic coerces the string to the field's type."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"override {override!r} must look like dotted.key=value, e.g. train.lr=1e-3")
-    parts = key.strip().split(".")
-    _check_key_exists(parts)
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = _parse_value(raw.strip())
-
-
-def _check_key_exists(parts: list[str]) -> None:
-    model: type[BaseModel] | None = Recipe
-    for depth, part in enumerate(parts):
-        fields = model.model_fields if model is not None else {}
-        if part not in fields:
-            where = ".".join(parts[:depth]) or "the recipe"
-            raise RecipeError(f"unknown recipe key {'.'.join(parts)!r}: {where} has {', '.join(fields) or 'no sections'}")
-        annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def _parse_value(raw: str) -> Any:
-    # Strings go to pydantic as-is (lax mode turns "1e-3" into a float, "false" into a bool);
-    # only null and YAML collections need parsing first.
-    if raw.lower() in {"null", "none", "~"}:
-        return None
-    if raw[:1] in "[{":
-        return yaml.safe_load(raw)
-    return raw
