@@ -6,8 +6,12 @@ module imports it.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +66,23 @@ def prefect_api_url() -> str:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def run_wmtp():
+    """Run the real `wmtp` console script with --json and return its summary (asserting exit 0).
+
+    With api_url the run uses that Prefect server instead of starting a temporary one (~20 s saved per call).
+    """
+
+    def run(args: list[str], *, home: Path, api_url: str | None = None, timeout: int = 600) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env["WMTP_HOME"] = str(home)
+        if api_url:
+            env["PREFECT_API_URL"] = api_url
+        wmtp = str(Path(sys.executable).parent / "wmtp")
+        out = subprocess.run([wmtp, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return run

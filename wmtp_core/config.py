@@ -64,8 +64,8 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    algorithm: Literal["baseline-mtp"] = "baseline-mtp"
-    """Token-weighting algorithm; baseline-mtp weights every (token, head) equally."""
+    algorithm: Literal["baseline-mtp", "critic-wmtp", "rho1-wmtp"] = "baseline-mtp"
+    """Token weighting: baseline-mtp (uniform), critic-wmtp (value-head TD weights), rho1-wmtp (excess loss vs a reference)."""
     max_steps: PositiveInt = 150
     """Optimizer steps to train for (each step is train.grad_accumulation_steps micro-batches)."""
     lr: float = Field(default=3e-3, gt=0.0)
@@ -99,6 +99,46 @@ class TrainConfig(_Section):
 class LossConfig(_Section):
     scale: float = Field(default=1.0, gt=0.0)
     """Multiplier on the weighted MTP loss (the original code's loss.lambda)."""
+    weight_norm: Literal["head_softmax", "token_mean1_clip"] = "head_softmax"
+    """head_softmax: weights sum to 1 over each token's heads; token_mean1_clip: mean 1 over all valid (token, head) pairs."""
+    weight_temperature: float = Field(default=0.7, gt=0.0)
+    """Softmax temperature applied to the weighting scores (lower is peakier)."""
+    max_weight: float = Field(default=3.0, ge=1.0)
+    """Upper clip of a token_mean1_clip weight."""
+
+
+class Rho1Config(_Section):
+    reference_checkpoint: Path | None = None
+    """Checkpoint directory of this project used as the reference model; null trains the built-in model briefly."""
+    reference_steps: PositiveInt = 60
+    """Optimizer steps of baseline training for the built-in reference (when reference_checkpoint is null)."""
+    selection_mode: Literal["weighted", "token_skip"] = "weighted"
+    """weighted: softmax of the excess loss over heads; token_skip: train only on entries above a per-sequence quantile."""
+    skip_threshold_percentile: float = Field(default=0.3, ge=0.0, lt=1.0)
+    """token_skip: quantile of each sequence's excess losses below which entries are skipped."""
+    min_ce_diff: float = Field(default=0.01, ge=0.0)
+    """Excess losses below this are treated as 0."""
+
+
+class CriticConfig(_Section):
+    gamma: float = Field(default=0.99, ge=0.0, le=1.0)
+    """Discount of the GAE value targets."""
+    gae_lambda: float = Field(default=0.95, ge=0.0, le=1.0)
+    """GAE lambda of the value targets."""
+    discount_lambda: float = Field(default=0.95, ge=0.0, le=1.0)
+    """lambda in the TD difference delta_t = V_t - lambda * V_(t-1) that scores each head."""
+    auxiliary_loss_coef: float = Field(default=0.1, ge=0.0)
+    """Weight of the value-head MSE added to the Stage 2 loss."""
+    value_lr: float = Field(default=1e-3, gt=0.0)
+    """Peak learning rate of the value head in Stage 2 (its own optimizer parameter group)."""
+    pretrain_steps: int = Field(default=60, ge=0)
+    """Stage 1: most value-head pretraining steps with the trunk frozen (0 skips Stage 1)."""
+    pretrain_lr: float = Field(default=3e-3, gt=0.0)
+    """Stage 1 learning rate of the value head."""
+    pretrain_patience: PositiveInt = 10
+    """Stage 1 stops early after this many steps without the value loss improving by pretrain_min_delta."""
+    pretrain_min_delta: float = Field(default=1e-4, ge=0.0)
+    """Smallest value-loss improvement that resets the Stage 1 patience."""
 
 
 class DevicesConfig(_Section):
@@ -137,6 +177,10 @@ class Recipe(_Section):
     """Optimisation, schedule, checkpoint and eval cadence."""
     loss: LossConfig = LossConfig()
     """Weighted MTP loss settings."""
+    rho1: Rho1Config = Rho1Config()
+    """rho1-wmtp settings (used when train.algorithm is rho1-wmtp)."""
+    critic: CriticConfig = CriticConfig()
+    """critic-wmtp settings (used when train.algorithm is critic-wmtp)."""
     devices: DevicesConfig = DevicesConfig()
     """Device and precision."""
     tracking: TrackingConfig = TrackingConfig()

@@ -92,7 +92,7 @@ def split_records(records: list[Record], *, eval_fraction: float, seed: int) -> 
 
 
 class TokenSequences(Dataset):
-    """Records tokenized once up front; item i is a 1-D LongTensor of at most max_len token ids."""
+    """Records tokenized once up front; item i is {"tokens": LongTensor of at most max_len ids, "reward": float}."""
 
     def __init__(self, records: list[Record], tokenizer: ByteTokenizer, *, max_len: int):
         self.sequences = [torch.tensor(tokenizer.encode(format_example(r))[:max_len]) for r in records]
@@ -101,13 +101,13 @@ class TokenSequences(Dataset):
     def __len__(self) -> int:
         return len(self.sequences)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.sequences[index]
+    def __getitem__(self, index: int) -> dict:
+        return {"tokens": self.sequences[index], "reward": self.rewards[index]}
 
 
 @dataclass(frozen=True)
 class MTPCollator:
-    """Pads a list of sequences to tokens_BT and builds labels_BTK[b, t, k] = tokens[b, t + k + 1].
+    """Pads items to tokens_BT, builds labels_BTK[b, t, k] = tokens[b, t + k + 1] and stacks rewards_B.
 
     Labels past the end of a sequence or on padding are IGNORE_INDEX. A dataclass (not a closure)
     so DataLoader workers started with `spawn` can pickle it.
@@ -116,13 +116,16 @@ class MTPCollator:
     horizon: int
     pad_id: int
 
-    def __call__(self, sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        lengths = torch.tensor([len(s) for s in sequences])
-        T = int(lengths.max())
-        tokens_BT = torch.full((len(sequences), T), self.pad_id, dtype=torch.long)
-        for b, sequence in enumerate(sequences):
-            tokens_BT[b, : len(sequence)] = sequence
-        return {"tokens": tokens_BT, "labels": mtp_labels(tokens_BT, lengths, horizon=self.horizon)}
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        lengths_B = torch.tensor([len(item["tokens"]) for item in items])
+        tokens_BT = torch.full((len(items), int(lengths_B.max())), self.pad_id, dtype=torch.long)
+        for b, item in enumerate(items):
+            tokens_BT[b, : len(item["tokens"])] = item["tokens"]
+        return {
+            "tokens": tokens_BT,
+            "labels": mtp_labels(tokens_BT, lengths_B, horizon=self.horizon),
+            "rewards": torch.tensor([float(item["reward"]) for item in items]),
+        }
 
 
 def mtp_labels(tokens_BT: torch.Tensor, lengths_B: torch.Tensor, *, horizon: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The weighted multi-token-prediction cross-entropy.
 
-Shapes: B batch, T time, K horizon (heads), V vocabulary. For each position t the heads' CE values are
-averaged with per-(token, head) weights; positions with no valid target are left out of the mean.
+Shapes: B batch, T time, K horizon (heads), V vocabulary. weighted_mtp_loss averages each position's heads with
+per-(token, head) weights and then averages positions; token_weighted_loss averages over all (token, head) pairs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ def weighted_mtp_loss(ce_BTK: torch.Tensor, weights_BTK: torch.Tensor, mask_BTK:
         # Keep the graph so backward() still works on a batch with no targets; the update is zero.
         return (ce_BTK * 0.0).sum()
     return per_token_BT[has_weight_BT].mean()
+
+
+def token_weighted_loss(ce_BTK: torch.Tensor, weights_BTK: torch.Tensor, mask_BTK: torch.Tensor) -> torch.Tensor:
+    """sum w*m*ce / sum m over all valid (token, head) pairs: weights can move mass between tokens (token_mean1_clip)."""
+    return (weights_BTK.detach() * mask_BTK * ce_BTK).sum() / mask_BTK.sum().clamp_min(1.0)
 
 
 def uniform_weights(labels_BTK: torch.Tensor) -> torch.Tensor:

@@ -56,10 +56,25 @@ class Block(nn.Module):
         return x_BTD + self.mlp(self.norm_mlp(x_BTD))
 
 
-class MTPTransformer(nn.Module):
-    """forward(tokens_BT) -> logits_BTKV, where head k at position t predicts token t + k + 1."""
+class ValueHead(nn.Module):
+    """critic-wmtp's value estimate V_t from the trunk's hidden state: D -> D/2 -> ReLU -> 1."""
 
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int):
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_model // 2), nn.ReLU(), nn.Linear(d_model // 2, 1))
+
+    def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.net(h_BTD).squeeze(-1)
+
+
+class MTPTransformer(nn.Module):
+    """forward(tokens_BT) -> logits_BTKV, where head k at position t predicts token t + k + 1.
+
+    With with_value_head, `value_head` maps the trunk's hidden state to V_BT (critic-wmtp); it is part of the
+    state dict, so checkpoints carry it.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, with_value_head: bool = False):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(vocab_size, cfg.d_model)
@@ -68,6 +83,7 @@ class MTPTransformer(nn.Module):
         self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.horizon))
         self.final_norm = nn.LayerNorm(cfg.d_model)
         self.unembedding = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.value_head = ValueHead(cfg.d_model) if with_value_head else None
         self.apply(_init_weights)
         # GPT-2's scaled init of residual projections keeps the residual stream's variance flat with depth.
         depth = cfg.num_layers + 1
@@ -86,10 +102,13 @@ class MTPTransformer(nn.Module):
             x_BTD = block(x_BTD)
         return x_BTD
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        h_BTD = self.trunk_hidden(tokens_BT)
+    def heads_logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Every head's logits from the trunk's hidden state: logits_BTKV."""
         head_states_BTKD = torch.stack([head(h_BTD) for head in self.heads], dim=2)
         return self.unembedding(self.final_norm(head_states_BTKD))
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return self.heads_logits(self.trunk_hidden(tokens_BT))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -11,13 +11,20 @@ from torch.optim.lr_scheduler import LambdaLR
 from wmtp_core.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the model's parameters; 2-D weights decay, norms and biases do not (nanoGPT's split)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, value_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over the model's parameters; 2-D weights decay, norms and biases do not (nanoGPT's split).
+
+    Parameters under `value_head.` form their own group at value_lr (critic-wmtp's value head).
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    policy = [p for name, p in named if not name.startswith("value_head.")]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in policy if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in policy if p.dim() < 2], "weight_decay": 0.0},
     ]
+    value = [p for name, p in named if name.startswith("value_head.")]
+    if value:
+        groups.append({"params": value, "weight_decay": 0.0, "lr": value_lr or cfg.lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 

@@ -1,8 +1,11 @@
-"""Builds the objects one run trains with (model, optimizer, schedule, data) from a recipe and a device plan."""
+"""The objects one run trains with (model, optimizer, schedule, data), built from a recipe and a device plan,
+the TrainState that says where training stands, and the resumable stream of batches."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,7 +23,21 @@ from wmtp_core.data import (
 from wmtp_core.device import DevicePlan
 from wmtp_core.model import MTPTransformer
 from wmtp_core.optim import build_optimizer, build_scheduler
+from wmtp_core.reference import load_reference_model
 from wmtp_core.tokenizer import ByteTokenizer
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint as plain values."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    initial_eval_loss: float | None = None
+    value_head_pretrained: bool = False
 
 
 @dataclass
@@ -38,6 +55,7 @@ class RunParts:
     batch_size: int
     num_workers: int
     seed: int
+    reference: MTPTransformer | None = None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(len(self.train_data), batch_size=self.batch_size, seed=self.seed, epoch=epoch)
@@ -46,15 +64,16 @@ class RunParts:
         return make_loader(self.train_data, batches, self.collator, num_workers=self.num_workers)
 
 
-def build_run_parts(recipe: Recipe, plan: DevicePlan) -> RunParts:
+def build_run_parts(recipe: Recipe, plan: DevicePlan, *, reference_checkpoint: Path | None = None) -> RunParts:
     """Tokenize the data, build the model on the plan's device and the optimizer after it (the order FSDP needs)."""
     tokenizer = ByteTokenizer()
     records = load_records(recipe.data.path or builtin_dataset_path())
     train_records, eval_records = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     max_len = recipe.model.max_seq_len
     collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
-    model = MTPTransformer(recipe.model, vocab_size=tokenizer.vocab_size).to(plan.device)
-    optimizer = build_optimizer(model, recipe.train)
+    critic = recipe.train.algorithm == "critic-wmtp"
+    model = MTPTransformer(recipe.model, vocab_size=tokenizer.vocab_size, with_value_head=critic).to(plan.device)
+    optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr)
     return RunParts(
         model=model,
         optimizer=optimizer,
@@ -67,6 +86,7 @@ def build_run_parts(recipe: Recipe, plan: DevicePlan) -> RunParts:
         batch_size=recipe.data.batch_size,
         num_workers=plan.num_workers,
         seed=recipe.seed,
+        reference=load_reference_model(reference_checkpoint, plan) if reference_checkpoint else None,
     )
 
 
@@ -76,3 +96,18 @@ def _fixed_eval_batches(eval_data: TokenSequences, collator: MTPCollator, recipe
     return [collator([eval_data[i] for i in range(start, min(start + size, len(eval_data)))]) for start in starts][
         : recipe.train.eval_batches
     ]
+
+
+def batch_stream(parts: RunParts, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches forever, epoch after epoch, starting at state's data position and advancing it as they are taken."""
+    loader_iter = None
+    try:
+        while True:
+            batches = parts.epoch_batches(state.epoch)
+            loader_iter = iter(parts.loader(batches[state.batch_in_epoch :]))
+            for batch in loader_iter:
+                state.batch_in_epoch += 1
+                yield batch
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    finally:
+        del loader_iter  # drops the iterator so its worker processes shut down now, not at interpreter exit

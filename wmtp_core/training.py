@@ -1,4 +1,4 @@
-"""The training loop: a TrainState dataclass and free functions (no trainer class).
+"""The training loop: free functions over RunParts and a TrainState (no trainer class).
 
 One optimizer step = train.grad_accumulation_steps micro-batches. Progress leaves through the `on_metrics`
 callback and the `wmtp_core` logger; checkpoints go through wmtp_core.checkpoint only.
@@ -22,24 +22,15 @@ from wmtp_core.checkpoint import check_shapes_match, load_checkpoint, save_check
 from wmtp_core.manifest import prune_checkpoints
 from wmtp_core.config import Recipe
 from wmtp_core.device import DevicePlan, autocast_context
-from wmtp_core.losses import head_cross_entropy, mean_ce_per_head, uniform_weights, valid_mask, weighted_mtp_loss
-from wmtp_core.run_parts import RunParts, build_run_parts
+from wmtp_core.algorithms import MicroBatch, algorithm_loss
+from wmtp_core.critic import pretrain_value_head
+from wmtp_core.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
+from wmtp_core.reference import prepare_reference
+from wmtp_core.run_parts import RunParts, TrainState, batch_stream, build_run_parts
 from wmtp_core.state_dicts import gather_state, restore_state
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint as plain values."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    tokens_seen: int = 0
-    skipped_steps: int = 0
-    initial_eval_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -63,18 +54,24 @@ def train(
     manifest_extra: dict | None = None,
 ) -> TrainResult:
     """Train to recipe.train.max_steps, resuming from a checkpoint directory if given; saves along the way."""
+    reference = prepare_reference(recipe, run_dir, plan=plan) if recipe.train.algorithm == "rho1-wmtp" else None
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    parts = build_run_parts(recipe, plan)
+    parts = build_run_parts(recipe, plan, reference_checkpoint=reference)
     state = restore_checkpoint(parts, resume_from, recipe) if resume_from else TrainState()
     resumed_from = state.step if resume_from else None
     report = on_metrics or (lambda step, metrics: None)
+    extra = manifest_extra or {}
+    latest = resume_from
     if state.initial_eval_loss is None:
         state.initial_eval_loss = evaluate(parts, plan)
         report(0, {"eval_loss": state.initial_eval_loss})
-    extra = manifest_extra or {}
-    latest = resume_from
-    batches = batch_stream(parts, state, recipe=recipe)
+    if recipe.train.algorithm == "critic-wmtp" and not state.value_head_pretrained:
+        report(state.step, pretrain_value_head(parts, recipe=recipe, plan=plan))
+        state.value_head_pretrained = True
+        # Saved at once, so a resumed critic run never redoes Stage 1.
+        latest = save_run_checkpoint(parts, state, run_dir, recipe=recipe, manifest_extra=extra)
+    batches = batch_stream(parts, state)
     started, start_tokens = time.perf_counter(), state.tokens_seen
     try:
         window_start, window_tokens = time.perf_counter(), state.tokens_seen
@@ -106,51 +103,31 @@ def train(
     )
 
 
-def batch_stream(parts: RunParts, state: TrainState, *, recipe: Recipe) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches forever, epoch after epoch, starting at state's data position and advancing it as they are taken."""
-    loader_iter = None
-    try:
-        while True:
-            batches = parts.epoch_batches(state.epoch)
-            loader_iter = iter(parts.loader(batches[state.batch_in_epoch :]))
-            for batch in loader_iter:
-                state.batch_in_epoch += 1
-                yield batch
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    finally:
-        del loader_iter  # drops the iterator so its worker processes shut down now, not at interpreter exit
-
-
 def train_step(
     parts: RunParts, batches: Iterator[dict], *, state: TrainState, recipe: Recipe, plan: DevicePlan
 ) -> dict[str, float]:
     """One optimizer step over grad_accumulation_steps micro-batches; a non-finite loss or grad skips the update."""
     parts.model.train()
     accumulation = recipe.train.grad_accumulation_steps
-    losses, head_ce_K = [], 0.0
+    totals: dict[str, torch.Tensor] = {}
     for _ in range(accumulation):
         batch = next(batches)
-        tokens_BT = batch["tokens"].to(plan.device, non_blocking=True)
-        labels_BTK = batch["labels"].to(plan.device, non_blocking=True)
-        with autocast_context(plan):
-            logits_BTKV = parts.model(tokens_BT)
-        ce_BTK = head_cross_entropy(logits_BTKV, labels_BTK)
-        mask_BTK = valid_mask(labels_BTK)
-        loss = recipe.loss.scale * weighted_mtp_loss(ce_BTK, uniform_weights(labels_BTK), mask_BTK)
+        mb = MicroBatch.from_batch(batch, device=plan.device, pad_id=parts.pad_id)
+        loss, metrics = algorithm_loss(parts.model, mb, recipe=recipe, plan=plan, reference=parts.reference)
         parts.scaler.scale(loss / accumulation).backward()
-        losses.append(loss.detach())
-        head_ce_K = head_ce_K + mean_ce_per_head(ce_BTK.detach(), mask_BTK) / accumulation
-        state.tokens_seen += int((batch["tokens"] != parts.pad_id).sum())
-    loss_value = torch.stack(losses).mean().item()  # a host sync, needed to decide whether to update
-    grad_norm = apply_update(parts, recipe=recipe, loss_ok=math.isfinite(loss_value))
+        for name, value in {"loss": loss.detach(), **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + value.float() / accumulation
+        state.tokens_seen += int(mb.valid_BT.sum())
+    # One host sync for every metric; the loss is needed on the host anyway to decide whether to update.
+    values = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
+    grad_norm = apply_update(parts, recipe=recipe, loss_ok=math.isfinite(values["loss"]))
     if grad_norm is None:
         state.skipped_steps += 1
         log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", state.step + 1, state.skipped_steps)
     state.step += 1
-    metrics = {"loss": loss_value, "lr": parts.scheduler.get_last_lr()[0], "skipped_steps": float(state.skipped_steps)}
-    metrics["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
-    metrics.update({f"ce_head_{k}": float(ce) for k, ce in enumerate(head_ce_K.tolist())})
-    return metrics
+    values.update(lr=parts.scheduler.get_last_lr()[0], skipped_steps=float(state.skipped_steps))
+    values["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
+    return values
 
 
 def apply_update(parts: RunParts, *, recipe: Recipe, loss_ok: bool) -> float | None:

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from wmtp_core.config import PhaseGates
 from wmtp_core.device import plan_devices, probe_environment
 from wmtp_core.manifest import latest_valid_checkpoint, list_checkpoints
-from wmtp_core.run_parts import build_run_parts
-from wmtp_core.training import TrainState, batch_stream, train, train_step
+from wmtp_core.run_parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.training import train, train_step
 
 
 def _plan(recipe):
@@ -60,13 +60,13 @@ def test_resume_gives_bitwise_identical_weights(tiny_recipe, tmp_path, api):
 def test_resume_continues_the_data_order_across_epochs(tiny_recipe):
     parts = build_run_parts(tiny_recipe, _plan(tiny_recipe))
     per_epoch = len(parts.epoch_batches(0))
-    straight = batch_stream(parts, TrainState(), recipe=tiny_recipe)
+    straight = batch_stream(parts, TrainState())
     expected = [next(straight)["tokens"] for _ in range(per_epoch + 3)]
     state = TrainState()
-    first = batch_stream(parts, state, recipe=tiny_recipe)
+    first = batch_stream(parts, state)
     taken = [next(first)["tokens"] for _ in range(per_epoch - 1)]
     first.close()
-    resumed = batch_stream(parts, TrainState(epoch=state.epoch, batch_in_epoch=state.batch_in_epoch), recipe=tiny_recipe)
+    resumed = batch_stream(parts, TrainState(epoch=state.epoch, batch_in_epoch=state.batch_in_epoch))
     taken += [next(resumed)["tokens"] for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(expected, taken, strict=True))
 
@@ -77,7 +77,7 @@ def test_non_finite_loss_skips_the_update_and_counts_it(tiny_recipe):
         parts.model.unembedding.weight[0, 0] = float("nan")
     before = {name: p.detach().clone() for name, p in parts.model.named_parameters()}
     state = TrainState()
-    metrics = train_step(parts, batch_stream(parts, state, recipe=tiny_recipe), state=state, recipe=tiny_recipe,
+    metrics = train_step(parts, batch_stream(parts, state), state=state, recipe=tiny_recipe,
                          plan=_plan(tiny_recipe))
     assert math.isnan(metrics["loss"]) and state.skipped_steps == 1 and state.step == 1
     after = dict(parts.model.named_parameters())

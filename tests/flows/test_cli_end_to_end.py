@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,23 +11,10 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-WMTP = str(Path(sys.executable).parent / "wmtp")
-
-
-def _wmtp(args, *, home, api_url=None, timeout=600):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env["WMTP_HOME"] = str(home)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    out = subprocess.run([WMTP, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_default_train_command_succeeds_on_a_fresh_home(tmp_path):
+def test_default_train_command_succeeds_on_a_fresh_home(tmp_path, run_wmtp):
     """`wmtp train` with nothing set: its own temporary Prefect server, the built-in data and model."""
     home = tmp_path / "fresh"
-    summary = _wmtp(["train"], home=home)
+    summary = run_wmtp(["train"], home=home)
     assert summary["status"] == "completed"
     assert summary["final_eval_loss"] <= 0.8 * summary["initial_eval_loss"]
     assert (Path(summary["latest_checkpoint"]) / "manifest.json").is_file()
@@ -43,14 +26,14 @@ def test_default_train_command_succeeds_on_a_fresh_home(tmp_path):
     assert (home / "prefect").is_dir()  # the Prefect database lives under $WMTP_HOME too
 
 
-def test_resume_reaches_the_same_weights_as_a_straight_run(tmp_path, tiny_recipe, prefect_api_url):
+def test_resume_reaches_the_same_weights_as_a_straight_run(tmp_path, tiny_recipe, prefect_api_url, run_wmtp):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe.model_dump(mode="json")))
     common = ["--recipe", str(recipe), "--set", "train.max_steps=8", "--set", "train.lr_decay_steps=8"]
     home = tmp_path / "home"
-    straight = _wmtp(["train", *common, "--set", "run.name=straight"], home=home, api_url=prefect_api_url)
-    _wmtp(["train", *common, "--set", "run.name=split", "--set", "train.max_steps=4"], home=home, api_url=prefect_api_url)
-    resumed = _wmtp(["resume", "split", "--set", "train.max_steps=8"], home=home, api_url=prefect_api_url)
+    straight = run_wmtp(["train", *common, "--set", "run.name=straight"], home=home, api_url=prefect_api_url)
+    run_wmtp(["train", *common, "--set", "run.name=split", "--set", "train.max_steps=4"], home=home, api_url=prefect_api_url)
+    resumed = run_wmtp(["resume", "split", "--set", "train.max_steps=8"], home=home, api_url=prefect_api_url)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 8
     assert resumed["mlflow_run_id"] != straight["mlflow_run_id"]
     expected = load_file(Path(straight["latest_checkpoint"]) / "model.safetensors")

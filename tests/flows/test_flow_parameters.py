@@ -31,5 +31,5 @@ def test_every_form_field_has_a_label_and_the_gates_are_checkboxes():
 def test_algorithm_is_a_choice_and_defaults_are_the_embedded_recipe():
     definitions = _schema()["definitions"]
     algorithm = definitions["TrainConfig"]["properties"]["algorithm"]
-    assert algorithm.get("enum", [algorithm.get("const")]) == ["baseline-mtp"]
+    assert algorithm["enum"] == ["baseline-mtp", "critic-wmtp", "rho1-wmtp"]
     assert definitions["TrainConfig"]["properties"]["max_steps"]["default"] == 150
