@@ -1,4 +1,4 @@
-"""The `wmtp` command: train, resume, checkpoints, probe. Input is validated before anything is written.
+"""The `wmtp` command: train, resume, checkpoints, upload, probe. Input is validated before anything is written.
 
 Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 any other failure.
 """
@@ -57,6 +57,25 @@ def checkpoints(run: str, as_json: bool = typer.Option(False, "--json", help="Pr
         print(f"{info.step:>10}  {'valid  ' if info.valid else 'INVALID'}  {info.path}  {info.problem or ''}")
     if not infos:
         print(f"run {run} has no checkpoints yet")
+
+
+@app.command()
+def upload(run: str) -> None:
+    """Upload what RUN still owes MLflow (checkpoints, pending metrics, summary) and close its MLflow run."""
+    directory = _invalid_input_guard(lambda: _existing_run_dir(run))
+    recorded = directory / "tracking.json"
+    if not recorded.is_file():
+        print(f"error: run {run!r} has no MLflow run (was tracking.enabled false?)", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    from tasks.tracking import tracking_uri, upload_run
+
+    summary_file = directory / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    run_id = json.loads(recorded.read_text())["mlflow_run_id"]
+    uploaded = upload_run(run_id, directory, succeeded=summary.get("status") == "completed")
+    if summary:
+        summary_file.write_text(json.dumps({**summary, "uploads": "done", "uploads_reason": None}, indent=2))
+    print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")
 
 
 @app.command()
@@ -152,5 +171,5 @@ def _default_prefect_environment() -> None:
         os.environ["PREFECT_HOME"] = str(prefect_home)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wmtp_core")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wmtp_core,tasks")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

@@ -16,13 +16,16 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from tasks.locations import wmtp_home
+from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
 from wmtp_core.manifest import list_checkpoints
 from wmtp_core.config import Recipe
 from wmtp_core.recipes import flatten_recipe
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"
+PENDING_UPLOADS_FILE = "pending_uploads.json"
 _MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
 
 
 def tracking_uri() -> str:
@@ -39,6 +42,10 @@ def ui_command() -> str:
 
 
 def client() -> MlflowClient:
+    # MLflow's own HTTP retries (7, exponential) would hold a call for minutes while a server is down; fail
+    # fast instead and let our buffer (metrics) and Prefect's task retries (uploads) do the retrying.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return MlflowClient(tracking_uri())
 
 
@@ -72,16 +79,50 @@ def log_recipe_params(mlflow: MlflowClient, run_id: str, recipe: Recipe) -> None
 
 
 class MetricsSink:
-    """A training callback: each report becomes one log_batch request (never one request per metric)."""
+    """The legacy callback (phases.api off): each report is one log_batch request, and its errors stop training."""
 
     def __init__(self, run_id: str):
-        self.run_id = run_id
-        self.mlflow = client()
+        self.send = point_sender(run_id)
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.mlflow.log_batch(self.run_id, metrics=batch)
+        self.send([(key, float(value), now, step) for key, value in metrics.items()])
+
+    def close(self) -> int:
+        return 0
+
+
+def metrics_sink(run_id: str, run_dir: Path, *, safe: bool) -> MetricsSink | BufferedMetrics:
+    """The training callback: buffered and failure-proof when safe (phases.api on), else the legacy one."""
+    if safe:
+        return BufferedMetrics(point_sender(run_id), pending_path=run_dir / PENDING_METRICS_FILE)
+    return MetricsSink(run_id)
+
+
+def point_sender(run_id: str):
+    """A function that logs a list of (key, value, timestamp_ms, step) points in one log_batch request."""
+    mlflow = client()
+
+    def send(points: list[Point]) -> None:
+        mlflow.log_batch(run_id, metrics=[Metric(key, value, stamp, step) for key, value, stamp, step in points])
+
+    return send
+
+
+def upload_pending_metrics(run_id: str, run_dir: Path) -> int:
+    """Send the metric points a previous run could not; the pending file is removed once they are all sent."""
+    pending_file = run_dir / PENDING_METRICS_FILE
+    points = read_pending(pending_file)
+    send = point_sender(run_id)
+    for start in range(0, len(points), _MAX_METRICS_PER_BATCH):
+        send(points[start : start + _MAX_METRICS_PER_BATCH])
+    pending_file.unlink(missing_ok=True)
+    return len(points)
+
+
+def log_environment_tags(run_id: str, probe: dict) -> None:
+    """The environment probe as `env.*` tags on the run."""
+    client().log_batch(run_id, tags=[RunTag(f"env.{key}", str(value)) for key, value in probe.items()])
 
 
 def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
@@ -96,12 +137,24 @@ def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
     return uploaded
 
 
-def upload_file(run_id: str, path: Path) -> None:
-    client().log_artifact(run_id, str(path))
+def upload_run(run_id: str, run_dir: Path, *, succeeded: bool) -> list[str]:
+    """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
 
-
-def finish_tracking_run(run_id: str, *, succeeded: bool) -> None:
+    Idempotent, so a retry, the next flow run or `wmtp upload` can repeat it; clears the pending marker.
+    """
+    uploaded = upload_checkpoints(run_id, run_dir)
+    sent = upload_pending_metrics(run_id, run_dir)
+    if (run_dir / "summary.json").is_file():
+        client().log_artifact(run_id, str(run_dir / "summary.json"))
     client().set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+    (run_dir / PENDING_UPLOADS_FILE).unlink(missing_ok=True)
+    log.info("MLflow run %s: uploaded %s, %d pending metric points", run_id, uploaded or "no new checkpoints", sent)
+    return uploaded
+
+
+def record_pending_uploads(run_dir: Path, reason: str) -> None:
+    """Note in the run directory that uploads are owed (the next flow run or `wmtp upload` completes them)."""
+    (run_dir / PENDING_UPLOADS_FILE).write_text(json.dumps({"reason": reason, "at": time.time()}))
 
 
 def run_link(run_id: str) -> str:

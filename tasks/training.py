@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.tracking import MetricsSink
+from tasks.tracking import metrics_sink
 from wmtp_core.config import Recipe, RecipeError
 from wmtp_core.manifest import CheckpointError, latest_valid_checkpoint
 
@@ -35,13 +35,18 @@ def train_model(recipe: Recipe, run_dir: str, *, probe: dict, mlflow_run_id: str
     from wmtp_core.training import train
 
     logger = get_run_logger()
-    logging.getLogger("wmtp_core").setLevel(logging.INFO)
+    for name in ("wmtp_core", "tasks"):
+        logging.getLogger(name).setLevel(logging.INFO)
     plan = plan_devices(recipe.devices, recipe.data, recipe.phases, EnvironmentProbe(**probe))
     logger.info("device plan: %s", "; ".join(plan.reasons))
     latest = latest_valid_checkpoint(Path(run_dir))
     if latest is not None:
         logger.info("resuming from %s (step %d)", latest.path, latest.step)
-    sink = MetricsSink(mlflow_run_id) if mlflow_run_id else None
-    result = train(recipe, Path(run_dir), plan=plan, resume_from=latest.path if latest else None,
-                   on_metrics=sink, manifest_extra={"tracking_run_id": mlflow_run_id})
+    sink = metrics_sink(mlflow_run_id, Path(run_dir), safe=recipe.phases.api) if mlflow_run_id else None
+    try:
+        result = train(recipe, Path(run_dir), plan=plan, resume_from=latest.path if latest else None,
+                       on_metrics=sink, manifest_extra={"tracking_run_id": mlflow_run_id})
+    finally:
+        if sink is not None:
+            sink.close()
     return asdict(result)

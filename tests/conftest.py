@@ -19,7 +19,7 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="wmtp-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
-os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "wmtp_core"
+os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "wmtp_core,tasks"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -75,14 +75,89 @@ def run_wmtp():
     With api_url the run uses that Prefect server instead of starting a temporary one (~20 s saved per call).
     """
 
-    def run(args: list[str], *, home: Path, api_url: str | None = None, timeout: int = 600) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env["WMTP_HOME"] = str(home)
-        if api_url:
-            env["PREFECT_API_URL"] = api_url
-        wmtp = str(Path(sys.executable).parent / "wmtp")
-        out = subprocess.run([wmtp, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
+    def run(args: list[str], *, home: Path, api_url: str | None = None, mlflow_uri: str | None = None,
+            timeout: int = 600) -> dict:
+        env = wmtp_environment(home, api_url=api_url, mlflow_uri=mlflow_uri)
+        out = subprocess.run([WMTP, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     return run
+
+
+WMTP = str(Path(sys.executable).parent / "wmtp")
+
+
+def wmtp_environment(home: Path, *, api_url: str | None = None, mlflow_uri: str | None = None) -> dict[str, str]:
+    """The environment of a `wmtp` subprocess: this process's, minus Prefect/MLflow settings, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["WMTP_HOME"] = str(home)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    if mlflow_uri:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port that tests can stop and restart."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180) -> None:
+        import time
+        import urllib.request
+
+        mlflow = str(Path(sys.executable).parent / "mlflow")
+        command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                   "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                   "--artifacts-destination", str(self.root / "artifacts")]
+        log = (self.root / "server.log").open("a")
+        # Its own session, so stop() can end the server and its worker processes together.
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.root / 'server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout_s} s")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A running MLflow server for one test, always stopped afterwards."""
+    server = MlflowServer(tmp_path / "mlflow-server")
+    server.start()
+    yield server
+    server.stop()

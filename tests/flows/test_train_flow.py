@@ -70,7 +70,7 @@ def test_phases_parameter_overrides_the_recipe_and_legacy_checkpoint_fails_with_
 
 
 class FailOnceAtStep3(MetricsSink):
-    """A metrics sink that dies once at step 3, after the step-2 checkpoint: a crash in the middle of training."""
+    """A metrics callback that raises once at step 3, after the step-2 checkpoint: a crash in the middle of training."""
 
     failed = False
 
@@ -82,7 +82,7 @@ class FailOnceAtStep3(MetricsSink):
 
 
 def test_training_retry_resumes_from_the_newest_checkpoint(prefect_api_url, wmtp_home, tiny_recipe, monkeypatch):
-    monkeypatch.setattr(tasks.training, "MetricsSink", FailOnceAtStep3)
+    monkeypatch.setattr(tasks.training, "metrics_sink", lambda run_id, run_dir, safe: FailOnceAtStep3(run_id))
     state = wmtp_train(recipe=_named(tiny_recipe, "retried"), return_state=True)
     assert FailOnceAtStep3.failed and state.is_completed(), state.message
     summary = _summary(wmtp_home, "retried")

@@ -1,0 +1,63 @@
+"""BufferedMetrics with a fake sender: nothing is lost when sends fail, batching, and the pending file."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tasks.metrics_buffer import BufferedMetrics, read_pending
+
+
+class FlakySender:
+    """Records every batch it accepts; refuses while `down` is set, like an unreachable server."""
+
+    def __init__(self):
+        self.down = threading.Event()
+        self.batches: list[list] = []
+        self.refused = 0
+
+    def __call__(self, points):
+        if self.down.is_set():
+            self.refused += 1
+            raise ConnectionError("server down")
+        self.batches.append(list(points))
+
+
+def _steps(sender):
+    return [point[3] for batch in sender.batches for point in batch if point[0] == "loss"]
+
+
+def test_reports_are_sent_in_batches_not_one_request_per_metric(tmp_path):
+    sender = FlakySender()
+    sink = BufferedMetrics(sender, pending_path=tmp_path / "pending.jsonl", min_delay_s=0.05)
+    for step in range(1, 4):
+        sink(step, {"loss": 1.0 / step, "lr": 0.1, "grad_norm": 2.0})
+    assert sink.close(timeout_s=5) == 0
+    assert _steps(sender) == [1, 2, 3]
+    assert len(sender.batches) <= 3  # at most one request per report, each carrying all its metrics
+
+
+def test_an_outage_loses_nothing_and_never_raises_into_training(tmp_path):
+    sender = FlakySender()
+    sink = BufferedMetrics(sender, pending_path=tmp_path / "pending.jsonl", min_delay_s=0.02, max_delay_s=0.1)
+    sink(1, {"loss": 1.0})
+    time.sleep(0.2)
+    sender.down.set()
+    for step in range(2, 30):
+        sink(step, {"loss": float(step)})  # must return at once while the server is down
+    time.sleep(0.5)
+    sender.down.clear()
+    assert sink.close(timeout_s=10) == 0
+    assert sender.refused > 0 and _steps(sender) == list(range(1, 30))
+
+
+def test_points_still_unsent_at_close_go_to_the_pending_file(tmp_path):
+    sender = FlakySender()
+    sender.down.set()
+    pending = tmp_path / "pending.jsonl"
+    sink = BufferedMetrics(sender, pending_path=pending, min_delay_s=0.02, max_delay_s=0.05)
+    sink(1, {"loss": 0.5, "lr": 0.1})
+    sink(2, {"loss": 0.25})
+    assert sink.close(timeout_s=5) == 3
+    assert [(key, value, step) for key, value, _, step in read_pending(pending)] == [
+        ("loss", 0.5, 1), ("lr", 0.1, 1), ("loss", 0.25, 2)]
