@@ -33,6 +33,9 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         field = ".".join(str(part) for part in first["loc"]) or "recipe"
         given = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
         message = first["msg"].removeprefix("Value error, ")
+        if message.startswith(f"{field}.") or first["loc"] == ():
+            # A cross-field validator already names its fields ("model.d_model (30) must be ...").
+            raise RecipeError(message) from None
         raise RecipeError(f"{field}: {message}{given}") from None
 
 

@@ -102,13 +102,7 @@ def test_override_without_equals_sign_is_rejected():
         ("train.keep_last=1", "train.keep_last"),
         ("data.batch_size=0", "data.batch_size"),
         ("tracking.enabled=maybe", "tracking.enabled"),
-        pytest.param(
-            "model.d_model=30", "model.d_model",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="recipes.py:33 uses the model_validator's loc ('model'), so the message is 'model: model.d_model (30) ...'",
-            ),
-        ),
+        ("model.d_model=30", "model.d_model"),
     ],
 )
 def test_invalid_value_error_starts_with_the_dotted_field_name(override, field):
