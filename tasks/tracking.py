@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
-from wmtp_core.manifest import list_checkpoints
+from wmtp_core.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
+from wmtp_core.tokenizer import ByteTokenizer
 from wmtp_core.config import Recipe
 from wmtp_core.recipes import flatten_recipe
 
@@ -137,12 +140,32 @@ def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
     return uploaded
 
 
+def upload_final_model(run_id: str, run_dir: Path) -> bool:
+    """Log the newest checkpoint's weights as `final_model/` (safetensors + model_config.json, no pickle) once.
+
+    Load it with `wmtp_core.model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
+    """
+    mlflow = client()
+    latest = latest_valid_checkpoint(run_dir)
+    if latest is None or mlflow.list_artifacts(run_id, "final_model"):
+        return False
+    recipe = json.loads((latest.path / "manifest.json").read_text())["recipe"]
+    with tempfile.TemporaryDirectory() as staging:
+        shutil.copy2(latest.path / "model.safetensors", staging)
+        config = {"model": recipe["model"], "vocab_size": ByteTokenizer().vocab_size, "step": latest.step, "algorithm": recipe["train"]["algorithm"]}
+        (Path(staging) / FINAL_MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+        mlflow.log_artifacts(run_id, staging, "final_model")
+    return True
+
+
 def upload_run(run_id: str, run_dir: Path, *, succeeded: bool) -> list[str]:
     """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
 
     Idempotent, so a retry, the next flow run or `wmtp upload` can repeat it; clears the pending marker.
     """
     uploaded = upload_checkpoints(run_id, run_dir)
+    if succeeded:
+        upload_final_model(run_id, run_dir)
     sent = upload_pending_metrics(run_id, run_dir)
     if (run_dir / "summary.json").is_file():
         client().log_artifact(run_id, str(run_dir / "summary.json"))

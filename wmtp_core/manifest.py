@@ -15,6 +15,7 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+FINAL_MODEL_CONFIG = "model_config.json"  # beside model.safetensors in an exported final model
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 

@@ -12,15 +12,17 @@ from wmtp_core.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, value_lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW over the model's parameters; 2-D weights decay, norms and biases do not (nanoGPT's split).
+    """AdamW over the model's parameters; weight matrices decay, embeddings, norms and biases do not.
 
     Parameters under `value_head.` form their own group at value_lr (critic-wmtp's value head).
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    policy = [p for name, p in named if not name.startswith("value_head.")]
+    policy = [(name, p) for name, p in named if not name.startswith("value_head.")]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decays = [p.dim() >= 2 and id(p) not in embeddings for _, p in policy]
     groups = [
-        {"params": [p for p in policy if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in policy if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for (_, p), decay in zip(policy, decays) if decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for (_, p), decay in zip(policy, decays) if not decay], "weight_decay": 0.0},
     ]
     value = [p for name, p in named if name.startswith("value_head.")]
     if value:

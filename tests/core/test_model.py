@@ -65,7 +65,16 @@ def _uniform_loss(model: MTPTransformer, batch: dict[str, torch.Tensor]) -> torc
     return weighted_mtp_loss(ce_BTK, uniform_weights(labels_BTK), valid_mask(labels_BTK))
 
 
-def test_overfitting_one_batch_drives_the_weighted_mtp_loss_down(tiny_recipe):
+@pytest.fixture
+def one_thread():
+    # Tiny matmuls gain nothing from intra-op threads, and on a busy CI box their barriers make 60 steps ~10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_overfitting_one_batch_drives_the_weighted_mtp_loss_down(tiny_recipe, one_thread):
     torch.manual_seed(0)
     model = MTPTransformer(tiny_recipe.model, vocab_size=VOCAB)
     items = [{"tokens": torch.randint(0, VOCAB, (n,)), "reward": 1.0} for n in (16, 11)]

@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from conftest import WMTP, wmtp_environment
 from wmtp_core.config import Recipe
+from wmtp_core.model import load_final_model
 
 # The default-size model (about 0.2 s a step on two cores), so training outlives a server restart.
 OUTAGE_TRAIN = dict(max_steps=240, log_every=2, save_every=60, eval_every=60, warmup_steps=10)
@@ -52,8 +55,13 @@ def test_flow_run_logs_params_metric_histories_and_artifacts(tmp_path, tiny_reci
     for metric in ("loss", "lr", "grad_norm", "tokens_per_s", "ce_head_0", "ce_head_1", "weight_entropy"):
         assert [m.step for m in mlflow.get_metric_history(run.info.run_id, metric)] == [1, 2, 3, 4, 5, 6], metric
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "eval_loss")] == [0, 3, 6]
-    assert_checkpoints_uploaded_intact(mlflow, run.info.run_id, tmp_path / "home" / "runs" / "served", tmp_path)
+    run_dir = tmp_path / "home" / "runs" / "served"
+    assert_checkpoints_uploaded_intact(mlflow, run.info.run_id, run_dir, tmp_path)
     assert run.info.status == "FINISHED"
+    exported = mlflow.download_artifacts(run.info.run_id, "final_model", str(tmp_path / "final"))
+    model = load_final_model(Path(exported))
+    trained = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in trained.items())
 
 
 def _start_training(tmp_path, recipe, *, name, api_url, server, phases_api):
