@@ -11,6 +11,7 @@ from prefect.states import Failed, State
 from tasks.environment import probe_environment
 from tasks.reporting import publish_summary
 from tasks.run_setup import prepare_run
+from tasks.tracking import run_link
 from tasks.training import train_model
 from tasks.upload import open_tracking_run, record_pending_uploads, upload_artifacts
 from wmtp_core.config import PhaseGates, Recipe, with_run_name
@@ -47,7 +48,8 @@ def wmtp_train(recipe: Recipe = Recipe(), phases: PhaseGates | None = None, resu
 
 def build_summary(recipe: Recipe, run: dict, training: State, *, mlflow_run_id: str | None) -> dict:
     """The run summary: training figures on success, a one-line reason and the newest checkpoint on failure."""
-    summary = {"run_name": run["run_name"], "run_dir": run["run_dir"], "mlflow_run_id": mlflow_run_id}
+    summary = {"run_name": run["run_name"], "run_dir": run["run_dir"], "mlflow_run_id": mlflow_run_id,
+               "mlflow_link": run_link(Path(run["run_dir"])) if mlflow_run_id else None}
     if training.is_completed():
         result = training.result()
         summary.update(status="completed", reason=None, **result)

@@ -63,7 +63,7 @@ def open_tracking_run(recipe: Recipe, run_dir: Path, *, run_name: str, extra_tag
         experiment_id = _experiment_id(mlflow, recipe.tracking.experiment)
         tags = {"wmtp.run_name": run_name, **{f"tag.{t}": "true" for t in recipe.run.tags}, **extra_tags}
         run_id = mlflow.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        recorded.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri()}))
+        recorded.write_text(json.dumps({"mlflow_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri()}))
     log_recipe_params(mlflow, run_id, recipe)
     return run_id
 
@@ -180,13 +180,16 @@ def record_pending_uploads(run_dir: Path, reason: str) -> None:
     (run_dir / PENDING_UPLOADS_FILE).write_text(json.dumps({"reason": reason, "at": time.time()}))
 
 
-def run_link(run_id: str) -> str:
-    """A link to the run for summaries: the server page for http stores, else the store and run id."""
-    uri = tracking_uri()
-    run = client().get_run(run_id)
+def run_link(run_dir: Path) -> str | None:
+    """Where to see the run's MLflow page, from tracking.json (no request to the server, which may be down)."""
+    recorded = run_dir / TRACKING_FILE
+    if not recorded.is_file():
+        return None
+    info = json.loads(recorded.read_text())
+    uri, run_id, experiment_id = info["tracking_uri"], info["mlflow_run_id"], info.get("experiment_id", "0")
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    return f"{uri} (experiment {run.info.experiment_id}, run {run_id})"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id} (after: {ui_command()})"
 
 
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:

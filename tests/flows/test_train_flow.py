@@ -46,6 +46,7 @@ def test_train_flow_checkpoints_logs_and_summarises(prefect_api_url, wmtp_home, 
     assert state.is_completed(), state.message
     summary = _summary(wmtp_home, "flow-ok")
     assert summary["status"] == "completed" and summary["steps"] == 4
+    assert summary["mlflow_run_id"] in summary["mlflow_link"]
     assert [c.step for c in list_checkpoints(wmtp_home / "runs" / "flow-ok")] == [2, 4]
     mlflow = MlflowClient(tracking_uri())
     run = mlflow.get_run(summary["mlflow_run_id"])
