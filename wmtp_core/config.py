@@ -161,7 +161,7 @@ class PhaseGates(_Section):
     mps: bool = True
     """Phase 2: device-aware precision and DataLoader workers (off: autocast with the configured dtype everywhere)."""
     api: bool = True
-    """Phase 3: torch.distributed.checkpoint state dicts (off: the deprecated FSDP.state_dict_type path)."""
+    """Phase 3: torch.distributed.checkpoint state dicts and tracking that never stops training (off: the legacy APIs, tracking errors propagate)."""
 
 
 class Recipe(_Section):
