@@ -1,7 +1,7 @@
 """A metrics callback whose failures never stop training (Phase 3's safe tracker).
 
-The training thread only appends to a buffer; a background thread sends it in batches and, while the tracking
-server is unreachable, keeps the points and retries with backoff. What is still unsent when the run closes is
+The training thread only appends to a buffer; a background thread sends it in batches every few seconds and,
+while the tracking server is unreachable, keeps the points and retries with backoff. What is still unsent when the run closes is
 written to a pending file, which the next flow run or `wmtp upload RUN` sends.
 """
 
@@ -24,7 +24,7 @@ class BufferedMetrics:
 
     def __init__(
         self, send: Callable[[list[Point]], None], *, pending_path: Path, batch_size: int = 500,
-        min_delay_s: float = 0.5, max_delay_s: float = 15.0,
+        min_delay_s: float = 5.0, max_delay_s: float = 30.0,
     ):
         self._send, self._pending_path, self._batch_size = send, pending_path, batch_size
         self._min_delay, self._max_delay, self._delay = min_delay_s, max_delay_s, min_delay_s
@@ -38,7 +38,11 @@ class BufferedMetrics:
         now = int(time.time() * 1000)
         with self._lock:
             self._points.extend((key, float(value), now, step) for key, value in metrics.items())
-        self._wake.set()
+            full = len(self._points) >= self._batch_size
+        # Sending every few seconds rather than per report: on a small machine each request costs training
+        # a little CPU, on this process and on a loopback server.
+        if full:
+            self._wake.set()
 
     def close(self, *, timeout_s: float = 30.0) -> int:
         """Send what can be sent within timeout_s, write the rest to the pending file; returns the points left."""
