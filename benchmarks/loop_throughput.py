@@ -12,10 +12,12 @@ The batches are the ones batch_stream yields (same dataset, collator and epoch o
 and moved to the device inside each step with .to(device, non_blocking=True), the same way for all.
 Only the per-step loop is timed: the initial/periodic eval and checkpoint saving that train() also does are
 not per-step work and are left out of the timed window.
-Contenders are interleaved (the order alternates each repeat), each measurement is --steps steps after
---warmup steps; the figure is the median over --repeats of core tokens/s divided by bare tokens/s.
+Contenders are interleaved: each measurement is --steps steps after --warmup untimed steps, timed in
+slices of --chunk steps that alternate between contenders (order reversed every other slice), so load
+from other processes hits all contenders alike; the figure is the median over --repeats of core tokens/s
+divided by bare tokens/s (every contender gets the same batches in each repeat).
 
-Run: cd /work/main && .venv/bin/python benchmarks/loop_throughput.py [--repeats 7 --steps 40]
+Run: cd /work/main && .venv/bin/python benchmarks/loop_throughput.py [--repeats 5 --steps 40 --chunk 10]
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def count_tokens(batches, pad_id: int) -> int:
     return sum(int((b["tokens"] != pad_id).sum()) for b in batches)
 
 
-def measure(recipe, plan, *, repeats: int, steps: int, warmup: int, with_loader: bool) -> dict:
+def measure(recipe, plan, *, repeats: int, steps: int, chunk: int, warmup: int, with_loader: bool) -> dict:
     total = warmup + repeats * steps
     probe_parts = build_run_parts(recipe, plan)
     batches = precollate(probe_parts, recipe, total)
@@ -116,10 +118,15 @@ def measure(recipe, plan, *, repeats: int, steps: int, warmup: int, with_loader:
     for r in range(repeats):
         window = batches[warmup + r * steps : warmup + (r + 1) * steps]
         tokens.append(count_tokens(window, probe_parts.pad_id))
-        for name in names if r % 2 == 0 else names[::-1]:
-            started = time.perf_counter()
-            contenders[name].run(steps)
-            times[name].append(time.perf_counter() - started)
+        spent = dict.fromkeys(names, 0.0)
+        for done in range(0, steps, chunk):  # each measurement is steps steps, timed in interleaved slices
+            for name in names if (r + done // chunk) % 2 == 0 else names[::-1]:
+                started = time.perf_counter()
+                contenders[name].run(min(chunk, steps - done))
+                spent[name] += time.perf_counter() - started
+        for name in names:
+            times[name].append(spent[name])
+        print(f"repeat {r}: " + ", ".join(f"{n}/bare {spent['bare'] / spent[n]:.3f}" for n in names if n != "bare"), flush=True)
     return {"times": times, "tokens": tokens, "same_init": same_init}
 
 
@@ -127,7 +134,7 @@ def summarise(result: dict, args, plan) -> dict:
     times, tokens = result["times"], result["tokens"]
     tps = {name: [tok / t for tok, t in zip(tokens, ts)] for name, ts in times.items()}
     ratios = {name: [a / b for a, b in zip(tps[name], tps["bare"])] for name in tps if name != "bare"}
-    print(f"device {plan.device}, {args.repeats} repeats x {args.steps} steps (warmup {args.warmup}), "
+    print(f"device {plan.device}, {args.repeats} repeats x {args.steps} steps in slices of {args.chunk} (warmup {args.warmup}), "
           f"{statistics.median(tokens)} tokens/measurement, identical init: {result['same_init']}")
     print(f"{'contender':<9} {'median tok/s':>13} {'median ms/step':>15} {'ratio vs bare (median)':>23}")
     for name in tps:
@@ -137,7 +144,7 @@ def summarise(result: dict, args, plan) -> dict:
     core_ratio = statistics.median(ratios["core"])
     print(f"core/bare tokens/s ratio {core_ratio:.3f} (target >= 0.95): {'OK' if core_ratio >= 0.95 else 'BELOW TARGET'}")
     return {
-        "benchmark": "loop_throughput", "device": plan.device, "repeats": args.repeats, "steps": args.steps,
+        "benchmark": "loop_throughput", "device": plan.device, "repeats": args.repeats, "steps": args.steps, "chunk": args.chunk,
         "warmup": args.warmup, "threads": torch.get_num_threads(), "identical_init": result["same_init"],
         "median_tokens_per_s": {n: round(statistics.median(v), 1) for n, v in tps.items()},
         "ratio_core_over_bare": round(core_ratio, 4),
@@ -148,8 +155,9 @@ def summarise(result: dict, args, plan) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved measurements per contender")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per contender")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
+    parser.add_argument("--chunk", type=int, default=10, help="steps per timed slice; contenders alternate slices")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per contender first")
     parser.add_argument("--backend", default="cpu", help="devices.backend of the recipe (default cpu)")
     parser.add_argument("--with-loader", action=argparse.BooleanOptionalAction, default=True,
@@ -158,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(None, [f"devices.backend={args.backend}", *args.overrides])
     plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
-    result = measure(recipe, plan, repeats=args.repeats, steps=args.steps, warmup=args.warmup, with_loader=args.with_loader)
+    result = measure(recipe, plan, repeats=args.repeats, steps=args.steps, chunk=args.chunk, warmup=args.warmup, with_loader=args.with_loader)
     print(json.dumps(summarise(result, args, plan)))
 
 

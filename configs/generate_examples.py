@@ -1,0 +1,48 @@
+"""Writes configs/*.yaml from the Recipe schema: flat, complete and commented (tests check they equal the schema).
+
+Run after adding or changing a recipe key: uv run python configs/generate_examples.py
+"""
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+from wmtp_core.config import Recipe
+from wmtp_core.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny-model overrides
+from conftest import TINY_OVERRIDES  # noqa: E402
+
+def commented(recipe, header):
+    lines = [f"# {h}" for h in header] + [""]
+    for name, field in Recipe.model_fields.items():
+        value = getattr(recipe, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{name}:  # {field.description}")
+            for sub, subfield in type(value).model_fields.items():
+                v = value.model_dump(mode="json")[sub]
+                lines.append(f"  {sub}: {json.dumps(v)}  # {subfield.description}")
+        else:
+            lines.append(f"{name}: {json.dumps(value)}  # {field.description}")
+    return "\n".join(lines) + "\n"
+
+def write(path, overrides, header):
+    recipe = load_recipe(None, overrides)
+    open(path, "w").write(commented(recipe, header))
+    assert load_recipe(path) == recipe
+
+write(ROOT / "configs" / "baseline-mtp.yaml", [], ["The default recipe (what `wmtp train` runs with no --recipe), written out flat and complete.",
+      "Run: uv run wmtp train --recipe configs/baseline-mtp.yaml"])
+write(ROOT / "configs" / "tiny.yaml", TINY_OVERRIDES + ["train.max_steps=20", "train.save_every=10", "train.eval_every=10", "train.log_every=5"],
+      ["A seconds-long smoke run on CPU: the tests' tiny model (2 layers, d_model 32, horizon 2).", "Run: uv run wmtp train --recipe configs/tiny.yaml"])
+write(ROOT / "configs" / "critic-wmtp.yaml", ["train.algorithm=critic-wmtp"],
+      ["critic-wmtp on the built-in model and data (CPU, under a minute): Stage 1 pretrains the value head with the trunk",
+       "frozen, Stage 2 weights each head by the softmaxed TD difference of the value head.", "Run: uv run wmtp train --recipe configs/critic-wmtp.yaml"])
+write(ROOT / "configs" / "rho1-wmtp.yaml", ["train.algorithm=rho1-wmtp"],
+      ["rho1-wmtp (weighted) on the built-in model and data (CPU, about a minute): with no rho1.reference_checkpoint the",
+       "built-in model is first trained for rho1.reference_steps baseline steps as the reference.", "Run: uv run wmtp train --recipe configs/rho1-wmtp.yaml"])
+write(ROOT / "configs" / "rho1-wmtp-token-skip.yaml", ["train.algorithm=rho1-wmtp", "rho1.selection_mode=token_skip", "loss.weight_norm=head_softmax"],
+      ["rho1-wmtp with token_skip: only (token, head) entries whose excess loss is above each sequence's",
+       "rho1.skip_threshold_percentile quantile are trained.", "Run: uv run wmtp train --recipe configs/rho1-wmtp-token-skip.yaml"])
+print("ok")
