@@ -1,4 +1,4 @@
-"""Writes configs/*.yaml from the Recipe schema: flat, complete and commented (tests check they equal the schema).
+"""Writes configs/*.yaml and the README's recipe-key table from the Recipe schema (tests check both match it).
 
 Run after adding or changing a recipe key: uv run python configs/generate_examples.py
 """
@@ -45,4 +45,31 @@ write(ROOT / "configs" / "rho1-wmtp.yaml", ["train.algorithm=rho1-wmtp"],
 write(ROOT / "configs" / "rho1-wmtp-token-skip.yaml", ["train.algorithm=rho1-wmtp", "rho1.selection_mode=token_skip", "loss.weight_norm=head_softmax"],
       ["rho1-wmtp with token_skip: only (token, head) entries whose excess loss is above each sequence's",
        "rho1.skip_threshold_percentile quantile are trained.", "Run: uv run wmtp train --recipe configs/rho1-wmtp-token-skip.yaml"])
+
+
+def readme_key_table() -> None:
+    """Rewrite the rows under the README's `| key | default | meaning |` header from the schema."""
+    readme = ROOT / "README.md"
+    lines = readme.read_text().splitlines()
+    start = lines.index("| key | default | meaning |") + 2
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    recipe = Recipe()
+    rows = []
+    for name, field in Recipe.model_fields.items():
+        value = getattr(recipe, name)
+        if isinstance(value, BaseModel):
+            dumped = value.model_dump(mode="json")
+            for sub, subfield in type(value).model_fields.items():
+                rows.append(f"| `{name}.{sub}` | `{_show(dumped[sub])}` | {subfield.description} |")
+        else:
+            rows.append(f"| `{name}` | `{_show(value)}` | {field.description} |")
+    readme.write_text("\n".join(lines[:start] + rows + lines[end:]) + "\n")
+
+
+def _show(value) -> str:
+    """How the table has always shown a default: null for None, Python spelling otherwise."""
+    return "null" if value is None else value
+
+
+readme_key_table()
 print("ok")

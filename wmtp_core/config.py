@@ -146,6 +146,21 @@ class DevicesConfig(_Section):
     """Compute device; auto picks CUDA, then MPS, then CPU."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Mixed precision; auto is bf16 on CUDA where supported and fp32 elsewhere."""
+    strategy: Literal["single", "ddp", "fsdp"] = "single"
+    """Parallelism: single (one process), ddp (replicated model) or fsdp (FSDP2 fully_shard, sharded model and optimizer)."""
+    nproc_per_node: PositiveInt = 1
+    """Processes per node; above 1 (or devices.nnodes above 1) the training task runs under torchrun."""
+    nnodes: PositiveInt = 1
+    """Nodes of a multi-node torchrun job (launched by a work pool, one flow run per node group)."""
+    timeout_s: PositiveInt = 600
+    """Bound on every collective and barrier, and on a torchrun job's silence; a dead rank fails the run, never hangs it."""
+
+
+class CheckpointConfig(_Section):
+    format: Literal["full", "sharded"] = "full"
+    """full: one model.safetensors gathered on rank 0; sharded: a torch.distributed.checkpoint directory (no gather)."""
+    async_save: bool = False
+    """Copy the state to CPU and write in a background thread (one write in flight; exit and prune wait for it)."""
 
 
 class TrackingConfig(_Section):
@@ -183,6 +198,8 @@ class Recipe(_Section):
     """critic-wmtp settings (used when train.algorithm is critic-wmtp)."""
     devices: DevicesConfig = DevicesConfig()
     """Device and precision."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoint format and write mode (cadence and retention are train.save_every and train.keep_last)."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking."""
     phases: PhaseGates = PhaseGates()
