@@ -90,7 +90,9 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
 
 
 def describe_files(directory: Path) -> dict[str, dict]:
-    return {path.name: {"sha256": _sha256(path), "size": path.stat().st_size} for path in sorted(directory.iterdir())}
+    """sha256 and size of every file under directory (subdirectories included), keyed by relative POSIX path."""
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    return {path.relative_to(directory).as_posix(): {"sha256": _sha256(path), "size": path.stat().st_size} for path in files}
 
 
 def _verify_file(path: Path, expected: dict) -> None:
