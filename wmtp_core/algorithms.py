@@ -54,8 +54,7 @@ def algorithm_loss(
 ) -> tuple[torch.Tensor, Metrics]:
     """The scaled weighted MTP loss (+ the critic's value loss) and its metrics as 0-dim tensors."""
     with autocast_context(plan):
-        h_BTD = model.trunk_hidden(mb.tokens_BT)
-        logits_BTKV = model.heads_logits(h_BTD)
+        h_BTD, logits_BTKV = model(mb.tokens_BT, return_hidden=True)
     ce_BTK = head_cross_entropy(logits_BTKV, mb.labels_BTK)
     metrics: Metrics = {}
     extra_loss = torch.zeros((), device=ce_BTK.device)

@@ -2,7 +2,8 @@
 
 Layout: <run_dir>/checkpoints/step_<8 digits>/ holding model.safetensors (full weights), train_state.pt
 (everything else, loadable with torch.load(weights_only=True)) and manifest.json (sha256 and size per file),
-written last. The directory is built under a temporary name and appears by an atomic rename, and only
+written last. The sharded format (checkpoint.format=sharded) has a torch.distributed.checkpoint directory
+`sharded/` with model and optimizer shards instead of model.safetensors and the optimizer. The directory is built under a temporary name and appears by an atomic rename, and only
 directories whose manifest verifies count.
 """
 
@@ -12,10 +13,13 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from wmtp_core.manifest import (
     FORMAT_VERSION,
@@ -27,24 +31,40 @@ from wmtp_core.manifest import (
     verify_checkpoint,
 )
 
-MODEL_FILE, STATE_FILE = "model.safetensors", "train_state.pt"
+MODEL_FILE, STATE_FILE, SHARDED_DIR = "model.safetensors", "train_state.pt", "sharded"
 
 
 def save_checkpoint(
     run_dir: Path, *, step: int, model_state: dict[str, torch.Tensor], train_state: dict, manifest_extra: dict
 ) -> Path:
-    """Write one checkpoint atomically and return its directory; an existing one for the same step is replaced."""
-    parent = checkpoints_dir(run_dir)
-    final = parent / step_dir_name(step)
-    staging = parent / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced."""
+    staging = staging_dir(run_dir, step, owner=str(os.getpid()))
     save_file({name: tensor.contiguous() for name, tensor in model_state.items()}, staging / MODEL_FILE)
     torch.save(train_state, staging / STATE_FILE)
-    for written in (staging / MODEL_FILE, staging / STATE_FILE):
+    return publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "full", **manifest_extra})
+
+
+def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
+    """An empty directory to build a checkpoint in; every rank of a job passes the same owner to share it."""
+    staging = checkpoints_dir(run_dir) / f".tmp-{step_dir_name(step)}-{owner}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_sharded(staging: Path, shards: dict) -> None:
+    """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory)."""
+    dcp.save(shards, checkpoint_id=staging / SHARDED_DIR)
+
+
+def publish_checkpoint(staging: Path, run_dir: Path, *, step: int, manifest_extra: dict) -> Path:
+    """fsync what staging holds, write the manifest last, and rename staging to step_<step> atomically."""
+    for written in sorted(p for p in staging.rglob("*") if p.is_file()):
         _fsync_file(written)
     manifest = {"format_version": FORMAT_VERSION, "step": step, "files": describe_files(staging), **manifest_extra}
     _write_synced(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
+    parent = checkpoints_dir(run_dir)
+    final = parent / step_dir_name(step)
     if final.exists():
         # A retried step: set the old copy aside first so a valid checkpoint exists at every instant.
         stale = parent / f".old-{step_dir_name(step)}-{os.getpid()}"
@@ -55,15 +75,40 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(model_state, train_state, manifest) of a verified checkpoint; nothing is unpickled beyond plain data."""
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
+    """(model_state, train_state, manifest) of a verified checkpoint; model_state is None for the sharded format
+    (load_sharded reads it). Nothing is unpickled beyond plain data."""
     manifest = verify_checkpoint(path)
-    model_state = load_file(path / MODEL_FILE)
+    model_state = load_file(path / MODEL_FILE) if manifest.get("format", "full") == "full" else None
+    return model_state, load_train_state(path / STATE_FILE), manifest
+
+
+def load_train_state(path: Path) -> dict:
     try:
-        train_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
-        raise CheckpointError(f"{path / STATE_FILE} holds objects that are not plain data; refusing it ({error})".splitlines()[0]) from None
-    return model_state, train_state, manifest
+        raise CheckpointError(f"{path} holds objects that are not plain data; refusing it ({error})".splitlines()[0]) from None
+
+
+def load_sharded(path: Path, template: dict) -> None:
+    """Fill template (this rank's current state dicts, giving shapes and sharding) from path/sharded, in place;
+    the saving job's world size does not matter (torch.distributed.checkpoint reshards)."""
+    dcp.load(template, checkpoint_id=path / SHARDED_DIR)
+
+
+def convert_to_full(path: Path, run_dir: Path) -> Path:
+    """Rewrite a sharded checkpoint as the full format (model.safetensors + optimizer in train_state.pt), in place."""
+    manifest = verify_checkpoint(path)
+    if manifest.get("format") != "sharded":
+        raise CheckpointError(f"{path} is already in the full format")
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        gathered = Path(scratch) / "gathered.pt"
+        dcp_to_torch_save(path / SHARDED_DIR, gathered)
+        full = torch.load(gathered, map_location="cpu", weights_only=True)
+    train_state = {**load_train_state(path / STATE_FILE), "optimizer": full["optimizer"]}
+    extra = {k: v for k, v in manifest.items() if k not in ("format_version", "step", "files", "format")}
+    return save_checkpoint(run_dir, step=manifest["step"], model_state=full["model"], train_state=train_state,
+                           manifest_extra=extra)
 
 
 def check_shapes_match(model_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, source: Path) -> None:

@@ -112,8 +112,14 @@ class MTPTransformer(nn.Module):
         head_states_BTKD = torch.stack([head(h_BTD) for head in self.heads], dim=2)
         return self.unembedding(self.final_norm(head_states_BTKD))
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        return self.heads_logits(self.trunk_hidden(tokens_BT))
+    def forward(self, tokens_BT: torch.Tensor, *, return_hidden: bool = False):
+        """logits_BTKV, or (h_BTD, logits_BTKV) with return_hidden.
+
+        Training goes through forward (not trunk_hidden/heads_logits) because DDP and FSDP hook forward only.
+        """
+        h_BTD = self.trunk_hidden(tokens_BT)
+        logits_BTKV = self.heads_logits(h_BTD)
+        return (h_BTD, logits_BTKV) if return_hidden else logits_BTKV
 
 
 def _init_weights(module: nn.Module) -> None:

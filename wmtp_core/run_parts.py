@@ -21,6 +21,7 @@ from wmtp_core.data import (
     split_records,
 )
 from wmtp_core.device import DevicePlan
+from wmtp_core.distributed import SINGLE, DistContext, wrap_model
 from wmtp_core.model import MTPTransformer
 from wmtp_core.optim import build_optimizer, build_scheduler
 from wmtp_core.reference import load_reference_model
@@ -44,7 +45,8 @@ class TrainState:
 class RunParts:
     """Everything a training run holds in memory; built once per run, never passed between Prefect tasks."""
 
-    model: MTPTransformer
+    model: torch.nn.Module
+    """The model as trained: the MTPTransformer itself, or wrapped by DDP/FSDP under torchrun."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -56,6 +58,7 @@ class RunParts:
     num_workers: int
     seed: int
     reference: MTPTransformer | None = None
+    ctx: DistContext = SINGLE
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(len(self.train_data), batch_size=self.batch_size, seed=self.seed, epoch=epoch)
@@ -64,8 +67,11 @@ class RunParts:
         return make_loader(self.train_data, batches, self.collator, num_workers=self.num_workers)
 
 
-def build_run_parts(recipe: Recipe, plan: DevicePlan, *, reference_checkpoint: Path | None = None) -> RunParts:
-    """Tokenize the data, build the model on the plan's device and the optimizer after it (the order FSDP needs)."""
+def build_run_parts(
+    recipe: Recipe, plan: DevicePlan, *, reference_checkpoint: Path | None = None, ctx: DistContext = SINGLE
+) -> RunParts:
+    """Tokenize the data, build the model on the plan's device, wrap it for DDP/FSDP, then build the optimizer
+    (after wrapping: FSDP replaces the parameters, an optimizer built earlier would update stale ones)."""
     tokenizer = ByteTokenizer()
     records = load_records(recipe.data.path or builtin_dataset_path())
     train_records, eval_records = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
@@ -73,6 +79,7 @@ def build_run_parts(recipe: Recipe, plan: DevicePlan, *, reference_checkpoint: P
     collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
     critic = recipe.train.algorithm == "critic-wmtp"
     model = MTPTransformer(recipe.model, vocab_size=tokenizer.vocab_size, with_value_head=critic).to(plan.device)
+    model = wrap_model(model, recipe, ctx, plan.device)
     optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr)
     return RunParts(
         model=model,
@@ -87,6 +94,7 @@ def build_run_parts(recipe: Recipe, plan: DevicePlan, *, reference_checkpoint: P
         num_workers=plan.num_workers,
         seed=recipe.seed,
         reference=load_reference_model(reference_checkpoint, plan) if reference_checkpoint else None,
+        ctx=ctx,
     )
 
 
@@ -99,14 +107,21 @@ def _fixed_eval_batches(eval_data: TokenSequences, collator: MTPCollator, recipe
 
 
 def batch_stream(parts: RunParts, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches forever, epoch after epoch, starting at state's data position and advancing it as they are taken."""
+    """Batches forever, epoch after epoch, starting at state's data position and advancing it as they are taken.
+
+    The data position counts micro-batches of the whole job: with W processes, rank r takes every W-th batch
+    from r on, so a checkpoint saved by W processes resumes at the same data on any other number.
+    """
+    rank, world = parts.ctx.rank, parts.ctx.world_size
     loader_iter = None
     try:
         while True:
             batches = parts.epoch_batches(state.epoch)
-            loader_iter = iter(parts.loader(batches[state.batch_in_epoch :]))
+            rounds = (len(batches) - state.batch_in_epoch) // world  # a round gives every rank one batch
+            mine = batches[state.batch_in_epoch + rank :: world][:rounds]
+            loader_iter = iter(parts.loader(mine))
             for batch in loader_iter:
-                state.batch_in_epoch += 1
+                state.batch_in_epoch += world
                 yield batch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     finally:

@@ -12,11 +12,18 @@ it), so a checkpoint loads whichever gate saved it.
 from __future__ import annotations
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from wmtp_core.config import PhaseGates
+from wmtp_core.distributed import SINGLE, DistContext, unwrap
 from wmtp_core.manifest import CheckpointError
 
 StateDict = dict[str, object]
@@ -26,33 +33,62 @@ class CheckpointSaveError(CheckpointError):
     """Saving a checkpoint failed; the message says which path failed and what to change."""
 
 
-def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, phases: PhaseGates) -> tuple[StateDict, StateDict]:
-    """Full (unsharded, CPU) model and optimizer state dicts, the optimizer keyed by parameter name."""
+def gather_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, phases: PhaseGates, ctx: DistContext = SINGLE
+) -> tuple[StateDict, StateDict]:
+    """Full (unsharded, CPU) model and optimizer state dicts, the optimizer keyed by parameter name.
+
+    A collective under torchrun: every rank calls it; rank 0 gets the dicts, the other ranks may get {}.
+    """
     if not phases.checkpoint:
-        return _legacy_gather(model, optimizer)
+        return _legacy_gather(model, optimizer, ctx)
     if phases.api:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_state_dict(model, optimizer, options=options)
     if isinstance(model, FSDP):
-        return _legacy_gather(model, optimizer)
-    model_state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-    return model_state, _optimizer_state_by_name(model, optimizer)
+        return _legacy_gather(model, optimizer, ctx)
+    plain = unwrap(model)
+    model_state = {name: tensor.detach().cpu().clone() for name, tensor in plain.state_dict().items()}
+    return model_state, _optimizer_state_by_name(plain, optimizer)
 
 
 def restore_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: StateDict, optim_state: StateDict, phases: PhaseGates
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: StateDict, optim_state: StateDict,
+    phases: PhaseGates, ctx: DistContext = SINGLE,
 ) -> None:
-    """Load full state dicts written by gather_state into a freshly built model and optimizer."""
+    """Load full state dicts written by gather_state into a freshly built (and wrapped) model and optimizer.
+
+    Under torchrun with phases.api on, only rank 0's dicts are read and broadcast; model first, then optimizer,
+    each on every rank (set_state_dict with {} on the other ranks skips the model broadcast and hangs).
+    """
     if phases.api:
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=ctx.active)
+        set_model_state_dict(model, model_state, options=options)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
         return
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(_optimizer_state_by_index(model, optimizer, optim_state))
+    if isinstance(model, FSDP):
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+            model.load_state_dict(model_state)
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, optim_state))
+        return
+    plain = unwrap(model)
+    plain.load_state_dict(model_state)
+    optimizer.load_state_dict(_optimizer_state_by_index(plain, optimizer, optim_state))
 
 
-def _legacy_gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[StateDict, StateDict]:
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+def gather_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, StateDict]:
+    """Each rank's own shards (DTensors under FSDP2) for torch.distributed.checkpoint; nothing is gathered."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def restore_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaded: dict[str, StateDict]) -> None:
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+
+
+def _legacy_gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> tuple[StateDict, StateDict]:
+    # FSDP1 with offload_to_cpu segfaults on CPU (torch 2.13-2.15), so the legacy path offloads on CUDA only.
+    config = FullStateDictConfig(offload_to_cpu=ctx.device == "cuda", rank0_only=True)
     try:
         with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
             model_state = model.state_dict()
@@ -62,7 +98,7 @@ def _legacy_gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
             f"legacy checkpoint path (phases.checkpoint=off) failed on a {type(model).__name__}: "
             f"FSDP.state_dict_type raised KeyError({error.args[0]!r}); set phases.checkpoint=true"
         ) from error
-    return model_state, optim_state
+    return {k: v.detach().cpu() for k, v in model_state.items()}, optim_state
 
 
 def _optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> StateDict:

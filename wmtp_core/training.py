@@ -13,21 +13,22 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from wmtp_core.checkpoint import check_shapes_match, load_checkpoint, save_checkpoint
-from wmtp_core.manifest import prune_checkpoints
 from wmtp_core.config import Recipe
 from wmtp_core.device import DevicePlan, autocast_context
 from wmtp_core.algorithms import MicroBatch, algorithm_loss
 from wmtp_core.critic import pretrain_value_head
 from wmtp_core.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
 from wmtp_core.reference import prepare_reference
+from wmtp_core.distributed import SINGLE, DistContext, all_reduce_mean, barrier, broadcast_object, check_strategy, max_over_ranks
+from wmtp_core.run_checkpoint import CheckpointWriter, restore_checkpoint, save_run_checkpoint
 from wmtp_core.run_parts import RunParts, TrainState, batch_stream, build_run_parts
-from wmtp_core.state_dicts import gather_state, restore_state
+from wmtp_core.stopping import STOP_REASONS, StopRequest, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -42,6 +43,8 @@ class TrainResult:
     tokens_per_s: float
     skipped_steps: int
     resumed_from_step: int | None
+    stop_reason: str | None = None
+    """None when train.max_steps was reached; 'time budget' when time_budget_s ran out (a checkpoint was saved)."""
 
 
 def train(
@@ -52,55 +55,90 @@ def train(
     resume_from: Path | None = None,
     on_metrics: MetricsCallback | None = None,
     manifest_extra: dict | None = None,
+    time_budget_s: float | None = None,
+    ctx: DistContext = SINGLE,
 ) -> TrainResult:
-    """Train to recipe.train.max_steps, resuming from a checkpoint directory if given; saves along the way."""
-    reference = prepare_reference(recipe, run_dir, plan=plan) if recipe.train.algorithm == "rho1-wmtp" else None
+    """Train to recipe.train.max_steps, resuming from a checkpoint directory if given; saves along the way.
+
+    Stops early with a checkpoint at the step reached when time_budget_s runs out (returns, stop_reason set) or on
+    SIGTERM (raises TrainingInterrupted). Under torchrun every rank calls this with its DistContext.
+    """
+    check_strategy(recipe, ctx)
+    reference = None
+    if recipe.train.algorithm == "rho1-wmtp":
+        reference = prepare_reference(recipe, run_dir, plan=plan) if ctx.is_main else None
+        barrier(ctx)  # rank 0 trains (or finds) the reference once; the others then load the same file
+        reference = broadcast_object(reference, ctx)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    parts = build_run_parts(recipe, plan, reference_checkpoint=reference)
+    parts = build_run_parts(recipe, plan, reference_checkpoint=reference, ctx=ctx)
     state = restore_checkpoint(parts, resume_from, recipe) if resume_from else TrainState()
     resumed_from = state.step if resume_from else None
-    report = on_metrics or (lambda step, metrics: None)
-    extra = manifest_extra or {}
-    latest = resume_from
+    report = (on_metrics or (lambda step, metrics: None)) if ctx.is_main else (lambda step, metrics: None)
+    writer = CheckpointWriter(background=recipe.checkpoint.async_save)
+    writer.latest = resume_from
+
+    def save() -> None:
+        save_run_checkpoint(parts, state, run_dir, recipe=recipe, manifest_extra=manifest_extra or {}, writer=writer)
+
     if state.initial_eval_loss is None:
         state.initial_eval_loss = evaluate(parts, plan)
         report(0, {"eval_loss": state.initial_eval_loss})
     if recipe.train.algorithm == "critic-wmtp" and not state.value_head_pretrained:
         report(state.step, pretrain_value_head(parts, recipe=recipe, plan=plan))
         state.value_head_pretrained = True
-        # Saved at once, so a resumed critic run never redoes Stage 1.
-        latest = save_run_checkpoint(parts, state, run_dir, recipe=recipe, manifest_extra=extra)
+        save()  # at once, so a resumed critic run never redoes Stage 1
     batches = batch_stream(parts, state)
     started, start_tokens = time.perf_counter(), state.tokens_seen
+    stop_reason = None
     try:
-        window_start, window_tokens = time.perf_counter(), state.tokens_seen
-        while state.step < recipe.train.max_steps:
-            metrics = train_step(parts, batches, state=state, recipe=recipe, plan=plan)
-            step = state.step
-            if step % recipe.train.log_every == 0:
-                now = time.perf_counter()
-                metrics["tokens_per_s"] = (state.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, state.tokens_seen
-                log_progress(step, metrics, recipe)
-                report(step, metrics)
-            if step % recipe.train.eval_every == 0 or step == recipe.train.max_steps:
-                report(step, {"eval_loss": evaluate(parts, plan)})
-            if step % recipe.train.save_every == 0 or step == recipe.train.max_steps:
-                latest = save_run_checkpoint(parts, state, run_dir, recipe=recipe, manifest_extra=extra)
+        with StopRequest(time_budget_s) as stop:
+            stop_reason = run_steps(parts, batches, state, recipe=recipe, plan=plan, report=report, save=save, stop=stop)
     finally:
         batches.close()
+        latest = writer.wait()  # never exit (or raise) with a checkpoint write still pending
+    if stop_reason == "SIGTERM":
+        raise TrainingInterrupted(f"SIGTERM at step {state.step}: checkpoint {latest} saved; resume continues from it")
     elapsed = time.perf_counter() - started
-    final_eval = evaluate(parts, plan)
     return TrainResult(
         steps=state.step,
         initial_eval_loss=state.initial_eval_loss,
-        final_eval_loss=final_eval,
+        final_eval_loss=evaluate(parts, plan),
         latest_checkpoint=str(latest),
-        tokens_per_s=(state.tokens_seen - start_tokens) / max(elapsed, 1e-9),
+        tokens_per_s=(state.tokens_seen - start_tokens) * ctx.world_size / max(elapsed, 1e-9),
         skipped_steps=state.skipped_steps,
         resumed_from_step=resumed_from,
+        stop_reason=stop_reason,
     )
+
+
+def run_steps(
+    parts: RunParts, batches: Iterator[dict], state: TrainState, *, recipe: Recipe, plan: DevicePlan,
+    report: MetricsCallback, save: Callable[[], None], stop: StopRequest,
+) -> str | None:
+    """Optimizer steps to max_steps with logging, eval and saves at their cadence; returns why it stopped early."""
+    train_cfg = recipe.train
+    window_start, window_tokens = time.perf_counter(), state.tokens_seen
+    while state.step < train_cfg.max_steps:
+        metrics = train_step(parts, batches, state=state, recipe=recipe, plan=plan)
+        step = state.step
+        if step % train_cfg.log_every == 0:
+            now = time.perf_counter()
+            tokens = (state.tokens_seen - window_tokens) * parts.ctx.world_size
+            metrics["tokens_per_s"] = tokens / max(now - window_start, 1e-9)
+            window_start, window_tokens = now, state.tokens_seen
+            if parts.ctx.is_main:
+                log_progress(step, metrics, recipe)
+            report(step, metrics)
+        if step % train_cfg.eval_every == 0 or step == train_cfg.max_steps:
+            report(step, {"eval_loss": evaluate(parts, plan)})
+        # Every rank stops at the same step (the save below is a collective), whichever rank was told to.
+        reason = STOP_REASONS[max_over_ranks(stop.severity(), parts.ctx)]
+        if step % train_cfg.save_every == 0 or step == train_cfg.max_steps or reason:
+            save()
+        if reason and step < train_cfg.max_steps:
+            return reason
+    return None
 
 
 def train_step(
@@ -118,8 +156,9 @@ def train_step(
         for name, value in {"loss": loss.detach(), **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value.float() / accumulation
         state.tokens_seen += int(mb.valid_BT.sum())
-    # One host sync for every metric; the loss is needed on the host anyway to decide whether to update.
-    values = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
+    # One host sync for every metric; the loss is needed on the host anyway to decide whether to update. Under
+    # torchrun the metrics are averaged over ranks first, so every rank takes the same skip decision.
+    values = dict(zip(totals, all_reduce_mean(torch.stack(list(totals.values())), parts.ctx).tolist()))
     grad_norm = apply_update(parts, recipe=recipe, loss_ok=math.isfinite(values["loss"]))
     if grad_norm is None:
         state.skipped_steps += 1
@@ -136,7 +175,8 @@ def apply_update(parts: RunParts, *, recipe: Recipe, loss_ok: bool) -> float | N
     if loss_ok:
         parts.scaler.unscale_(parts.optimizer)
         max_norm = recipe.train.grad_clip or float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(parts.model.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), max_norm)
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a sharded norm
         if math.isfinite(norm):
             parts.scaler.step(parts.optimizer)
             grad_norm = norm
@@ -163,50 +203,6 @@ def evaluate(parts: RunParts, plan: DevicePlan) -> float:
         total += float(weighted_mtp_loss(ce_BTK, uniform_weights(labels_BTK), valid_mask(labels_BTK)))
     parts.model.train()
     return total / len(parts.eval_batches)
-
-
-def save_run_checkpoint(parts: RunParts, state: TrainState, run_dir: Path, *, recipe: Recipe, manifest_extra: dict) -> Path:
-    """Gather full state through the phase gates, write it atomically, prune to train.keep_last."""
-    model_state, optim_state = gather_state(parts.model, parts.optimizer, recipe.phases)
-    train_state = {
-        "optimizer": optim_state,
-        "scheduler": parts.scheduler.state_dict(),
-        "scaler": parts.scaler.state_dict(),
-        "rng": capture_rng(),
-        "progress": asdict(state),
-    }
-    manifest = {"recipe": recipe.model_dump(mode="json"), "torch_version": torch.__version__, "world_size": 1, **manifest_extra}
-    path = save_checkpoint(run_dir, step=state.step, model_state=model_state, train_state=train_state, manifest_extra=manifest)
-    prune_checkpoints(run_dir, keep_last=recipe.train.keep_last)
-    log.info("saved checkpoint %s", path)
-    return path
-
-
-def restore_checkpoint(parts: RunParts, path: Path, recipe: Recipe) -> TrainState:
-    """Load model, optimizer, scheduler, scaler, RNG and data position from a checkpoint directory."""
-    model_state, train_state, _ = load_checkpoint(path)
-    check_shapes_match(model_state, parts.model.state_dict(), source=path)
-    restore_state(parts.model, parts.optimizer, model_state, train_state["optimizer"], recipe.phases)
-    parts.scheduler.load_state_dict(train_state["scheduler"])
-    if train_state["scaler"]:
-        parts.scaler.load_state_dict(train_state["scaler"])
-    restore_rng(train_state["rng"])
-    state = TrainState(**train_state["progress"])
-    log.info("resumed from %s at step %d", path, state.step)
-    return state
-
-
-def capture_rng() -> dict:
-    """Every RNG the run uses, as values torch.load(weights_only=True) accepts."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
-
-
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def log_progress(step: int, metrics: dict[str, float], recipe: Recipe) -> None:

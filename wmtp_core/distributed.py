@@ -1,0 +1,152 @@
+"""Processes under torchrun: the process group, model wrapping (DDP, FSDP2, legacy FSDP1) and the few collectives
+the training loop needs. One process without torchrun is a world of size 1 and every function here is a no-op.
+
+Every collective is bounded by devices.timeout_s (the process-group timeout), so a dead rank fails the run
+instead of hanging it; torchrun then stops the other ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from wmtp_core.config import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job; rank 0 writes checkpoints and reports metrics."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    """Where collective buffers live: cuda for nccl, cpu for gloo."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = DistContext()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: str, *, timeout_s: int) -> DistContext:
+    """Join the torchrun job (gloo on CPU, nccl on CUDA); a single process gets SINGLE and no process group."""
+    if not launched_by_torchrun():
+        return SINGLE
+    rank, world_size, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    ctx = DistContext(rank, world_size, local_rank, device="cuda" if device == "cuda" else "cpu")
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    log.info("rank %d of %d joined the %s process group", ctx.rank, ctx.world_size, backend)
+    return ctx
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_strategy(recipe: Recipe, ctx: DistContext) -> None:
+    """Refuse combinations that cannot work, naming the recipe keys to change."""
+    strategy = recipe.devices.strategy
+    if ctx.active and strategy == "single":
+        raise ValueError(f"{ctx.world_size} processes but devices.strategy=single; set devices.strategy=ddp or fsdp")
+    if ctx.active and recipe.train.algorithm == "critic-wmtp":
+        raise ValueError("critic-wmtp trains its value head in a separate stage that is single-process for now; "
+                         "set devices.strategy=single and devices.nproc_per_node=1")
+    if recipe.checkpoint.format == "sharded" and not recipe.phases.api:
+        raise ValueError("checkpoint.format=sharded needs torch.distributed.checkpoint; set phases.api=true")
+
+
+def wrap_model(model: torch.nn.Module, recipe: Recipe, ctx: DistContext, device: str) -> torch.nn.Module:
+    """DDP, FSDP2 (phases.api on) or the deprecated FSDP1 wrapper (phases.api off); call before building the optimizer."""
+    strategy = recipe.devices.strategy
+    if not ctx.active or strategy == "single":
+        return model
+    if strategy == "ddp":
+        return DDP(model, device_ids=[ctx.local_rank] if device == "cuda" else None)
+    blocks = [m for m in model.modules() if type(m).__name__ in _shard_unit_names(model)]
+    if recipe.phases.api:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = ModuleWrapPolicy({type(b) for b in blocks})
+    return FSDP(model, auto_wrap_policy=policy, device_id=torch.device(device, ctx.local_rank) if device == "cuda" else None,
+                use_orig_params=True)
+
+
+def _shard_unit_names(model: torch.nn.Module) -> set[str]:
+    """The module classes sharded one by one: the model's own choice when it names them, else transformer blocks."""
+    named = getattr(model, "fsdp_unit_classes", None)
+    return {cls.__name__ for cls in named()} if callable(named) else {"Block"}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose state-dict keys have no wrapper prefix (DDP's `module.`)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def all_reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Mean over ranks (so metrics and skip decisions are the same everywhere); identity on one process."""
+    if ctx.active:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= ctx.world_size
+    return values
+
+
+def max_over_ranks(value: int, ctx: DistContext) -> int:
+    """The largest value any rank holds, on every rank (e.g. one rank got SIGTERM: all stop at the same step)."""
+    if not ctx.active:
+        return value
+    tensor = torch.tensor([value], device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def gather_objects(value: object, ctx: DistContext) -> list[object]:
+    """Every rank's value, in rank order, on every rank ([value] on one process)."""
+    if not ctx.active:
+        return [value]
+    gathered: list[object] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: object, ctx: DistContext) -> object:
+    """Rank 0's value on every rank."""
+    if not ctx.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,89 @@
+"""One training process: `python -m wmtp_core.worker`, alone or as each rank under torchrun.
+
+    torchrun --standalone --nproc_per_node 2 -m wmtp_core.worker --recipe R.yaml --run-dir D --result OUT.json
+
+Rank 0 prints progress lines and one `WMTP_METRICS {json}` line per report on stdout (the Prefect task that
+launched torchrun turns them into the run log and MLflow metrics) and writes the outcome to --result:
+{"ok": true, "result": TrainResult} or {"ok": false, "error_type": ..., "message": ...}.
+Exit status: 0 done, 1 failed, 143 stopped by SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from wmtp_core.device import plan_devices, probe_environment
+from wmtp_core.distributed import init_distributed, launched_by_torchrun, shutdown_distributed
+from wmtp_core.manifest import latest_valid_checkpoint
+from wmtp_core.recipes import load_recipe
+from wmtp_core.stopping import TrainingInterrupted
+from wmtp_core.training import train
+
+METRICS_PREFIX = "WMTP_METRICS "
+EXIT_FAILED, EXIT_TERMINATED = 1, 143
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    recipe = load_recipe(args.recipe, [])
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    ctx = init_distributed(plan.device, timeout_s=recipe.devices.timeout_s)
+    _configure_logging(ctx.rank)
+    outcome, status = {"ok": False}, EXIT_FAILED
+    try:
+        resume_from = _resume_path(args.resume, args.run_dir)
+        result = train(recipe, args.run_dir, plan=plan, resume_from=resume_from, on_metrics=print_metrics,
+                       manifest_extra=json.loads(args.manifest_extra), time_budget_s=args.time_budget_s, ctx=ctx)
+        outcome, status = {"ok": True, "result": asdict(result)}, 0
+    except TrainingInterrupted as error:
+        outcome, status = _failure(error), EXIT_TERMINATED
+    except Exception as error:
+        logging.getLogger(__name__).exception("rank %d failed", ctx.rank)
+        outcome = _failure(error)
+    finally:
+        if ctx.is_main and args.result:
+            args.result.write_text(json.dumps(outcome))
+        shutdown_distributed()
+    return status
+
+
+def print_metrics(step: int, metrics: dict[str, float]) -> None:
+    print(METRICS_PREFIX + json.dumps({"step": step, "metrics": metrics}), flush=True)
+
+
+def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    if resume != "latest":
+        return Path(resume) if resume else None
+    latest = latest_valid_checkpoint(run_dir)
+    return latest.path if latest else None
+
+
+def _failure(error: BaseException) -> dict:
+    return {"ok": False, "error_type": type(error).__name__, "message": str(error).splitlines()[0] if str(error) else ""}
+
+
+def _configure_logging(rank: int) -> None:
+    # Rank 0 speaks for the job; the other ranks only report problems, each line saying which rank it is.
+    level = logging.INFO if rank == 0 else logging.WARNING
+    prefix = "" if not launched_by_torchrun() else f"[rank {rank}] "
+    logging.basicConfig(stream=sys.stdout, level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="One WMTP training process (alone or one rank under torchrun).")
+    parser.add_argument("--recipe", type=Path, required=True, help="complete recipe YAML (run_dir/recipe.yaml)")
+    parser.add_argument("--run-dir", type=Path, required=True, help="the run directory checkpoints go to")
+    parser.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' for the newest valid one")
+    parser.add_argument("--result", type=Path, default=None, help="where rank 0 writes the outcome as JSON")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="save and stop after this many seconds")
+    parser.add_argument("--manifest-extra", default="{}", help="JSON object added to every checkpoint manifest")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
