@@ -9,14 +9,17 @@ directories whose manifest verifies count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -54,7 +57,8 @@ def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
 
 def write_sharded(staging: Path, shards: dict) -> None:
     """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory)."""
-    dcp.save(shards, checkpoint_id=staging / SHARDED_DIR)
+    with _single_process_is_intended():
+        dcp.save(shards, checkpoint_id=staging / SHARDED_DIR, no_dist=not dist.is_initialized())
 
 
 def publish_checkpoint(staging: Path, run_dir: Path, *, step: int, manifest_extra: dict) -> Path:
@@ -93,7 +97,8 @@ def load_train_state(path: Path) -> dict:
 def load_sharded(path: Path, template: dict) -> None:
     """Fill template (this rank's current state dicts, giving shapes and sharding) from path/sharded, in place;
     the saving job's world size does not matter (torch.distributed.checkpoint reshards)."""
-    dcp.load(template, checkpoint_id=path / SHARDED_DIR)
+    with _single_process_is_intended():
+        dcp.load(template, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.is_initialized())
 
 
 def convert_to_full(path: Path, run_dir: Path) -> Path:
@@ -124,6 +129,15 @@ def check_shapes_match(model_state: dict[str, torch.Tensor], expected: dict[str,
     problems += mismatched[:5]
     if problems:
         raise CheckpointError(f"{source} does not fit this model (check the model.* recipe keys): {'; '.join(problems)}")
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """torch.distributed.checkpoint warns on every single-process save/load, even with no_dist=True; here one
+    process is a supported way to save or read a sharded checkpoint, so that warning says nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -1,0 +1,139 @@
+"""Two CPU processes under torchrun (gloo): DDP and FSDP2 train, save full and sharded checkpoints, and resume on two
+processes or on one with the same loss trajectory and weights as an uninterrupted run.
+
+The global batch is the same everywhere: 2 processes x 1 micro-batch, or 1 process x 2 accumulated micro-batches.
+Every torchrun call is bounded by a subprocess timeout, so a hang fails the test instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_OVERRIDES
+from wmtp_core.checkpoint import convert_to_full
+from wmtp_core.device import plan_devices, probe_environment
+from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.training import train
+from wmtp_core.worker import METRICS_PREFIX
+
+pytestmark = pytest.mark.distributed
+STEPS = ["train.max_steps=6", "train.save_every=2", "train.keep_last=10", "train.eval_every=100", "train.log_every=1"]
+LAYOUTS = {
+    "ddp": ["devices.strategy=ddp"],
+    "fsdp": ["devices.strategy=fsdp"],
+    "fsdp-sharded": ["devices.strategy=fsdp", "checkpoint.format=sharded"],
+}
+
+
+def two_process_recipe(layout: str, *extra: str):
+    return load_recipe(None, [*TINY_OVERRIDES, *STEPS, *LAYOUTS[layout], "devices.nproc_per_node=2", "devices.timeout_s=60", *extra])
+
+
+def torchrun(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict, dict[int, float]]:
+    """Run the worker on 2 processes; return rank 0's outcome and its loss per step."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
+               "--result", str(run_dir / "result.json")] + (["--resume", resume] if resume else [])
+    out = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return json.loads((run_dir / "result.json").read_text()), losses_from(out.stdout)
+
+
+def losses_from(stdout: str) -> dict[int, float]:
+    reports = [json.loads(line[len(METRICS_PREFIX):]) for line in stdout.splitlines() if line.startswith(METRICS_PREFIX)]
+    return {r["step"]: r["metrics"]["loss"] for r in reports if "loss" in r["metrics"]}
+
+
+def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / f"step_{step:08d}"
+    if not (path / "model.safetensors").exists():
+        convert_to_full(path, run_dir)
+    return load_file(path / "model.safetensors")
+
+
+def copy_run_up_to(source: Path, target: Path, step: int) -> None:
+    """A run directory holding only source's checkpoints up to `step`: an interrupted run."""
+    for checkpoint in sorted((source / "checkpoints").glob("step_*")):
+        if int(checkpoint.name.removeprefix("step_")) <= step:
+            shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)
+
+
+def assert_same_weights(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    worst = max(float((expected[k] - actual[k]).abs().max()) for k in expected)
+    assert worst < 1e-5, f"weights differ by up to {worst}"
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """Uninterrupted 2-process runs, one per layout, made on first use and shared by the module's tests."""
+    runs = {}
+
+    def get(layout: str) -> tuple[Path, dict[int, float]]:
+        if layout not in runs:
+            run_dir = tmp_path_factory.mktemp(f"straight-{layout}")
+            outcome, losses = torchrun(two_process_recipe(layout), run_dir)
+            assert outcome["ok"] and outcome["result"]["steps"] == 6
+            runs[layout] = run_dir, losses
+        return runs[layout]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_process_run_saves_every_interval(straight_runs, layout):
+    run_dir, losses = straight_runs(layout)
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in sorted((run_dir / "checkpoints").glob("step_*"))]
+    assert [m["step"] for m in manifests] == [2, 4, 6]
+    assert {m["world_size"] for m in manifests} == {2}
+    assert {m["format"] for m in manifests} == {"sharded" if layout.endswith("sharded") else "full"}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_on_two_processes_matches_the_uninterrupted_run(straight_runs, layout, tmp_path):
+    straight_dir, straight_losses = straight_runs(layout)
+    copy_run_up_to(straight_dir, tmp_path, step=4)
+    outcome, losses = torchrun(two_process_recipe(layout), tmp_path, resume="latest")
+    assert outcome["result"]["resumed_from_step"] == 4
+    assert losses.keys() == {5, 6}
+    assert losses == pytest.approx({s: straight_losses[s] for s in (5, 6)}, rel=1e-5)
+    assert_same_weights(final_weights(straight_dir), final_weights(tmp_path))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_on_one_process_matches_the_uninterrupted_run(straight_runs, layout, tmp_path):
+    straight_dir, straight_losses = straight_runs(layout)
+    copy_run_up_to(straight_dir, tmp_path, step=4)
+    recipe = two_process_recipe(layout, "devices.strategy=single", "devices.nproc_per_node=1",
+                                "train.grad_accumulation_steps=2")
+    losses = {}
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    result = train(recipe, tmp_path, plan=plan, resume_from=tmp_path / "checkpoints" / "step_00000004",
+                   on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None)
+    assert result.resumed_from_step == 4 and result.steps == 6
+    assert losses == pytest.approx({s: straight_losses[s] for s in (5, 6)}, rel=1e-5)
+    assert_same_weights(final_weights(straight_dir), final_weights(tmp_path))
+
+
+def test_one_process_with_accumulation_matches_two_process_ddp_and_fsdp(straight_runs, tmp_path):
+    ddp_dir, ddp_losses = straight_runs("ddp")
+    fsdp_dir, fsdp_losses = straight_runs("fsdp")
+    recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, "train.grad_accumulation_steps=2"])
+    losses = {}
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    train(recipe, tmp_path, plan=plan,
+          on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None)
+    assert losses == pytest.approx(ddp_losses, rel=1e-5) and losses == pytest.approx(fsdp_losses, rel=1e-5)
+    assert_same_weights(final_weights(ddp_dir), final_weights(tmp_path))
+    assert_same_weights(final_weights(fsdp_dir), final_weights(tmp_path))
