@@ -9,12 +9,17 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.torchrun import WorkerInterrupted, needs_torchrun, run_torchrun, torchrun_command
 from tasks.tracking import metrics_sink
 from wmtp_core.config import Recipe, RecipeError
 from wmtp_core.manifest import CheckpointError, latest_valid_checkpoint
+from wmtp_core.run_lock import RunLockedError, run_lock
+from wmtp_core.stopping import TrainingInterrupted
 
-# Errors a retry cannot fix: bad input or a deterministic legacy-path failure.
-NOT_RETRIED = (RecipeError, ValueError, CheckpointError, FileNotFoundError)
+# Errors a retry cannot fix: bad input, a deterministic legacy-path failure, a run held by another trainer, or
+# a SIGTERM (the run is being cancelled; the scheduled resume deployment picks it up later).
+NOT_RETRIED = (RecipeError, ValueError, CheckpointError, FileNotFoundError, RunLockedError, TrainingInterrupted,
+               WorkerInterrupted)
 
 
 def retry_unless_invalid_input(task, task_run, state) -> bool:
@@ -29,24 +34,43 @@ def retry_unless_invalid_input(task, task_run, state) -> bool:
 
 
 @task(name="train", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_invalid_input, cache_policy=NO_CACHE)
-def train_model(recipe: Recipe, run_dir: str, *, probe: dict, mlflow_run_id: str | None) -> dict:
-    """Train to recipe.train.max_steps; an attempt (or retry) resumes from the newest valid checkpoint."""
-    from wmtp_core.device import EnvironmentProbe, plan_devices  # torch loads here, not at flow import
-    from wmtp_core.training import train
+def train_model(recipe: Recipe, run_dir: str, *, probe: dict, mlflow_run_id: str | None,
+                time_budget_s: float | None = None) -> dict:
+    """Train to recipe.train.max_steps; an attempt (or retry) resumes from the newest valid checkpoint.
 
+    One process trains here; more (devices.nproc_per_node or devices.nnodes above 1) run under torchrun.
+    """
     logger = get_run_logger()
     for name in ("wmtp_core", "tasks"):
         logging.getLogger(name).setLevel(logging.INFO)
+    directory = Path(run_dir)
+    with run_lock(directory):
+        latest = latest_valid_checkpoint(directory)
+        if latest is not None:
+            logger.info("resuming from %s (step %d)", latest.path, latest.step)
+        sink = metrics_sink(mlflow_run_id, directory, safe=recipe.phases.api) if mlflow_run_id else None
+        extra = {"tracking_run_id": mlflow_run_id}
+        try:
+            if needs_torchrun(recipe):
+                command = torchrun_command(recipe, directory, resume=latest.path if latest else None,
+                                           result_file=directory / "torchrun_result.json", manifest_extra=extra,
+                                           time_budget_s=time_budget_s)
+                return run_torchrun(command, result_file=directory / "torchrun_result.json",
+                                    silence_timeout_s=recipe.devices.timeout_s, log=logger, on_metrics=sink)
+            return _train_here(recipe, directory, probe=probe, resume=latest.path if latest else None,
+                               on_metrics=sink, manifest_extra=extra, time_budget_s=time_budget_s)
+        finally:
+            if sink is not None:
+                sink.close()
+
+
+def _train_here(recipe: Recipe, run_dir: Path, *, probe: dict, resume: Path | None, on_metrics, manifest_extra: dict,
+                time_budget_s: float | None) -> dict:
+    from wmtp_core.device import EnvironmentProbe, plan_devices  # torch loads here, not at flow import
+    from wmtp_core.training import train
+
     plan = plan_devices(recipe.devices, recipe.data, recipe.phases, EnvironmentProbe(**probe))
-    logger.info("device plan: %s", "; ".join(plan.reasons))
-    latest = latest_valid_checkpoint(Path(run_dir))
-    if latest is not None:
-        logger.info("resuming from %s (step %d)", latest.path, latest.step)
-    sink = metrics_sink(mlflow_run_id, Path(run_dir), safe=recipe.phases.api) if mlflow_run_id else None
-    try:
-        result = train(recipe, Path(run_dir), plan=plan, resume_from=latest.path if latest else None,
-                       on_metrics=sink, manifest_extra={"tracking_run_id": mlflow_run_id})
-    finally:
-        if sink is not None:
-            sink.close()
+    get_run_logger().info("device plan: %s", "; ".join(plan.reasons))
+    result = train(recipe, run_dir, plan=plan, resume_from=resume, on_metrics=on_metrics,
+                   manifest_extra=manifest_extra, time_budget_s=time_budget_s)
     return asdict(result)

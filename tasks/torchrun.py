@@ -1,0 +1,140 @@
+"""Launching a multi-process training job with torchrun from the training task, and reading it back.
+
+torchrun runs `wmtp_core.worker` on every rank. Rank 0's stdout is streamed here line by line: progress lines go
+to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. The job is bounded by its own silence
+timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM to this process is passed on, so the
+ranks save a checkpoint before exiting; when any rank dies, torchrun stops the others and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from wmtp_core.config import Recipe
+
+METRICS_PREFIX = "WMTP_METRICS "  # the same marker wmtp_core.worker prints (that module imports torch)
+EXIT_TERMINATED = 143
+TERMINATE_GRACE_S = 30  # Prefect's own grace between SIGTERM and SIGKILL on cancellation
+
+
+class WorkerInputError(ValueError):
+    """The job failed on bad input (recipe, data, checkpoint); retrying cannot help."""
+
+
+class WorkerInterrupted(RuntimeError):
+    """The job was stopped by SIGTERM after saving a checkpoint."""
+
+
+_NOT_RETRIABLE = {"ValueError", "RecipeError", "DataError", "CheckpointError", "CheckpointSaveError", "FileNotFoundError"}
+
+
+def needs_torchrun(recipe: Recipe) -> bool:
+    return recipe.devices.nproc_per_node * recipe.devices.nnodes > 1
+
+
+def torchrun_command(recipe: Recipe, run_dir: Path, *, resume: Path | None, result_file: Path,
+                     manifest_extra: dict, time_budget_s: float | None) -> list[str]:
+    devices = recipe.devices
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(devices.nproc_per_node)]
+    if devices.nnodes == 1:
+        launcher.append("--standalone")
+    else:
+        endpoint = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+        if endpoint == ":":
+            raise WorkerInputError(f"devices.nnodes={devices.nnodes} needs MASTER_ADDR and MASTER_PORT in the environment "
+                                   "(the rendezvous host every node can reach)")
+        launcher += ["--nnodes", str(devices.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                     "--rdzv_id", recipe.run.name or "wmtp"]
+    worker = ["-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
+              "--result", str(result_file), "--manifest-extra", json.dumps(manifest_extra)]
+    worker += ["--resume", str(resume)] if resume else []
+    worker += ["--time-budget-s", str(time_budget_s)] if time_budget_s is not None else []
+    return launcher + worker
+
+
+def run_torchrun(command: list[str], *, result_file: Path, silence_timeout_s: float, log: logging.Logger,
+                 on_metrics: Callable[[int, dict], None] | None) -> dict:
+    """Run the job to its end and return rank 0's TrainResult as a dict; raise a typed error otherwise."""
+    result_file.unlink(missing_ok=True)
+    log.info("launching: %s", " ".join(command))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+    tail: list[str] = []
+    with _forward_sigterm(process):
+        while (line := _next_line(lines, process, silence_timeout_s)) is not None:
+            if line.startswith(METRICS_PREFIX):
+                report = json.loads(line[len(METRICS_PREFIX):])
+                if on_metrics is not None:
+                    on_metrics(report["step"], report["metrics"])
+                continue
+            log.info("%s", line)
+            tail = (tail + [line])[-20:]
+        status = process.wait()
+    return _outcome(status, result_file, tail)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def _next_line(lines: queue.Queue, process: subprocess.Popen, silence_timeout_s: float) -> str | None:
+    try:
+        return lines.get(timeout=silence_timeout_s)
+    except queue.Empty:
+        _stop(process)
+        raise TimeoutError(f"torchrun printed nothing for {silence_timeout_s:.0f} s (devices.timeout_s): stopped it; "
+                           "a rank is probably stuck; resume continues from the newest checkpoint") from None
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (torchrun passes it to every rank, which saves and exits), then SIGKILL after Prefect's grace."""
+    process.terminate()
+    try:
+        process.wait(timeout=TERMINATE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class _forward_sigterm:
+    """While the job runs, a SIGTERM to this process is passed on to torchrun (main thread only: Python's rule)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.previous = process, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.process.terminate())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if self.process.poll() is None:
+            _stop(self.process)  # an exception here (e.g. a metrics callback) must not leave the job running
+
+
+def _outcome(status: int, result_file: Path, tail: list[str]) -> dict:
+    outcome = json.loads(result_file.read_text()) if result_file.is_file() else {"ok": False}
+    if status == 0 and outcome.get("ok"):
+        return outcome["result"]
+    error_type, message = outcome.get("error_type"), outcome.get("message")
+    if status == EXIT_TERMINATED or error_type == "TrainingInterrupted":
+        raise WorkerInterrupted(message or f"torchrun exited {status} after SIGTERM")
+    if error_type in _NOT_RETRIABLE:
+        raise WorkerInputError(f"{error_type}: {message}")
+    last = "\n".join(tail[-5:])
+    raise RuntimeError(f"torchrun exited with status {status} ({error_type or 'a rank died'}: {message or ''}); "
+                       f"last lines:\n{last}")
