@@ -96,8 +96,9 @@ def wrap_model(model: torch.nn.Module, recipe: Recipe, ctx: DistContext, device:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     policy = ModuleWrapPolicy({type(b) for b in blocks})
-    return FSDP(model, auto_wrap_policy=policy, device_id=torch.device(device, ctx.local_rank) if device == "cuda" else None,
-                use_orig_params=True)
+    # FSDP1 on CPU must be told so (device_id cpu), else it looks for an accelerator and refuses.
+    device_id = torch.device(device, ctx.local_rank) if device == "cuda" else torch.device("cpu")
+    return FSDP(model, auto_wrap_policy=policy, device_id=device_id, use_orig_params=True)
 
 
 def _shard_unit_names(model: torch.nn.Module) -> set[str]:

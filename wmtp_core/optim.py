@@ -11,23 +11,38 @@ from torch.optim.lr_scheduler import LambdaLR
 from wmtp_core.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, value_lr: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, *, value_lr: float | None = None, decayed: set[str] | None = None
+) -> torch.optim.AdamW:
     """AdamW over the model's parameters; weight matrices decay, embeddings, norms and biases do not.
 
-    Parameters under `value_head.` form their own group at value_lr (critic-wmtp's value head).
+    Parameters under `value_head.` form their own group at value_lr (critic-wmtp's value head). For a wrapped
+    model pass `decayed` = decayed_parameter_names(the model before wrapping): FSDP1 flattens parameters to 1-D,
+    so shapes seen after wrapping no longer tell matrices from biases.
     """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decayed = decayed_parameter_names(model) if decayed is None else decayed
+    named = [(clean_parameter_name(name), p) for name, p in model.named_parameters() if p.requires_grad]
     policy = [(name, p) for name, p in named if not name.startswith("value_head.")]
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decays = [p.dim() >= 2 and id(p) not in embeddings for _, p in policy]
     groups = [
-        {"params": [p for (_, p), decay in zip(policy, decays) if decay], "weight_decay": cfg.weight_decay},
-        {"params": [p for (_, p), decay in zip(policy, decays) if not decay], "weight_decay": 0.0},
+        {"params": [p for name, p in policy if name in decayed], "weight_decay": cfg.weight_decay},
+        {"params": [p for name, p in policy if name not in decayed], "weight_decay": 0.0},
     ]
     value = [p for name, p in named if name.startswith("value_head.")]
     if value:
         groups.append({"params": value, "weight_decay": 0.0, "lr": value_lr or cfg.lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def decayed_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that get weight decay: matrices other than embeddings."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return {clean_parameter_name(name) for name, p in model.named_parameters() if p.dim() >= 2 and id(p) not in embeddings}
+
+
+def clean_parameter_name(name: str) -> str:
+    """The parameter's name in the unwrapped model (without DDP's `module.` or FSDP1's wrapper segments)."""
+    name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+    return name.removeprefix("module.")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

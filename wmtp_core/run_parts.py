@@ -23,7 +23,7 @@ from wmtp_core.data import (
 from wmtp_core.device import DevicePlan
 from wmtp_core.distributed import SINGLE, DistContext, wrap_model
 from wmtp_core.model import MTPTransformer
-from wmtp_core.optim import build_optimizer, build_scheduler
+from wmtp_core.optim import build_optimizer, build_scheduler, decayed_parameter_names
 from wmtp_core.reference import load_reference_model
 from wmtp_core.tokenizer import ByteTokenizer
 
@@ -79,8 +79,9 @@ def build_run_parts(
     collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
     critic = recipe.train.algorithm == "critic-wmtp"
     model = MTPTransformer(recipe.model, vocab_size=tokenizer.vocab_size, with_value_head=critic).to(plan.device)
+    decayed = decayed_parameter_names(model)  # before wrapping: FSDP1 flattens the shapes it is decided by
     model = wrap_model(model, recipe, ctx, plan.device)
-    optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr)
+    optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr, decayed=decayed)
     return RunParts(
         model=model,
         optimizer=optimizer,

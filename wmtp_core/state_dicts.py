@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from wmtp_core.config import PhaseGates
@@ -67,9 +67,10 @@ def restore_state(
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
         return
     if isinstance(model, FSDP):
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False),
+                                  FullOptimStateDictConfig(rank0_only=False)):
             model.load_state_dict(model_state)
-        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, optim_state))
+            optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, optim_state))
         return
     plain = unwrap(model)
     plain.load_state_dict(model_state)

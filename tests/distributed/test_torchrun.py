@@ -30,6 +30,7 @@ LAYOUTS = {
     "ddp": ["devices.strategy=ddp"],
     "fsdp": ["devices.strategy=fsdp"],
     "fsdp-sharded": ["devices.strategy=fsdp", "checkpoint.format=sharded"],
+    "fsdp1-legacy-api": ["devices.strategy=fsdp", "phases.api=false"],  # FSDP1 + FSDP.state_dict_type
 }
 
 
@@ -68,6 +69,16 @@ def copy_run_up_to(source: Path, target: Path, step: int) -> None:
             shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)
 
 
+# Measured here (torch 2.15, CPU gloo): FSDP1's FSDP.optim_state_dict with use_orig_params=True returns each
+# parameter's exp_avg_sq in place of its exp_avg, so the legacy path (phases.api off) resumes with a corrupted
+# AdamW state; one more reason for Phase 3. Strict: these tests start failing the day torch fixes it.
+LEGACY_OPTIMIZER_BUG = pytest.mark.xfail(strict=True, reason="torch FSDP1 optim_state_dict swaps exp_avg on CPU")
+
+
+def resume_marks(layout: str):
+    return pytest.param(layout, marks=LEGACY_OPTIMIZER_BUG) if layout == "fsdp1-legacy-api" else layout
+
+
 def assert_same_weights(expected: dict, actual: dict) -> None:
     assert expected.keys() == actual.keys()
     worst = max(float((expected[k] - actual[k]).abs().max()) for k in expected)
@@ -97,10 +108,11 @@ def test_two_process_run_saves_every_interval(straight_runs, layout):
     assert [m["step"] for m in manifests] == [2, 4, 6]
     assert {m["world_size"] for m in manifests} == {2}
     assert {m["format"] for m in manifests} == {"sharded" if layout.endswith("sharded") else "full"}
+    assert {m["recipe"]["phases"]["api"] for m in manifests} == {layout != "fsdp1-legacy-api"}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [resume_marks(layout) for layout in LAYOUTS])
 def test_resume_on_two_processes_matches_the_uninterrupted_run(straight_runs, layout, tmp_path):
     straight_dir, straight_losses = straight_runs(layout)
     copy_run_up_to(straight_dir, tmp_path, step=4)
@@ -111,7 +123,7 @@ def test_resume_on_two_processes_matches_the_uninterrupted_run(straight_runs, la
     assert_same_weights(final_weights(straight_dir), final_weights(tmp_path))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [resume_marks(layout) for layout in LAYOUTS])
 def test_resume_on_one_process_matches_the_uninterrupted_run(straight_runs, layout, tmp_path):
     straight_dir, straight_losses = straight_runs(layout)
     copy_run_up_to(straight_dir, tmp_path, step=4)

@@ -1,0 +1,111 @@
+"""Stopping early never loses work: SIGTERM and a time budget save a checkpoint at the step reached; async saves
+write the same bytes as synchronous ones and never leave a write pending."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wmtp_core.device import plan_devices, probe_environment
+from wmtp_core.manifest import CheckpointError, latest_valid_checkpoint
+from wmtp_core.recipes import recipe_to_yaml
+from wmtp_core.run_checkpoint import CheckpointWriter
+from wmtp_core.training import train
+
+
+def _with(recipe, **sections):
+    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
+    return recipe.model_copy(update=updates)
+
+
+def _train(recipe, run_dir, **kwargs):
+    return train(recipe, run_dir, plan=plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment()), **kwargs)
+
+
+def start_worker(recipe, run_dir: Path, *extra: str) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    command = [sys.executable, "-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"),
+               "--run-dir", str(run_dir), "--result", str(run_dir / "result.json"), *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "checkpoints" / f"step_{step:08d}").exists():
+        assert process.poll() is None, f"worker ended early: {process.stdout.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+def test_time_budget_saves_at_the_step_reached_and_resume_finishes(tiny_recipe, tmp_path):
+    recipe = _with(tiny_recipe, train={"max_steps": 8, "save_every": 100})
+    stopped = _train(recipe, tmp_path, time_budget_s=0.0)
+    assert stopped.stop_reason == "time budget" and stopped.steps == 1
+    assert latest_valid_checkpoint(tmp_path).step == 1
+    finished = _train(recipe, tmp_path, resume_from=latest_valid_checkpoint(tmp_path).path)
+    assert finished.stop_reason is None and finished.resumed_from_step == 1 and finished.steps == 8
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_non_zero(tiny_recipe, tmp_path):
+    recipe = _with(tiny_recipe, train={"max_steps": 3000, "save_every": 50, "log_every": 1000, "eval_every": 5000})
+    worker = start_worker(recipe, tmp_path)
+    wait_for_checkpoint(tmp_path, 50, worker)
+    worker.send_signal(signal.SIGTERM)
+    output, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 143, output[-2000:]
+    outcome = json.loads((tmp_path / "result.json").read_text())
+    assert outcome["error_type"] == "TrainingInterrupted"
+    latest = latest_valid_checkpoint(tmp_path)
+    assert 50 < latest.step < 3000 and latest.step % 50 != 0  # saved where it stopped, not at a save interval
+    assert f"SIGTERM at step {latest.step}" in outcome["message"]
+    resumed = _train(_with(recipe, train={"max_steps": latest.step + 2}), tmp_path, resume_from=latest.path)
+    assert resumed.resumed_from_step == latest.step and resumed.steps == latest.step + 2
+
+
+def test_async_save_writes_the_same_checkpoints_as_sync(tiny_recipe, tmp_path):
+    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2})
+    sync = _train(recipe, tmp_path / "sync")
+    background = _train(_with(recipe, checkpoint={"async_save": True}), tmp_path / "async")
+    assert Path(background.latest_checkpoint).name == Path(sync.latest_checkpoint).name == "step_00000006"
+    expected = load_file(Path(sync.latest_checkpoint) / "model.safetensors")
+    actual = load_file(Path(background.latest_checkpoint) / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    kept = sorted(p.name for p in (tmp_path / "async" / "checkpoints").iterdir())
+    assert kept == ["step_00000004", "step_00000006"]  # pruned after each write, nothing half-written left
+
+
+def test_background_write_failure_is_raised_not_lost(tmp_path):
+    writer = CheckpointWriter(background=True)
+
+    def failing_write() -> Path:
+        raise OSError("disk full")
+
+    writer.submit(failing_write)
+    with pytest.raises(CheckpointError, match="disk full"):
+        writer.wait()
+
+
+def test_at_most_one_background_write_is_in_flight(tmp_path):
+    writer, running, overlaps = CheckpointWriter(background=True), [], []
+
+    def slow_write(name: str) -> Path:
+        overlaps.append(len(running))
+        running.append(name)
+        time.sleep(0.1)
+        running.remove(name)
+        return tmp_path / name
+
+    for name in ("a", "b", "c"):
+        writer.submit(lambda name=name: slow_write(name))
+    assert writer.wait() == tmp_path / "c"
+    assert overlaps == [0, 0, 0]
