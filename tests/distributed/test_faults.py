@@ -1,0 +1,105 @@
+"""A torchrun job launched by the training task never hangs and never loses work: a dead rank fails the job within
+bounds, SIGTERM makes every rank stop at the same step with a checkpoint, and the whole flow runs 2 processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_OVERRIDES
+from tasks.torchrun import WorkerInterrupted, run_torchrun, torchrun_command
+from wmtp_core.manifest import latest_valid_checkpoint
+from wmtp_core.recipes import load_recipe, recipe_to_yaml
+
+pytestmark = pytest.mark.distributed
+LONG_RUN = ["train.max_steps=5000", "train.save_every=20", "train.log_every=1", "train.eval_every=100000",
+            "devices.strategy=ddp", "devices.nproc_per_node=2", "devices.timeout_s=60"]
+
+
+def prepared(run_dir: Path, *overrides: str) -> tuple[list[str], Path]:
+    recipe = load_recipe(None, [*TINY_OVERRIDES, *LONG_RUN, *overrides])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    result = run_dir / "result.json"
+    return torchrun_command(recipe, run_dir, resume=None, result_file=result, manifest_extra={}, time_budget_s=None), result
+
+
+def processes() -> list[tuple[int, list[bytes], dict[bytes, bytes]]]:
+    """(pid, argv, environment) of every process this user can read, from /proc."""
+    found = []
+    for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = dict(line.split(b"=", 1) for line in (entry / "environ").read_bytes().split(b"\0") if b"=" in line)
+        except (OSError, ValueError):
+            continue
+        found.append((int(entry.name), argv, environ))
+    return found
+
+
+def worker_pids() -> dict[int, int]:
+    """rank -> pid of every wmtp_core.worker rank running now."""
+    return {int(env[b"RANK"]): pid for pid, argv, env in processes()
+            if b"wmtp_core.worker" in argv and b"RANK" in env and b"torch.distributed.run" not in argv}
+
+
+def launcher_pid(run_dir: Path) -> int:
+    """The torchrun process whose job trains in run_dir."""
+    return next(pid for pid, argv, env in processes() if b"torch.distributed.run" in argv and str(run_dir).encode() in argv)
+
+
+def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
+    def wait_then_act():
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / f"step_{step:08d}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_dead_rank_fails_the_job_cleanly_without_a_hang(tmp_path):
+    command, result = prepared(tmp_path)
+    when_checkpoint_exists(tmp_path, 20, lambda: os.kill(worker_pids()[1], signal.SIGKILL))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="torchrun exited with status"):
+        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
+    assert time.monotonic() - started < 100  # well inside devices.timeout_s plus torchrun's own shutdown grace
+    assert worker_pids() == {}  # no orphaned rank left behind
+    assert latest_valid_checkpoint(tmp_path).step >= 20  # the work saved before the death is intact
+
+
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    command, result = prepared(tmp_path)
+    metrics: list[int] = []
+    # SIGTERM to the launcher only: torchrun passes it to every rank, as when Prefect cancels a flow run.
+    when_checkpoint_exists(tmp_path, 20, lambda: os.kill(launcher_pid(tmp_path), signal.SIGTERM))
+    with pytest.raises(WorkerInterrupted, match="SIGTERM at step"):
+        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"),
+                     on_metrics=lambda step, values: metrics.append(step))
+    latest = latest_valid_checkpoint(tmp_path)
+    assert latest.step > 20 and latest.step == max(metrics)  # saved where the job stopped
+    assert worker_pids() == {}
+
+
+@pytest.mark.slow
+def test_flow_trains_two_processes_and_logs_rank_zero_metrics(run_wmtp, prefect_api_url, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "home"
+    summary = run_wmtp(["train", "--recipe", "configs/tiny.yaml", "--set", "devices.strategy=fsdp",
+                        "--set", "devices.nproc_per_node=2", "--set", "run.name=two-procs"], home=home, api_url=prefect_api_url)
+    assert summary["status"] == "completed" and summary["steps"] == 20
+    manifest = (Path(summary["latest_checkpoint"]) / "manifest.json").read_text()
+    assert '"world_size": 2' in manifest
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    losses = client.get_metric_history(summary["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in losses) == [5, 10, 15, 20]
