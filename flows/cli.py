@@ -45,9 +45,15 @@ def resume(run: str, overrides: list[str] = SetOption, as_json: bool = JsonOptio
 
 
 @app.command()
-def checkpoints(run: str, as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+def checkpoints(
+    run: str,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    convert: int | None = typer.Option(None, "--convert", help="Rewrite this step's sharded checkpoint in the full format."),
+) -> None:
     """List RUN's checkpoints, each verified against its manifest (sha256 of every file)."""
     directory = _invalid_input_guard(lambda: _existing_run_dir(run))
+    if convert is not None:
+        _convert_checkpoint(directory, convert)
     infos = list_checkpoints(directory)
     if as_json:
         rows = [{"step": i.step, "path": str(i.path), "valid": i.valid, "problem": i.problem} for i in infos]
@@ -57,6 +63,23 @@ def checkpoints(run: str, as_json: bool = typer.Option(False, "--json", help="Pr
         print(f"{info.step:>10}  {'valid  ' if info.valid else 'INVALID'}  {info.path}  {info.problem or ''}")
     if not infos:
         print(f"run {run} has no checkpoints yet")
+
+
+def _convert_checkpoint(directory: Path, step: int) -> None:
+    from wmtp_core.checkpoint import convert_to_full  # torch loads here, not for a plain listing
+    from wmtp_core.manifest import CheckpointError, step_dir_name
+
+    path = directory / "checkpoints" / step_dir_name(step)
+    if not path.is_dir():
+        print(f"error: run {directory.name} has no checkpoint at step {step} (see `wmtp checkpoints {directory.name}`)",
+              file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    try:
+        converted = convert_to_full(path, directory)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT) from None
+    print(f"converted {converted} to the full format (model.safetensors + optimizer in train_state.pt)", file=sys.stderr)
 
 
 @app.command()

@@ -80,3 +80,27 @@ def test_example_recipes_load_and_are_complete(recipe):
     raw = yaml.safe_load(recipe.read_text())
     loaded = load_recipe(recipe)
     assert raw == loaded.model_dump(mode="json")  # flat and complete: every key written out
+
+
+def test_checkpoints_convert_turns_a_sharded_checkpoint_into_the_full_format(wmtp_home, tiny_recipe):
+    import torch
+    from safetensors.torch import load_file
+
+    from wmtp_core.device import plan_devices, probe_environment
+    from wmtp_core.checkpoint import load_checkpoint
+    from wmtp_core.training import train
+
+    recipe = tiny_recipe.model_copy(update={"checkpoint": tiny_recipe.checkpoint.model_copy(update={"format": "sharded"})})
+    run = wmtp_home / "runs" / "sharded"
+    train(recipe, run, plan=plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment()))
+    step = run / "checkpoints" / "step_00000004"
+    assert not (step / "model.safetensors").exists() and (step / "sharded" / ".metadata").exists()
+    result = runner.invoke(app, ["checkpoints", "sharded", "--convert", "4"])
+    assert result.exit_code == 0, result.output
+    model_state, train_state, manifest = load_checkpoint(step)
+    assert manifest["format"] == "full" and not (step / "sharded").exists()
+    assert set(model_state) == set(load_file(step / "model.safetensors")) and "token_embedding.weight" in model_state
+    assert set(train_state["optimizer"]["state"]) >= {"token_embedding.weight"}
+    assert torch.is_tensor(train_state["optimizer"]["state"]["token_embedding.weight"]["exp_avg"])
+    again = runner.invoke(app, ["checkpoints", "sharded", "--convert", "4"])
+    assert again.exit_code == 2 and "already in the full format" in again.output

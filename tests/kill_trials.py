@@ -1,0 +1,97 @@
+"""SIGKILL trials (shared by tests/core/test_kill_resume.py and benchmarks/kill_soak.py).
+
+A trial trains the tiny model in a subprocess (`python -m wmtp_core.worker`), SIGKILLs it at a random moment during
+training or while a checkpoint is being written, then resumes from the newest valid checkpoint until the run
+completes, and compares the final weights with an uninterrupted run's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_OVERRIDES
+from wmtp_core.manifest import checkpoints_dir, latest_valid_checkpoint
+from wmtp_core.recipes import load_recipe, recipe_to_yaml
+
+KILL_RUN = ["train.max_steps=60", "train.save_every=5", "train.keep_last=2", "train.log_every=1000",
+            "train.eval_every=1000", "train.lr_decay_steps=60"]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    moment: str
+    killed_at_step: int | None  # newest valid checkpoint right after the kill
+    during_save: bool  # a half-written checkpoint directory was left behind
+    resumes: int
+    identical: bool
+
+
+def kill_recipe():
+    return load_recipe(None, [*TINY_OVERRIDES, *KILL_RUN])
+
+
+def start(run_dir: Path, *, resume: bool) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        recipe_file.write_text(recipe_to_yaml(kill_recipe()))
+    command = [sys.executable, "-m", "wmtp_core.worker", "--recipe", str(recipe_file), "--run-dir", str(run_dir)]
+    return subprocess.Popen(command + (["--resume", "latest"] if resume else []), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = latest_valid_checkpoint(run_dir)
+    assert latest is not None and latest.step == 60, f"run in {run_dir} did not complete"
+    return load_file(latest.path / "model.safetensors")
+
+
+def uninterrupted(run_dir: Path) -> dict[str, torch.Tensor]:
+    process = start(run_dir, resume=False)
+    assert process.wait(timeout=300) == 0
+    return final_weights(run_dir)
+
+
+def run_trial(run_dir: Path, reference: dict[str, torch.Tensor], *, moment: str, rng: random.Random) -> TrialResult:
+    """One SIGKILL at `moment` ('training' or 'save'), then resumes until the run completes."""
+    process = start(run_dir, resume=False)
+    _wait_for_first_checkpoint(run_dir, process)
+    if moment == "save":
+        _wait_for_a_save_in_progress(run_dir, process)
+    else:
+        time.sleep(rng.uniform(0.0, 1.5))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    latest = latest_valid_checkpoint(run_dir)
+    during_save = any(p.name.startswith(".tmp-") for p in checkpoints_dir(run_dir).iterdir())
+    resumes = 0
+    while latest_valid_checkpoint(run_dir).step < 60:
+        resumes += 1
+        assert start(run_dir, resume=True).wait(timeout=300) == 0
+    actual = final_weights(run_dir)
+    identical = actual.keys() == reference.keys() and all(torch.equal(actual[k], reference[k]) for k in reference)
+    return TrialResult(moment, latest.step if latest else None, during_save, resumes, identical)
+
+
+def _wait_for_first_checkpoint(run_dir: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while latest_valid_checkpoint(run_dir) is None:
+        assert process.poll() is None and time.monotonic() < deadline, "worker ended before its first checkpoint"
+        time.sleep(0.01)
+
+
+def _wait_for_a_save_in_progress(run_dir: Path, process: subprocess.Popen) -> None:
+    """Spin until a staging directory exists (a save has started); the kill follows at once."""
+    parent = checkpoints_dir(run_dir)
+    while process.poll() is None:
+        if any(entry.name.startswith(".tmp-") for entry in parent.iterdir()):
+            return
