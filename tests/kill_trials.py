@@ -22,7 +22,7 @@ from conftest import TINY_OVERRIDES
 from wmtp_core.manifest import checkpoints_dir, latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
-KILL_RUN = ["train.max_steps=60", "train.save_every=5", "train.keep_last=2", "train.log_every=1000",
+KILL_RUN = ["train.max_steps=60", "train.save_every=5", "train.keep_last=2", "train.log_every=1",
             "train.eval_every=1000", "train.lr_decay_steps=60"]
 
 
@@ -45,8 +45,8 @@ def start(run_dir: Path, *, resume: bool) -> subprocess.Popen:
     if not recipe_file.exists():
         recipe_file.write_text(recipe_to_yaml(kill_recipe()))
     command = [sys.executable, "-m", "wmtp_core.worker", "--recipe", str(recipe_file), "--run-dir", str(run_dir)]
-    return subprocess.Popen(command + (["--resume", "latest"] if resume else []), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(command + (["--resume", "latest"] if resume else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -57,36 +57,48 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def uninterrupted(run_dir: Path) -> dict[str, torch.Tensor]:
     process = start(run_dir, resume=False)
-    assert process.wait(timeout=300) == 0
+    process.communicate(timeout=300)
+    assert process.returncode == 0
     return final_weights(run_dir)
 
 
 def run_trial(run_dir: Path, reference: dict[str, torch.Tensor], *, moment: str, rng: random.Random) -> TrialResult:
     """One SIGKILL at `moment` ('training' or 'save'), then resumes until the run completes."""
     process = start(run_dir, resume=False)
-    _wait_for_first_checkpoint(run_dir, process)
     if moment == "save":
+        _wait_for_checkpoint(run_dir, process, at_least=rng.choice(range(5, 55, 5)))
         _wait_for_a_save_in_progress(run_dir, process)
     else:
-        time.sleep(rng.uniform(0.0, 1.5))
+        _wait_for_step(process, rng.randint(6, 58))
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     latest = latest_valid_checkpoint(run_dir)
     during_save = any(p.name.startswith(".tmp-") for p in checkpoints_dir(run_dir).iterdir())
     resumes = 0
     while latest_valid_checkpoint(run_dir).step < 60:
         resumes += 1
-        assert start(run_dir, resume=True).wait(timeout=300) == 0
+        resumed = start(run_dir, resume=True)
+        resumed.communicate(timeout=300)
+        assert resumed.returncode == 0
     actual = final_weights(run_dir)
     identical = actual.keys() == reference.keys() and all(torch.equal(actual[k], reference[k]) for k in reference)
     return TrialResult(moment, latest.step if latest else None, during_save, resumes, identical)
 
 
-def _wait_for_first_checkpoint(run_dir: Path, process: subprocess.Popen) -> None:
+def _wait_for_step(process: subprocess.Popen, step: int) -> None:
+    """Read the worker's progress lines until it reports `step` (it logs every step)."""
+    for line in process.stdout:
+        if f" step {step}/" in line:
+            return
+    raise AssertionError(f"worker ended before step {step}")
+
+
+def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, *, at_least: int) -> None:
+    """Wait until a checkpoint of step >= at_least is valid; the kill then lands in one of the following saves."""
     deadline = time.monotonic() + 120
-    while latest_valid_checkpoint(run_dir) is None:
-        assert process.poll() is None and time.monotonic() < deadline, "worker ended before its first checkpoint"
-        time.sleep(0.01)
+    while (latest := latest_valid_checkpoint(run_dir)) is None or latest.step < at_least:
+        assert process.poll() is None and time.monotonic() < deadline, f"worker ended before step {at_least}"
+        time.sleep(0.005)
 
 
 def _wait_for_a_save_in_progress(run_dir: Path, process: subprocess.Popen) -> None:

@@ -16,6 +16,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -63,9 +64,12 @@ def write_sharded(staging: Path, shards: dict) -> None:
 
 def publish_checkpoint(staging: Path, run_dir: Path, *, step: int, manifest_extra: dict) -> Path:
     """fsync what staging holds, write the manifest last, and rename staging to step_<step> atomically."""
-    for written in sorted(p for p in staging.rglob("*") if p.is_file()):
-        _fsync_file(written)
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": describe_files(staging), **manifest_extra}
+    written = sorted(p for p in staging.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        synced = pool.submit(lambda: [_fsync_file(path) for path in written])  # the disk flushes while we hash
+        files = describe_files(staging)
+        synced.result()
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, **manifest_extra}
     _write_synced(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
     parent = checkpoints_dir(run_dir)
     final = parent / step_dir_name(step)

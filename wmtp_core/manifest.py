@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +41,11 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def verify_checkpoint(path: Path) -> dict:
-    """Return the manifest if every listed file matches its size and sha256, else raise CheckpointError."""
+def verify_checkpoint(path: Path, *, checksums: bool = True) -> dict:
+    """Return the manifest if every listed file matches its size and sha256, else raise CheckpointError.
+
+    checksums=False checks presence and sizes only: enough to tell a finished save from a torn one, at no read cost.
+    """
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST_FILE}: the save did not finish")
@@ -51,11 +56,11 @@ def verify_checkpoint(path: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
     for name, expected in manifest["files"].items():
-        _verify_file(path / name, expected)
+        _verify_file(path / name, expected, checksum=checksums)
     return manifest
 
 
-def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+def list_checkpoints(run_dir: Path, *, checksums: bool = True) -> list[CheckpointInfo]:
     """Every step directory of the run, oldest first, each verified against its manifest."""
     found = []
     parent = checkpoints_dir(run_dir)
@@ -63,7 +68,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
         match = _STEP_DIR.match(entry.name)
         if match and entry.is_dir():
             try:
-                verify_checkpoint(entry)
+                verify_checkpoint(entry, checksums=checksums)
                 found.append(CheckpointInfo(int(match.group(1)), entry, valid=True))
             except CheckpointError as error:
                 found.append(CheckpointInfo(int(match.group(1)), entry, valid=False, problem=str(error)))
@@ -77,8 +82,12 @@ def latest_valid_checkpoint(run_dir: Path) -> CheckpointInfo | None:
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
-    """Delete all but the newest keep_last valid checkpoints (and anything older); return what was removed."""
-    infos = list_checkpoints(run_dir)
+    """Delete all but the newest keep_last valid checkpoints (and anything older); return what was removed.
+
+    Validity here is presence and size (no re-hashing of every kept checkpoint at every save); loading still
+    verifies the sha256 of the checkpoint it uses, and skips to an older one when it does not match.
+    """
+    infos = list_checkpoints(run_dir, checksums=False)
     valid_steps = [info.step for info in infos if info.valid]
     if len(valid_steps) <= keep_last:
         return []
@@ -90,21 +99,29 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
 
 
 def describe_files(directory: Path) -> dict[str, dict]:
-    """sha256 and size of every file under directory (subdirectories included), keyed by relative POSIX path."""
-    files = sorted(path for path in directory.rglob("*") if path.is_file())
-    return {path.relative_to(directory).as_posix(): {"sha256": _sha256(path), "size": path.stat().st_size} for path in files}
+    """describe_file of every file under directory (subdirectories included), keyed by relative POSIX path.
+    Files are hashed in parallel threads (hashlib releases the GIL): hashing dominates a large save."""
+    files = [path for path in sorted(directory.rglob("*")) if path.is_file()]
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(files)))) as pool:
+        described = list(pool.map(describe_file, files))
+    return {path.relative_to(directory).as_posix(): entry for path, entry in zip(files, described)}
 
 
-def _verify_file(path: Path, expected: dict) -> None:
+def describe_file(path: Path) -> dict:
+    """The manifest entry of one file: its sha256 and size."""
+    return {"sha256": _sha256(path), "size": path.stat().st_size}
+
+
+def _verify_file(path: Path, expected: dict, *, checksum: bool = True) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path} is listed in the manifest but missing")
-    if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+    if path.stat().st_size != expected["size"] or (checksum and _sha256(path) != expected["sha256"]):
         raise CheckpointError(f"{path} does not match its manifest checksum: the file was modified or truncated")
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hash through a memory map: no copy of the file into Python memory, and the GIL is released while hashing."""
+    if path.stat().st_size == 0:
+        return hashlib.sha256(b"").hexdigest()
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return hashlib.sha256(mapped).hexdigest()

@@ -1,0 +1,102 @@
+"""Checkpoint costs, measured side by side in one process on the same model and optimizer state:
+
+  bare      torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}) to one file, no fsync;
+  full      save_run_checkpoint, synchronous: gather through the phase gates, model.safetensors + train_state.pt,
+            fsync, sha256 manifest, atomic rename, prune (what every save of a run does);
+  async     save_run_checkpoint with checkpoint.async_save: the time training is blocked (gather + CPU copy);
+            the write itself then runs in the background and is waited for outside the timed window;
+  resume    restore_checkpoint into freshly built parts + the first optimizer step, vs building fresh parts + the
+            first step (what a resume adds before training continues).
+Contenders alternate within each repeat; figures are medians over --repeats of the ratios (targets: full/bare <= 1.2,
+async/full <= 0.25).
+
+Run: cd /work/main && .venv/bin/python benchmarks/checkpoint_save.py [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wmtp_core.device import plan_devices, probe_environment
+from wmtp_core.recipes import load_recipe
+from wmtp_core.run_checkpoint import CheckpointWriter, restore_checkpoint, save_run_checkpoint
+from wmtp_core.run_parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.training import train_step
+
+MODEL = ["model.d_model=384", "model.num_layers=6", "model.num_heads=6", "model.horizon=4", "data.batch_size=4",
+         "model.max_seq_len=128"]
+
+
+def timed(action) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[str, float]:
+    run_dir = scratch / f"run-{repeat}"
+    sync_writer, async_writer = CheckpointWriter(background=False), CheckpointWriter(background=True)
+    async_recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"async_save": True})})
+    contenders = {
+        "bare": lambda: torch.save({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()},
+                                   scratch / f"bare-{repeat}.pt"),
+        "full": lambda: save_run_checkpoint(parts, state, run_dir / "sync", recipe=recipe, manifest_extra={},
+                                            writer=sync_writer),
+        "async": lambda: save_run_checkpoint(parts, state, run_dir / "async", recipe=async_recipe, manifest_extra={},
+                                             writer=async_writer),
+    }
+    order = list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]
+    seconds = {}
+    for name in order:
+        seconds[name] = timed(contenders[name])
+        async_writer.wait()  # outside the timed window: the next contender must not compete with a pending write
+    seconds["resume"] = timed(lambda: first_step(recipe, plan, resume_from=sync_writer.latest))
+    seconds["fresh"] = timed(lambda: first_step(recipe, plan, resume_from=None))
+    shutil.rmtree(run_dir)
+    return seconds
+
+
+def first_step(recipe, plan, *, resume_from: Path | None) -> None:
+    parts = build_run_parts(recipe, plan)
+    state = restore_checkpoint(parts, resume_from, recipe) if resume_from else TrainState()
+    batches = batch_stream(parts, state)
+    train_step(parts, batches, state=state, recipe=recipe, plan=plan)
+    batches.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
+    args = parser.parse_args()
+    recipe = load_recipe(None, [*MODEL, *args.overrides])
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    parts, state = build_run_parts(recipe, plan), TrainState()
+    batches = batch_stream(parts, state)
+    train_step(parts, batches, state=state, recipe=recipe, plan=plan)  # the optimizer state exists from here on
+    batches.close()
+    params = sum(p.numel() for p in parts.model.parameters())
+    with tempfile.TemporaryDirectory(prefix="wmtp-save-bench-") as scratch:
+        rows = [one_repeat(recipe, plan, parts, state, Path(scratch), r) for r in range(args.repeats)]
+    ratios = {
+        "full_over_bare": statistics.median(r["full"] / r["bare"] for r in rows),
+        "async_blocking_over_full": statistics.median(r["async"] / r["full"] for r in rows),
+        "resume_first_step_over_fresh_first_step": statistics.median(r["resume"] / r["fresh"] for r in rows),
+    }
+    for r in rows:
+        print("  ".join(f"{k} {v * 1000:7.1f} ms" for k, v in r.items()))
+    print(json.dumps({"benchmark": "checkpoint_save", "parameters": params, "repeats": args.repeats,
+                      "median_ms": {k: round(statistics.median(r[k] for r in rows) * 1000, 1) for k in rows[0]},
+                      **{k: round(v, 3) for k, v in ratios.items()}}))
+
+
+if __name__ == "__main__":
+    main()
