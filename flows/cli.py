@@ -1,4 +1,4 @@
-"""The `wmtp` command: train, resume, checkpoints, upload, probe. Input is validated before anything is written.
+"""The `wmtp` command: train, resume, checkpoints, upload, probe, serve. Input is validated before anything is written.
 
 Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 any other failure.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from tasks.locations import run_dir, wmtp_home
-from wmtp_core.config import Recipe, RecipeError, generate_run_name, with_run_name
+from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
 from wmtp_core.recipes import load_recipe
 from wmtp_core.manifest import latest_valid_checkpoint, list_checkpoints
 
@@ -95,7 +95,8 @@ def upload(run: str) -> None:
     summary_file = directory / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     run_id = json.loads(recorded.read_text())["mlflow_run_id"]
-    uploaded = upload_run(run_id, directory, succeeded=summary.get("status") == "completed")
+    uploaded = upload_run(run_id, directory, succeeded=summary.get("status") == "completed",
+                          finished=summary.get("status") != "stopped")
     if summary:
         summary_file.write_text(json.dumps({**summary, "uploads": "done", "uploads_reason": None}, indent=2))
     print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")
@@ -110,6 +111,28 @@ def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) 
     found = probe_environment()
     plan = _invalid_input_guard(lambda: plan_devices(loaded.devices, loaded.data, loaded.phases, found))
     print(json.dumps({"environment": found.to_dict(), "device_plan": plan.__dict__}, indent=2))
+
+
+@app.command()
+def serve(
+    resume_cron: str | None = typer.Option(None, "--resume-cron", envvar="WMTP_RESUME_CRON",
+                                           help="When wmtp-resume/scheduled runs (cron, UTC); default every 6 hours."),
+    resume_run: str | None = typer.Option(None, "--resume-run", envvar="WMTP_RESUME_RUN",
+                                          help="The run the schedule continues; without it the schedule starts paused."),
+    resume_budget: float | None = typer.Option(None, "--resume-budget-minutes", envvar="WMTP_RESUME_BUDGET_MINUTES",
+                                               help="Wall-clock minutes each scheduled resume may train."),
+) -> None:
+    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the Prefect server at PREFECT_API_URL."""
+    if not os.environ.get("PREFECT_API_URL"):
+        print("error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    _default_prefect_environment()
+    from deployments.served import serve_deployments, served_deployments
+
+    deployments = _invalid_input_guard(lambda: served_deployments(
+        resume_cron=resume_cron, resume_run=resume_run and check_run_name(resume_run), resume_budget_minutes=resume_budget))
+    serve_deployments(deployments)
 
 
 def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
@@ -158,7 +181,7 @@ def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
     _default_prefect_environment()  # before prefect is first imported: it reads its settings then
     from flows.train import wmtp_train
 
-    state = wmtp_train(recipe=recipe, resume=resume, return_state=True)
+    state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
     summary_file = run_dir(recipe.run.name) / "summary.json"
     if not summary_file.is_file():
         print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 
+from flows.parameters import ResumeFrom
 from tasks.environment import probe_environment
-from tasks.reporting import publish_summary
+from tasks.reporting import publish_checkpoints, publish_summary
 from tasks.run_setup import prepare_run
 from tasks.tracking import run_link
 from tasks.training import train_model
@@ -19,21 +20,30 @@ from wmtp_core.manifest import latest_valid_checkpoint
 
 
 @flow(name="wmtp-train")
-def wmtp_train(recipe: Recipe = Recipe(), phases: PhaseGates | None = None, resume: bool = False) -> dict | State:
+def wmtp_train(
+    recipe: Recipe = Recipe(), phases: PhaseGates | None = None, resume: ResumeFrom | None = None
+) -> dict | State:
     """Train a WMTP model, checkpointing as it goes, and upload the checkpoints and a summary to MLflow.
 
     Args:
         recipe: The whole run description (model, data, training, tracking, phase gates).
         phases: Fix-plan gates for this run; when set they replace recipe.phases.
-        resume: Continue the run named recipe.run.name from its newest valid checkpoint.
+        resume: Empty for a new run; else where run recipe.run.name continues: `latest` (its newest valid
+            checkpoint), one of its steps, or a checkpoint directory (of any run) to start it from.
     """
     if phases is not None:
         recipe = recipe.model_copy(update={"phases": phases})
+    return train_and_upload(recipe, resume=resume)
+
+
+def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s: float | None = None) -> dict | State:
+    """The body of wmtp-train and wmtp-resume: probe, prepare, train (retries resume), upload, publish the artifacts."""
     probe = probe_environment()
     run = prepare_run(recipe, resume=resume)
     recipe = with_run_name(recipe, run["run_name"])
     mlflow_run_id = open_tracking_run(recipe, run["run_dir"], run_name=run["run_name"], flow_run_id=flow_run.id, probe=probe)
-    training = train_model(recipe, run["run_dir"], probe=probe, mlflow_run_id=mlflow_run_id, return_state=True)
+    training = train_model(recipe, run["run_dir"], probe=probe, mlflow_run_id=mlflow_run_id, time_budget_s=time_budget_s,
+                           start_from=run["start_checkpoint"], return_state=True)
     summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id)
     upload = upload_artifacts(run["run_dir"], summary, mlflow_run_id=mlflow_run_id, return_state=True)
     if upload.is_failed():
@@ -41,18 +51,23 @@ def wmtp_train(recipe: Recipe = Recipe(), phases: PhaseGates | None = None, resu
             return Failed(message=f"upload to MLflow failed (phases.api off): {_one_line(upload)}")
         summary = record_pending_uploads(run["run_dir"], summary, reason=_one_line(upload))
     publish_summary(summary)
+    publish_checkpoints(run["run_name"], run["run_dir"])
+    if summary["status"] == "stopped":
+        return Completed(message=f"stopped by the {summary['stop_reason']} at step {summary['steps']} of "
+                                 f"{recipe.train.max_steps}; checkpoint {summary['latest_checkpoint']}", data=summary)
     if summary["status"] != "completed":
         return Failed(message=summary["reason"])
     return summary
 
 
 def build_summary(recipe: Recipe, run: dict, training: State, *, mlflow_run_id: str | None) -> dict:
-    """The run summary: training figures on success, a one-line reason and the newest checkpoint on failure."""
+    """The run summary: training figures when training returned (status completed, or stopped early by a time budget),
+    a one-line reason and the newest checkpoint on failure."""
     summary = {"run_name": run["run_name"], "run_dir": run["run_dir"], "mlflow_run_id": mlflow_run_id,
                "mlflow_link": run_link(Path(run["run_dir"])) if mlflow_run_id else None}
     if training.is_completed():
         result = training.result()
-        summary.update(status="completed", reason=None, **result)
+        summary.update(status="stopped" if result.get("stop_reason") else "completed", reason=None, **result)
     else:
         latest = latest_valid_checkpoint(Path(run["run_dir"]))
         summary.update(

@@ -10,27 +10,47 @@ from prefect.cache_policies import NO_CACHE
 from tasks.locations import run_dir
 from wmtp_core.config import Recipe, generate_run_name, with_run_name
 from wmtp_core.recipes import recipe_to_yaml
-from wmtp_core.manifest import latest_valid_checkpoint
+from wmtp_core.manifest import checkpoints_dir, latest_valid_checkpoint, step_dir_name, verify_checkpoint
 
 
 @task(name="prepare_run", cache_policy=NO_CACHE)
-def prepare_run(recipe: Recipe, *, resume: bool) -> dict:
-    """Create $WMTP_HOME/runs/<name>, write recipe.yaml and return {run_name, run_dir}.
+def prepare_run(recipe: Recipe, *, resume: str | int | Path | None) -> dict:
+    """Create $WMTP_HOME/runs/<name>, write recipe.yaml and return {run_name, run_dir, start_checkpoint}.
 
-    A fresh run refuses a name that already has checkpoints (resume it instead); a resume needs one.
+    A fresh run (resume None) refuses a name that already has checkpoints; a resume needs the checkpoint it names.
     """
     name = recipe.run.name or generate_run_name(recipe)
     directory = run_dir(name)
-    latest = latest_valid_checkpoint(directory)
-    if resume and latest is None:
-        raise FileNotFoundError(f"run {name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from")
-    if not resume and latest is not None:
-        raise FileExistsError(f"run {name!r} already has checkpoints; resume it with `wmtp resume {name}` or pick another run.name")
+    start = start_checkpoint(name, directory, resume)
     _check_data(recipe)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "recipe.yaml").write_text(recipe_to_yaml(with_run_name(recipe, name)))
-    get_run_logger().info("run %s in %s (%s)", name, directory, "resume" if resume else "new")
-    return {"run_name": name, "run_dir": str(directory)}
+    get_run_logger().info("run %s in %s (%s)", name, directory, f"resume from {start}" if start else "new")
+    return {"run_name": name, "run_dir": str(directory), "start_checkpoint": str(start) if start else None}
+
+
+def start_checkpoint(name: str, directory: Path, resume: str | int | Path | None) -> Path | None:
+    """The checkpoint a run starts from: none for a new run, else the one `resume` names ("latest", a step of the
+    run or a checkpoint directory), checked against its manifest.
+
+    A run that has checkpoints continues only from its newest (an older one would be overwritten by the new saves).
+    """
+    latest = latest_valid_checkpoint(directory)
+    if resume is None:
+        if latest is not None:
+            raise FileExistsError(f"run {name!r} already has checkpoints; resume it (resume=latest, `wmtp resume {name}`) "
+                                  "or pick another run.name")
+        return None
+    if resume == "latest":
+        if latest is None:
+            raise FileNotFoundError(f"run {name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from")
+        return latest.path
+    path = checkpoints_dir(directory) / step_dir_name(resume) if isinstance(resume, int) else Path(resume).resolve()
+    verify_checkpoint(path)
+    if latest is not None and latest.path != path:
+        raise FileExistsError(f"run {name!r} already has checkpoints up to step {latest.step}, so it continues only from "
+                              f"the newest (resume=latest); to branch from {path}, pass it as resume with a new run.name")
+    return path
 
 
 def _check_data(recipe: Recipe) -> None:

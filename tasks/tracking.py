@@ -158,10 +158,11 @@ def upload_final_model(run_id: str, run_dir: Path) -> bool:
     return True
 
 
-def upload_run(run_id: str, run_dir: Path, *, succeeded: bool) -> list[str]:
+def upload_run(run_id: str, run_dir: Path, *, succeeded: bool, finished: bool = True) -> list[str]:
     """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
 
     Idempotent, so a retry, the next flow run or `wmtp upload` can repeat it; clears the pending marker.
+    finished=False (a run stopped by its time budget, which a later resume continues) leaves the MLflow run open.
     """
     uploaded = upload_checkpoints(run_id, run_dir)
     if succeeded:
@@ -169,7 +170,8 @@ def upload_run(run_id: str, run_dir: Path, *, succeeded: bool) -> list[str]:
     sent = upload_pending_metrics(run_id, run_dir)
     if (run_dir / "summary.json").is_file():
         client().log_artifact(run_id, str(run_dir / "summary.json"))
-    client().set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+    if finished:
+        client().set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
     (run_dir / PENDING_UPLOADS_FILE).unlink(missing_ok=True)
     log.info("MLflow run %s: uploaded %s, %d pending metric points", run_id, uploaded or "no new checkpoints", sent)
     return uploaded

@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.progress import TrainingProgress
 from tasks.torchrun import WorkerInterrupted, needs_torchrun, run_torchrun, torchrun_command
 from tasks.tracking import metrics_sink
 from wmtp_core.config import Recipe, RecipeError
@@ -35,8 +36,9 @@ def retry_unless_invalid_input(task, task_run, state) -> bool:
 
 @task(name="train", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_invalid_input, cache_policy=NO_CACHE)
 def train_model(recipe: Recipe, run_dir: str, *, probe: dict, mlflow_run_id: str | None,
-                time_budget_s: float | None = None) -> dict:
-    """Train to recipe.train.max_steps; an attempt (or retry) resumes from the newest valid checkpoint.
+                time_budget_s: float | None = None, start_from: str | None = None) -> dict:
+    """Train to recipe.train.max_steps; an attempt (or retry) resumes from the newest valid checkpoint of the run,
+    or from start_from (another run's checkpoint) while the run has none of its own.
 
     One process trains here; more (devices.nproc_per_node or devices.nnodes above 1) run under torchrun.
     """
@@ -48,17 +50,22 @@ def train_model(recipe: Recipe, run_dir: str, *, probe: dict, mlflow_run_id: str
         latest = latest_valid_checkpoint(directory)
         if latest is not None:
             logger.info("resuming from %s (step %d)", latest.path, latest.step)
+        elif start_from is not None:
+            logger.info("starting from %s", start_from)
+        resume = latest.path if latest else (Path(start_from) if start_from else None)
         sink = metrics_sink(mlflow_run_id, directory, safe=recipe.phases.api) if mlflow_run_id else None
+        progress = TrainingProgress(directory.name, max_steps=recipe.train.max_steps, start_step=latest.step if latest else 0)
+        report = progress.reporting_to(sink)  # MLflow metrics, then the Prefect progress artifact
         extra = {"tracking_run_id": mlflow_run_id}
         try:
             if needs_torchrun(recipe):
-                command = torchrun_command(recipe, directory, resume=latest.path if latest else None,
+                command = torchrun_command(recipe, directory, resume=resume,
                                            result_file=directory / "torchrun_result.json", manifest_extra=extra,
                                            time_budget_s=time_budget_s)
-                return run_torchrun(command, result_file=directory / "torchrun_result.json",
-                                    silence_timeout_s=recipe.devices.timeout_s, log=logger, on_metrics=sink)
-            return _train_here(recipe, directory, probe=probe, resume=latest.path if latest else None,
-                               on_metrics=sink, manifest_extra=extra, time_budget_s=time_budget_s)
+                return progress.finish(run_torchrun(command, result_file=directory / "torchrun_result.json",
+                                                    silence_timeout_s=recipe.devices.timeout_s, log=logger, on_metrics=report))
+            return progress.finish(_train_here(recipe, directory, probe=probe, resume=resume, on_metrics=report,
+                                               manifest_extra=extra, time_budget_s=time_budget_s))
         finally:
             if sink is not None:
                 sink.close()

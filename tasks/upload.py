@@ -31,7 +31,8 @@ def upload_artifacts(run_dir: str, summary: dict, *, mlflow_run_id: str | None) 
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     if mlflow_run_id is None:
         return []
-    return tracking.upload_run(mlflow_run_id, Path(run_dir), succeeded=summary["status"] == "completed")
+    return tracking.upload_run(mlflow_run_id, Path(run_dir), succeeded=summary["status"] == "completed",
+                               finished=summary["status"] != "stopped")
 
 
 @task(name="record_pending_uploads", cache_policy=NO_CACHE)

@@ -57,7 +57,8 @@ def test_train_flow_checkpoints_logs_and_summarises(prefect_api_url, wmtp_home, 
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "eval_loss")] == [0, 2, 4]
     assert _artifacts(run.info.run_id, "checkpoints") == ["checkpoints/step_00000002", "checkpoints/step_00000004"]
     assert "summary.json" in _artifacts(run.info.run_id)
-    assert _flow_run_artifact_keys(state.state_details.flow_run_id) == ["wmtp-summary-flow-ok"]
+    assert sorted(_flow_run_artifact_keys(state.state_details.flow_run_id)) == [
+        "wmtp-checkpoints-flow-ok", "wmtp-progress-flow-ok", "wmtp-summary-flow-ok"]
 
 
 def test_phases_parameter_overrides_the_recipe_and_legacy_checkpoint_fails_with_one_line(prefect_api_url, wmtp_home, tiny_recipe):
@@ -96,7 +97,7 @@ def test_resume_continues_the_same_mlflow_run(prefect_api_url, wmtp_home, tiny_r
     first = wmtp_train(recipe=_named(tiny_recipe, "continued"), return_state=True)
     assert first.is_completed()
     longer = _named(tiny_recipe, "continued", max_steps=6)
-    second = wmtp_train(recipe=longer, resume=True, return_state=True)
+    second = wmtp_train(recipe=longer, resume="latest", return_state=True)
     assert second.is_completed(), second.message
     summary = _summary(wmtp_home, "continued")
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6

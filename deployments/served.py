@@ -1,0 +1,71 @@
+"""The deployments `wmtp serve` serves: wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify.
+
+Serving imports only the flow modules (no torch); each flow run executes in its own subprocess, which imports the
+flow's module again, so nothing here (nor in flows/) does work at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron, Schedule
+from pydantic import ValidationError
+
+from flows.resume import wmtp_resume
+from flows.train import wmtp_train
+
+log = logging.getLogger(__name__)
+DEFAULT_RESUME_CRON = "0 */6 * * *"  # every 6 hours, UTC
+# One active resume per deployment: a run that would start while another is active is cancelled, never queued.
+ONE_ACTIVE_RUN = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+
+def resume_schedule(cron: str, *, run_name: str | None, budget_minutes: float | None) -> Schedule:
+    """The resume schedule: active for a named run; created paused without one (nothing to resume yet)."""
+    parameters = {"run_name": run_name} if run_name else {}
+    if budget_minutes is not None:
+        if budget_minutes <= 0:
+            raise ValueError(f"resume budget {budget_minutes} minutes: give a positive number, or none to train to the target")
+        parameters["budget_minutes"] = budget_minutes
+    try:
+        return Cron(cron, timezone="UTC", active=run_name is not None, parameters=parameters)
+    except ValidationError as error:
+        raise ValueError(f"resume cron {cron!r}: {error.errors()[0]['msg']} (e.g. {DEFAULT_RESUME_CRON!r}, every 6 hours)") from None
+
+
+def served_deployments(*, resume_cron: str | None = None, resume_run: str | None = None,
+                       resume_budget_minutes: float | None = None) -> list[RunnerDeployment]:
+    """The three deployments (the resume schedule every 6 hours unless resume_cron says otherwise); wmtp-fixplan/verify
+    only once flows/fixplan.py exists."""
+    schedule = resume_schedule(resume_cron or DEFAULT_RESUME_CRON, run_name=resume_run, budget_minutes=resume_budget_minutes)
+    deployments = [
+        wmtp_train.to_deployment("manual", description="Train a run from the parameter form.", tags=["wmtp"]),
+        wmtp_resume.to_deployment("scheduled", schedules=[schedule], concurrency_limit=ONE_ACTIVE_RUN, tags=["wmtp"],
+                                  description="Continue a run from its newest valid checkpoint (covers crashed runs)."),
+    ]
+    fixplan = fixplan_deployment()
+    if fixplan is not None:
+        deployments.append(fixplan)
+    if resume_run is None:
+        log.warning("wmtp-resume/scheduled: schedule created paused; name the run with --resume-run or WMTP_RESUME_RUN")
+    return deployments
+
+
+def fixplan_deployment() -> RunnerDeployment | None:
+    """wmtp-fixplan/verify, when the fix-plan verification flow is part of this checkout."""
+    if importlib.util.find_spec("flows.fixplan") is None:
+        log.warning("flows/fixplan.py is not in this checkout: wmtp-fixplan/verify is not served")
+        return None
+    from flows.fixplan import wmtp_fixplan
+
+    return wmtp_fixplan.to_deployment("verify", tags=["wmtp"],
+                                      description="Measure the fix plan's acceptance figures for each rollout stage.")
+
+
+def serve_deployments(deployments: list[RunnerDeployment]) -> None:
+    """Register the deployments with the Prefect API and execute their runs until killed (it ignores SIGTERM)."""
+    serve(*deployments)
