@@ -13,7 +13,6 @@ from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Schedule
-from pydantic import ValidationError
 
 from flows.resume import wmtp_resume
 from flows.train import wmtp_train
@@ -33,8 +32,8 @@ def resume_schedule(cron: str, *, run_name: str | None, budget_minutes: float | 
         parameters["budget_minutes"] = budget_minutes
     try:
         return Cron(cron, timezone="UTC", active=run_name is not None, parameters=parameters)
-    except ValidationError as error:
-        raise ValueError(f"resume cron {cron!r}: {error.errors()[0]['msg']} (e.g. {DEFAULT_RESUME_CRON!r}, every 6 hours)") from None
+    except ValueError as error:  # prefect's cron check: 'Invalid cron string: ...'
+        raise ValueError(f"resume cron {cron!r}: {error} (e.g. {DEFAULT_RESUME_CRON!r}, every 6 hours)") from None
 
 
 def served_deployments(*, resume_cron: str | None = None, resume_run: str | None = None,

@@ -1,12 +1,13 @@
-"""The wmtp-train parameter form as `prefect deploy` builds it from source (no torch, no import of the flow)."""
+"""The wmtp-train and wmtp-resume parameter forms as `prefect deploy` builds them from source (no torch, no import
+of the flows themselves)."""
 
 from __future__ import annotations
 
 from prefect.utilities.callables import parameter_schema_from_entrypoint
 
 
-def _schema() -> dict:
-    return parameter_schema_from_entrypoint("flows/train.py:wmtp_train").model_dump()
+def _schema(entrypoint: str = "flows/train.py:wmtp_train") -> dict:
+    return parameter_schema_from_entrypoint(entrypoint).model_dump()
 
 
 def test_recipe_phases_and_resume_are_typed_parameters_with_descriptions():
@@ -26,6 +27,7 @@ def test_every_form_field_has_a_label_and_the_gates_are_checkboxes():
     gates = definitions["PhaseGates"]["properties"]
     assert {name: (g["type"], g["default"]) for name, g in gates.items()} == {
         "checkpoint": ("boolean", True), "mps": ("boolean", True), "api": ("boolean", True)}
+    assert all("\n" not in g["description"] and "(off:" in g["description"] for g in gates.values())
 
 
 def test_algorithm_is_a_choice_and_defaults_are_the_embedded_recipe():
@@ -33,3 +35,26 @@ def test_algorithm_is_a_choice_and_defaults_are_the_embedded_recipe():
     algorithm = definitions["TrainConfig"]["properties"]["algorithm"]
     assert algorithm["enum"] == ["baseline-mtp", "critic-wmtp", "rho1-wmtp"]
     assert definitions["TrainConfig"]["properties"]["max_steps"]["default"] == 150
+
+
+def test_resume_is_latest_a_step_or_a_checkpoint_path_and_empty_for_a_new_run():
+    resume = _schema()["properties"]["resume"]
+    assert resume["default"] is None
+    assert resume["anyOf"] == [
+        {"const": "latest", "type": "string", "title": "latest"},
+        {"type": "integer", "minimum": 0, "title": "step"},
+        {"type": "string", "format": "path", "title": "checkpoint directory"},
+        {"type": "null"},
+    ]
+
+
+def test_resume_flow_takes_a_run_name_a_target_and_a_time_budget():
+    schema = _schema("flows/resume.py:wmtp_resume")
+    props = schema["properties"]
+    assert list(props) == ["run_name", "target_steps", "budget_minutes"]
+    assert schema["required"] == ["run_name"]
+    assert props["run_name"]["type"] == "string" and props["run_name"]["pattern"].startswith("^[A-Za-z0-9]")
+    assert props["target_steps"]["default"] is None
+    assert {"type": "integer", "exclusiveMinimum": 0} in props["target_steps"]["anyOf"]
+    assert {"type": "number", "exclusiveMinimum": 0} in props["budget_minutes"]["anyOf"]
+    assert all(props[name].get("description") for name in props)
