@@ -75,6 +75,8 @@ class BufferedMetrics:
                     more = bool(self._points)
                 if more:
                     self._wake.set()
+                elif self._stop.is_set():
+                    return  # all sent at close: no final wait of min_delay_s
             elif self._stop.is_set():
                 return
 

@@ -34,27 +34,72 @@ class MlflowServer:
         command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                    "--artifacts-destination", str(self.root / "artifacts")]
-        log = (self.root / "server.log").open("a")
+        log = self.root / "server.log"
         # Its own session, so stop() can end the server and its worker processes together.
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.root / 'server.log'}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout_s} s")
+        self.process = subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_http(f"{self.uri}/health", self.process, timeout_s=timeout_s, log=log)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        stop_process_group(self.process, signal.SIGTERM, grace_s=15)
+
+
+def stop_process_group(process: subprocess.Popen | None, first: signal.Signals, *, grace_s: float) -> None:
+    """Send `first` to the process's group (started with start_new_session=True), then SIGKILL after grace_s."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, first)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+
+
+def wait_for_http(url: str, process: subprocess.Popen, *, timeout_s: float, log: Path) -> None:
+    """Poll url until it answers; raise when the process exits or the time is up (the log says why)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see {log}")
         try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=15)
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"nothing answered on {url} within {timeout_s} s; see {log}")
+
+
+class PrefectServer:
+    """A real `prefect server start` (SQLite in its own PREFECT_HOME, no UI, no scheduler service) on a loopback port.
+
+    The scheduler service is off so no cron schedule fires during a test; schedules are still stored and readable.
+    """
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self, timeout_s: float = 180) -> None:
+        prefect = str(Path(sys.executable).parent / "prefect")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(self.root), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+        log = self.root / "server.log"
+        self.process = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                                        env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_http(f"{self.api_url}/health", self.process, timeout_s=timeout_s, log=log)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_process_group(self.process, signal.SIGTERM, grace_s=15)
