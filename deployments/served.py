@@ -66,5 +66,6 @@ def fixplan_deployment() -> RunnerDeployment | None:
 
 
 def serve_deployments(deployments: list[RunnerDeployment]) -> None:
-    """Register the deployments with the Prefect API and execute their runs until killed (it ignores SIGTERM)."""
+    """Register the deployments with the Prefect API and execute their runs until stopped (SIGTERM pauses
+    the schedules and exits)."""
     serve(*deployments)

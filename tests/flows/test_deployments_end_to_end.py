@@ -30,8 +30,8 @@ def prefect_server(tmp_path):
 
 @pytest.fixture
 def served_home(prefect_server, tmp_path):
-    """`wmtp serve` in a subprocess against the server; returns its $WMTP_HOME. The serving process ignores SIGTERM,
-    so it is interrupted, then killed after a grace period."""
+    """`wmtp serve` in a subprocess against the server; returns its $WMTP_HOME. Always stopped: SIGTERM (it pauses its
+    schedules and exits), SIGKILL after a grace period."""
     home = tmp_path / "home"
     env = wmtp_environment(home, api_url=prefect_server.api_url)
     env.update(PREFECT_HOME=str(tmp_path / "serve-prefect-home"), PREFECT_RUNNER_POLL_FREQUENCY="1")
@@ -39,7 +39,7 @@ def served_home(prefect_server, tmp_path):
     process = subprocess.Popen([WMTP, "serve", "--resume-run", RUN], cwd=ROOT, env=env, stdout=log.open("a"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     yield home
-    stop_process_group(process, signal.SIGINT, grace_s=10)
+    stop_process_group(process, signal.SIGTERM, grace_s=10)
 
 
 @pytest.fixture
