@@ -18,12 +18,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class MlflowServer:
-    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port that tests can stop and restart."""
+class LoopbackServer:
+    """A server process on a free loopback port with its files (and server.log) under root."""
 
     def __init__(self, root: Path):
         self.root, self.port, self.process = root, free_port(), None
         root.mkdir(parents=True, exist_ok=True)
+
+    def launch(self, command: list[str], *, health_url: str, timeout_s: float, env: dict[str, str] | None = None) -> None:
+        """Start command and wait until health_url answers; a server that never does is stopped before raising."""
+        log = self.root / "server.log"
+        # Its own session, so stop() can end the server and its worker processes together.
+        self.process = subprocess.Popen(command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        try:
+            wait_for_http(health_url, self.process, timeout_s=timeout_s, log=log)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_process_group(self.process, signal.SIGTERM, grace_s=15)
+
+
+class MlflowServer(LoopbackServer):
+    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port that tests can stop and restart."""
 
     @property
     def uri(self) -> str:
@@ -34,17 +53,26 @@ class MlflowServer:
         command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                    "--artifacts-destination", str(self.root / "artifacts")]
-        log = self.root / "server.log"
-        # Its own session, so stop() can end the server and its worker processes together.
-        self.process = subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_http(f"{self.uri}/health", self.process, timeout_s=timeout_s, log=log)
-        except RuntimeError:
-            self.stop()
-            raise
+        self.launch(command, health_url=f"{self.uri}/health", timeout_s=timeout_s)
 
-    def stop(self) -> None:
-        stop_process_group(self.process, signal.SIGTERM, grace_s=15)
+
+class PrefectServer(LoopbackServer):
+    """A real `prefect server start` (SQLite in its own PREFECT_HOME, no UI, no scheduler service) on a loopback port.
+
+    The scheduler service is off so no cron schedule fires during a test; schedules are still stored and readable.
+    """
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self, timeout_s: float = 180) -> None:
+        prefect = str(Path(sys.executable).parent / "prefect")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(self.root), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+        command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.launch(command, health_url=f"{self.api_url}/health", timeout_s=timeout_s, env=env)
 
 
 def stop_process_group(process: subprocess.Popen | None, first: signal.Signals, *, grace_s: float) -> None:
@@ -71,35 +99,3 @@ def wait_for_http(url: str, process: subprocess.Popen, *, timeout_s: float, log:
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"nothing answered on {url} within {timeout_s} s; see {log}")
-
-
-class PrefectServer:
-    """A real `prefect server start` (SQLite in its own PREFECT_HOME, no UI, no scheduler service) on a loopback port.
-
-    The scheduler service is off so no cron schedule fires during a test; schedules are still stored and readable.
-    """
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.process = root, free_port(), None
-        root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def start(self, timeout_s: float = 180) -> None:
-        prefect = str(Path(sys.executable).parent / "prefect")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(PREFECT_HOME=str(self.root), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
-        log = self.root / "server.log"
-        self.process = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                                        env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_http(f"{self.api_url}/health", self.process, timeout_s=timeout_s, log=log)
-        except RuntimeError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        stop_process_group(self.process, signal.SIGTERM, grace_s=15)
