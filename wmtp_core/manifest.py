@@ -47,10 +47,10 @@ def verify_checkpoint(path: Path, *, checksums: bool = True) -> dict:
     checksums=False checks presence and sizes only: enough to tell a finished save from a torn one, at no read cost.
     """
     manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path} has no {MANIFEST_FILE}: the save did not finish")
     try:
         manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST_FILE}: the save did not finish (or it was just pruned)") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({error.msg})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -113,9 +113,11 @@ def describe_file(path: Path) -> dict:
 
 
 def _verify_file(path: Path, expected: dict, *, checksum: bool = True) -> None:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is listed in the manifest but missing")
-    if path.stat().st_size != expected["size"] or (checksum and _sha256(path) != expected["sha256"]):
+    try:
+        matches = path.stat().st_size == expected["size"] and (not checksum or _sha256(path) == expected["sha256"])
+    except FileNotFoundError:  # also when a concurrent prune removes the directory while it is being listed
+        raise CheckpointError(f"{path} is listed in the manifest but missing") from None
+    if not matches:
         raise CheckpointError(f"{path} does not match its manifest checksum: the file was modified or truncated")
 
 

@@ -68,6 +68,14 @@ def test_tampered_file_is_detected_and_skipped_for_latest(tmp_path):
         load_checkpoint(newest)
 
 
+def test_checkpoint_pruned_while_being_listed_is_invalid_not_an_error(tmp_path):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    (newest / MODEL_FILE).unlink()  # what a concurrent prune in another process leaves for a moment
+    assert [(i.step, i.valid) for i in list_checkpoints(tmp_path)] == [(1, True), (2, False)]
+    assert latest_valid_checkpoint(tmp_path).step == 1
+
+
 def test_directory_without_manifest_does_not_count(tmp_path):
     _save(tmp_path, 1)
     half_written = tmp_path / "checkpoints" / "step_00000005"
