@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_OVERRIDES
-from tasks.torchrun import WorkerInterrupted, run_torchrun, torchrun_command
+from tasks.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, torchrun_command
 from wmtp_core.manifest import latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
@@ -103,3 +103,10 @@ def test_flow_trains_two_processes_and_logs_rank_zero_metrics(run_wmtp, prefect_
     client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
     losses = client.get_metric_history(summary["mlflow_run_id"], "loss")
     assert sorted(m.step for m in losses) == [5, 10, 15, 20]
+
+
+def test_legacy_checkpoint_gate_on_ddp_fails_the_job_visibly(tmp_path):
+    command, result = prepared(tmp_path, "phases.checkpoint=false", "train.max_steps=4", "train.save_every=2")
+    with pytest.raises(WorkerInputError, match=r"CheckpointSaveError: .*KeyError\(None\).*set phases.checkpoint=true"):
+        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
+    assert latest_valid_checkpoint(tmp_path) is None  # nothing half-saved counts as a checkpoint
