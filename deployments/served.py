@@ -28,7 +28,8 @@ def resume_schedule(cron: str, *, run_name: str | None, budget_minutes: float | 
     parameters = {"run_name": run_name} if run_name else {}
     if budget_minutes is not None:
         if budget_minutes <= 0:
-            raise ValueError(f"resume budget {budget_minutes} minutes: give a positive number, or none to train to the target")
+            raise ValueError(f"resume budget {budget_minutes} minutes: give a positive number, or none to train to "
+                             "the target")
         parameters["budget_minutes"] = budget_minutes
     try:
         return Cron(cron, timezone="UTC", active=run_name is not None, parameters=parameters)

@@ -103,7 +103,8 @@ def test_served_training_and_scheduled_resume_through_a_real_prefect_server(serv
     for expected in ("completed", "| steps | 4 |", "final training loss", "eval loss", "tokens/s", "step_00000004",
                      "/#/experiments/", "checkpoint=on, mps=off, api=on"):
         assert expected in summary_md
-    assert ("wmtp_core.training", 20) in {(n, level) for n, level, m in _log_lines(client, train.id) if m.startswith("step 4/4 loss")}
+    core_lines = {(name, level) for name, level, m in _log_lines(client, train.id) if m.startswith("step 4/4 loss")}
+    assert ("wmtp_core.training", 20) in core_lines  # the library's own log, at INFO, in the flow run log
 
     resume = _deployment(client, "wmtp-resume/scheduled")
     [schedule] = resume.schedules
