@@ -57,6 +57,7 @@ def train_model(recipe: Recipe, run_dir: str, *, probe: dict, mlflow_run_id: str
         progress = TrainingProgress(directory.name, max_steps=recipe.train.max_steps, start_step=latest.step if latest else 0)
         report = progress.reporting_to(sink)  # MLflow metrics, then the Prefect progress artifact
         extra = {"tracking_run_id": mlflow_run_id}
+        recipe = _with_device_profile(recipe, probe)
         try:
             if needs_torchrun(recipe):
                 command = torchrun_command(recipe, directory, resume=resume,
@@ -69,6 +70,17 @@ def train_model(recipe: Recipe, run_dir: str, *, probe: dict, mlflow_run_id: str
         finally:
             if sink is not None:
                 sink.close()
+
+
+def _with_device_profile(recipe: Recipe, probe: dict) -> Recipe:
+    """The recipe as the device policy adjusts it (the MPS profile), decided before choosing one process or torchrun."""
+    from wmtp_core.device import EnvironmentProbe, apply_device_profile, plan_devices
+
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, EnvironmentProbe(**probe))
+    recipe, reasons = apply_device_profile(recipe, plan)
+    for reason in reasons:
+        get_run_logger().info("%s", reason)
+    return recipe
 
 
 def _train_here(recipe: Recipe, run_dir: Path, *, probe: dict, resume: Path | None, on_metrics, manifest_extra: dict,

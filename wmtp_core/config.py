@@ -59,6 +59,8 @@ class DataConfig(_Section):
     """Sequences per micro-batch."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes (0 loads in the training process)."""
+    worker_start: Literal["default", "spawn", "fork"] = "default"
+    """How DataLoader workers start: the platform default (fork on Linux, spawn on macOS), or spawn/fork explicitly."""
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     """Share of records held out for the eval loss."""
 

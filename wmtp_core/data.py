@@ -146,6 +146,10 @@ def epoch_batches(num_examples: int, *, batch_size: int, seed: int, epoch: int) 
     return [order[i : i + batch_size] for i in range(0, num_examples - batch_size + 1, batch_size)]
 
 
-def make_loader(dataset: TokenSequences, batches: list[list[int]], collator: MTPCollator, *, num_workers: int) -> DataLoader:
+def make_loader(
+    dataset: TokenSequences, batches: list[list[int]], collator: MTPCollator, *, num_workers: int, worker_start: str = "default"
+) -> DataLoader:
     """A DataLoader that yields exactly `batches` in order (resuming passes the remaining ones)."""
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
+    context = None if worker_start == "default" or num_workers == 0 else worker_start
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
+                      multiprocessing_context=context)

@@ -10,11 +10,14 @@ import contextlib
 import os
 import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from wmtp_core.config import DataConfig, DevicesConfig, PhaseGates
+import yaml
+
+from wmtp_core.config import DataConfig, DevicesConfig, PhaseGates, Recipe
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,6 +81,28 @@ def plan_devices(devices: DevicesConfig, data: DataConfig, phases: PhaseGates, p
         workers, reasons = 0, reasons + ("DataLoader workers 0 on MPS (worker processes leak semaphores there)",)
     scaler = device == "cuda" and autocast == "fp16"
     return DevicePlan(device, autocast, scaler, workers, reasons + (why,))
+
+
+MPS_PROFILE = Path(__file__).resolve().parents[1] / "configs" / "profiles" / "mps_optimized.yaml"
+
+
+def apply_device_profile(recipe: Recipe, plan: DevicePlan) -> tuple[Recipe, tuple[str, ...]]:
+    """The recipe adjusted to the plan: on MPS with phases.mps on, configs/profiles/mps_optimized.yaml is applied
+    (fp32, no FSDP, no workers, gradient accumulation 4). Returns the recipe and one reason per changed key."""
+    if plan.device != "mps" or not recipe.phases.mps:
+        return recipe, ()
+    if not MPS_PROFILE.is_file():
+        raise FileNotFoundError(f"{MPS_PROFILE} is missing: the MPS profile ships with the repository's configs/")
+    profile = yaml.safe_load(MPS_PROFILE.read_text())
+    adjusted = recipe.model_copy(update={
+        section: getattr(recipe, section).model_copy(update=values) for section, values in profile.items()
+    })
+    reasons = tuple(
+        f"MPS profile: {section}.{key} {getattr(getattr(recipe, section), key)!r} -> {value!r}"
+        for section, values in profile.items() for key, value in values.items()
+        if getattr(getattr(recipe, section), key) != value
+    )
+    return type(recipe).model_validate(adjusted.model_dump()), reasons
 
 
 def _choose_backend(backend: str, probe: EnvironmentProbe) -> tuple[str, tuple[str, ...]]:

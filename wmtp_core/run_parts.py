@@ -56,6 +56,7 @@ class RunParts:
     pad_id: int
     batch_size: int
     num_workers: int
+    worker_start: str
     seed: int
     reference: MTPTransformer | None = None
     ctx: DistContext = SINGLE
@@ -64,7 +65,8 @@ class RunParts:
         return epoch_batches(len(self.train_data), batch_size=self.batch_size, seed=self.seed, epoch=epoch)
 
     def loader(self, batches: list[list[int]]) -> DataLoader:
-        return make_loader(self.train_data, batches, self.collator, num_workers=self.num_workers)
+        return make_loader(self.train_data, batches, self.collator, num_workers=self.num_workers,
+                           worker_start=self.worker_start)
 
 
 def build_run_parts(
@@ -93,6 +95,7 @@ def build_run_parts(
         pad_id=tokenizer.pad_id,
         batch_size=recipe.data.batch_size,
         num_workers=plan.num_workers,
+        worker_start=recipe.data.worker_start,
         seed=recipe.seed,
         reference=load_reference_model(reference_checkpoint, plan) if reference_checkpoint else None,
         ctx=ctx,

@@ -25,8 +25,9 @@ class TrainingInterrupted(RuntimeError):
 class StopRequest:
     """Collects reasons to stop: SIGTERM while installed, and an optional wall-clock budget from construction."""
 
-    def __init__(self, time_budget_s: float | None = None):
+    def __init__(self, time_budget_s: float | None = None, *, handle_sigterm: bool = True):
         self.deadline = time.monotonic() + time_budget_s if time_budget_s is not None else None
+        self.handle_sigterm = handle_sigterm  # off: the legacy behaviour, SIGTERM ends the process at once
         self.signalled: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -45,7 +46,7 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         # Python delivers signals to the main thread only; elsewhere (a Prefect worker thread) there is nothing
         # to install and the parent process owns the signal.
-        if threading.current_thread() is threading.main_thread():
+        if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
         return self
 

@@ -20,11 +20,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from wmtp_core.config import Recipe
-from wmtp_core.device import DevicePlan, autocast_context
+from wmtp_core.device import DevicePlan, apply_device_profile, autocast_context
 from wmtp_core.algorithms import MicroBatch, algorithm_loss
 from wmtp_core.critic import pretrain_value_head
 from wmtp_core.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
 from wmtp_core.reference import prepare_reference
+from wmtp_core.resources import training_resources
 from wmtp_core.distributed import SINGLE, DistContext, all_reduce_mean, barrier, broadcast_object, check_strategy, max_over_ranks
 from wmtp_core.run_checkpoint import CheckpointWriter, restore_checkpoint, save_run_checkpoint
 from wmtp_core.run_parts import RunParts, TrainState, batch_stream, build_run_parts
@@ -63,6 +64,9 @@ def train(
     Stops early with a checkpoint at the step reached when time_budget_s runs out (returns, stop_reason set) or on
     SIGTERM (raises TrainingInterrupted). Under torchrun every rank calls this with its DistContext.
     """
+    recipe, profile_reasons = apply_device_profile(recipe, plan)
+    for reason in profile_reasons:
+        log.info("%s", reason)
     check_strategy(recipe, ctx)
     reference = None
     if recipe.train.algorithm == "rho1-wmtp":
@@ -88,14 +92,15 @@ def train(
         report(state.step, pretrain_value_head(parts, recipe=recipe, plan=plan))
         state.value_head_pretrained = True
         save()  # at once, so a resumed critic run never redoes Stage 1
-    batches = batch_stream(parts, state)
     started, start_tokens = time.perf_counter(), state.tokens_seen
     stop_reason = None
+    explicit = recipe.phases.api  # Phase 3: explicit cleanup and an orderly stop on SIGTERM; legacy: neither
     try:
-        with StopRequest(time_budget_s) as stop:
+        with StopRequest(time_budget_s, handle_sigterm=explicit) as stop, \
+                training_resources(plan.device, explicit=explicit) as resources:
+            batches = resources.track(batch_stream(parts, state))
             stop_reason = run_steps(parts, batches, state, recipe=recipe, plan=plan, report=report, save=save, stop=stop)
     finally:
-        batches.close()
         latest = writer.wait()  # never exit (or raise) with a checkpoint write still pending
     if stop_reason == "SIGTERM":
         raise TrainingInterrupted(f"SIGTERM at step {state.step}: checkpoint {latest} saved; resume continues from it")

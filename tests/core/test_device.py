@@ -128,3 +128,41 @@ def test_probe_of_this_machine_plans_without_error():
     probe = probe_environment()
     assert probe.cpu_count >= 1 and probe.to_dict()["torch_version"] == torch.__version__
     assert _plan(probe).device in {"cuda", "mps", "cpu"}
+
+
+def _recipe(**sections):
+    from wmtp_core.config import Recipe
+
+    recipe = Recipe()
+    return recipe.model_copy(update={k: getattr(recipe, k).model_copy(update=v) for k, v in sections.items()})
+
+
+def test_mps_with_gate_on_applies_the_mps_profile_fsdp_off_and_accumulation_4():
+    from wmtp_core.device import apply_device_profile
+
+    recipe = _recipe(devices={"strategy": "fsdp", "nproc_per_node": 2}, data={"num_workers": 4})
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, PROBES["mps"])
+    adjusted, reasons = apply_device_profile(recipe, plan)
+    assert (adjusted.devices.strategy, adjusted.devices.nproc_per_node, adjusted.data.num_workers) == ("single", 1, 0)
+    assert adjusted.train.grad_accumulation_steps == 4 and adjusted.devices.precision == "fp32"
+    assert any("devices.strategy 'fsdp' -> 'single'" in reason for reason in reasons)
+
+
+@pytest.mark.parametrize(("probe", "mps_gate"), [("mps", False), ("cpu", True), ("cuda-bf16", True)])
+def test_the_mps_profile_applies_only_on_mps_with_the_gate_on(probe, mps_gate):
+    from wmtp_core.device import apply_device_profile
+
+    recipe = _recipe(devices={"strategy": "fsdp", "nproc_per_node": 2}, phases={"mps": mps_gate})
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, PROBES[probe])
+    assert apply_device_profile(recipe, plan) == (recipe, ())
+
+
+def test_legacy_cpu_autocast_with_fp32_warns_and_the_fixed_path_does_not(recwarn):
+    legacy = _plan(PROBES["cpu"], mps_gate=False)
+    fixed = _plan(PROBES["cpu"], mps_gate=True)
+    with autocast_context(fixed):
+        torch.ones(2, 2) @ torch.ones(2, 2)
+    assert not [w for w in recwarn if "autocast" in str(w.message)]
+    with pytest.warns(UserWarning, match="In CPU autocast, but the target dtype is not supported"):
+        with autocast_context(legacy):
+            torch.ones(2, 2) @ torch.ones(2, 2)
