@@ -103,6 +103,38 @@ def upload(run: str) -> None:
 
 
 @app.command()
+def verify(
+    as_json: bool = JsonOption,
+    stages: list[str] = typer.Option([], "--stage", help="Rollout stage to run (repeatable; default all, in order)."),
+    models: list[str] = typer.Option([], "--model", help="plain or fsdp (repeatable; default both)."),
+) -> None:
+    """Measure the fix plan's success metrics for each rollout stage; exit 1 when the last stage misses a target."""
+    from wmtp_core.verification import MODELS, STAGES
+
+    unknown = [s for s in stages if s not in STAGES] + [m for m in models if m not in MODELS]
+    if unknown:
+        print(f"error: unknown --stage/--model {unknown}; stages are {list(STAGES)}, models {list(MODELS)}", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    _default_prefect_environment()
+    from flows.fixplan import wmtp_fixplan
+
+    state = wmtp_fixplan(stages=stages or list(STAGES), models=models or list(MODELS), return_state=True)
+    report = state.result(raise_on_failure=False)
+    if not isinstance(report, dict):
+        print(f"error: wmtp-fixplan ended {state.name}: {state.message}", file=sys.stderr)
+        raise typer.Exit(FAILURE)
+    for row in report["stages"]:
+        print(f"{row['stage']:>9} {row['model']:>5}  save {row['checkpoint_save_success']:.0%}  resume "
+              f"{row['resume_success']:.0%}  warnings {row['warnings']:>3}  leaked semaphores {row['leaked_semaphores']:>3}"
+              f"  step {row['step_time_s']} s", file=sys.stderr if as_json else sys.stdout)
+    print(f"report: {report['report']}; {'PASSED' if report['passed'] else 'FAILED'}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"stages": report["stages"], "passed": report["passed"]}), flush=True)
+    if not report["passed"]:
+        raise typer.Exit(FAILURE)
+
+
+@app.command()
 def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) -> None:
     """Show what this machine offers and the device plan the recipe would get."""
     from wmtp_core.device import plan_devices, probe_environment

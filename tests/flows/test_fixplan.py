@@ -1,0 +1,68 @@
+"""`wmtp verify` / the wmtp-fixplan flow: the fix plan's success metrics measured per rollout stage, the JSON contract,
+the report under $WMTP_HOME/reports, and a non-zero exit when the last stage misses a target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import WMTP, wmtp_environment
+from flows.cli import app
+from wmtp_core.verification import passed
+
+ROW_KEYS = {"stage", "model", "checkpoint_save_success", "resume_success", "warnings", "leaked_semaphores", "step_time_s"}
+
+
+def _row(stage="p1+p2+p3", **figures):
+    return {"stage": stage, "model": "plain", "checkpoint_save_success": 1.0, "resume_success": 1.0, "warnings": 0,
+            "leaked_semaphores": 0, **figures}
+
+
+@pytest.mark.parametrize(("figures", "expected"), [
+    ({}, True), ({"warnings": 1}, False), ({"leaked_semaphores": 3}, False), ({"checkpoint_save_success": 0.5}, False),
+    ({"resume_success": 0.0}, False),
+])
+def test_targets_apply_to_the_last_stage(figures, expected):
+    assert passed([_row("legacy", warnings=9, leaked_semaphores=14), _row(**figures)]) is expected
+
+
+def test_unknown_stage_is_invalid_input(wmtp_home):
+    result = CliRunner().invoke(app, ["verify", "--stage", "p4"])
+    assert result.exit_code == 2 and "p4" in result.output
+
+
+def _verify(home, api_url, *args: str) -> tuple[int, dict]:
+    out = subprocess.run([WMTP, "verify", "--json", *args], env=wmtp_environment(home, api_url=api_url),
+                         capture_output=True, text=True, timeout=600)
+    return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_fixed_stage_meets_every_target_and_writes_the_report(prefect_api_url, tmp_path):
+    status, report = _verify(tmp_path, prefect_api_url, "--stage", "p1+p2+p3", "--model", "plain")
+    assert status == 0 and report["passed"] is True
+    (row,) = report["stages"]
+    assert ROW_KEYS <= row.keys() and (row["stage"], row["model"]) == ("p1+p2+p3", "plain")
+    assert (row["checkpoint_save_success"], row["resume_success"], row["warnings"], row["leaked_semaphores"]) == (1, 1, 0, 0)
+    assert row["step_time_s"] > 0
+    (written,) = (tmp_path / "reports").glob("fixplan-*.json")
+    assert json.loads(written.read_text())["stages"] == report["stages"]
+
+
+@pytest.mark.slow
+def test_a_stage_without_phase_3_misses_the_targets_and_exits_1(prefect_api_url, tmp_path):
+    status, report = _verify(tmp_path, prefect_api_url, "--stage", "p1", "--model", "plain")
+    assert status == 1 and report["passed"] is False
+    (row,) = report["stages"]
+    assert row["leaked_semaphores"] > 0 and row["warnings"] > 0  # cancelled without cleanup; legacy fp32 autocast
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_on_two_processes_meets_every_target_at_the_last_stage(prefect_api_url, tmp_path):
+    status, report = _verify(tmp_path, prefect_api_url, "--stage", "p1+p2+p3", "--model", "fsdp")
+    (row,) = report["stages"]
+    assert status == 0 and report["passed"] is True, row
