@@ -6,7 +6,6 @@ flow's module again, so nothing here (nor in flows/) does work at import time.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 from prefect import serve
@@ -14,6 +13,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Schedule
 
+from flows.fixplan import wmtp_fixplan
 from flows.resume import wmtp_resume
 from flows.train import wmtp_train
 
@@ -39,31 +39,18 @@ def resume_schedule(cron: str, *, run_name: str | None, budget_minutes: float | 
 
 def served_deployments(*, resume_cron: str | None = None, resume_run: str | None = None,
                        resume_budget_minutes: float | None = None) -> list[RunnerDeployment]:
-    """The three deployments (the resume schedule every 6 hours unless resume_cron says otherwise); wmtp-fixplan/verify
-    only once flows/fixplan.py exists."""
+    """The three deployments (the resume schedule every 6 hours unless resume_cron says otherwise)."""
     schedule = resume_schedule(resume_cron or DEFAULT_RESUME_CRON, run_name=resume_run, budget_minutes=resume_budget_minutes)
     deployments = [
         wmtp_train.to_deployment("manual", description="Train a run from the parameter form.", tags=["wmtp"]),
         wmtp_resume.to_deployment("scheduled", schedules=[schedule], concurrency_limit=ONE_ACTIVE_RUN, tags=["wmtp"],
                                   description="Continue a run from its newest valid checkpoint (covers crashed runs)."),
     ]
-    fixplan = fixplan_deployment()
-    if fixplan is not None:
-        deployments.append(fixplan)
+    deployments.append(wmtp_fixplan.to_deployment(
+        "verify", tags=["wmtp"], description="Measure the fix plan's acceptance figures for each rollout stage."))
     if resume_run is None:
         log.warning("wmtp-resume/scheduled: schedule created paused; name the run with --resume-run or WMTP_RESUME_RUN")
     return deployments
-
-
-def fixplan_deployment() -> RunnerDeployment | None:
-    """wmtp-fixplan/verify, when the fix-plan verification flow is part of this checkout."""
-    if importlib.util.find_spec("flows.fixplan") is None:
-        log.warning("flows/fixplan.py is not in this checkout: wmtp-fixplan/verify is not served")
-        return None
-    from flows.fixplan import wmtp_fixplan
-
-    return wmtp_fixplan.to_deployment("verify", tags=["wmtp"],
-                                      description="Measure the fix plan's acceptance figures for each rollout stage.")
 
 
 def serve_deployments(deployments: list[RunnerDeployment]) -> None:

@@ -13,7 +13,6 @@ from conftest import WMTP, wmtp_environment
 from deployments.served import DEFAULT_RESUME_CRON, served_deployments
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXPLAN_PRESENT = (ROOT / "flows" / "fixplan.py").is_file()
 
 
 def _by_name(deployments) -> dict:
@@ -22,8 +21,7 @@ def _by_name(deployments) -> dict:
 
 def test_serve_offers_manual_training_scheduled_resume_and_fixplan_verification():
     names = set(_by_name(served_deployments(resume_run="demo")))
-    expected = {"wmtp-train/manual", "wmtp-resume/scheduled"} | ({"wmtp-fixplan/verify"} if FIXPLAN_PRESENT else set())
-    assert names == expected
+    assert names == {"wmtp-train/manual", "wmtp-resume/scheduled", "wmtp-fixplan/verify"}
 
 
 def test_resume_runs_every_6_hours_and_a_new_run_is_cancelled_while_one_is_active():

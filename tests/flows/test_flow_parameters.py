@@ -58,3 +58,11 @@ def test_resume_flow_takes_a_run_name_a_target_and_a_time_budget():
     assert {"type": "integer", "exclusiveMinimum": 0} in props["target_steps"]["anyOf"]
     assert {"type": "number", "exclusiveMinimum": 0} in props["budget_minutes"]["anyOf"]
     assert all(props[name].get("description") for name in props)
+
+
+def test_fixplan_form_offers_stages_and_model_kinds_as_choices():
+    props = _schema("flows/fixplan.py:wmtp_fixplan")["properties"]
+    assert props["stages"]["default"] == ["legacy", "p1", "p1+p2", "p1+p2+p3"]
+    assert props["stages"]["items"]["enum"] == ["legacy", "p1", "p1+p2", "p1+p2+p3"]
+    assert props["models"]["items"]["enum"] == ["plain", "fsdp"] and props["models"]["default"] == ["plain", "fsdp"]
+    assert props["stages"]["description"] and props["models"]["description"]
