@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -152,4 +153,12 @@ def make_loader(
     """A DataLoader that yields exactly `batches` in order (resuming passes the remaining ones)."""
     context = None if worker_start == "default" or num_workers == 0 else worker_start
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
-                      multiprocessing_context=context)
+                      multiprocessing_context=context, worker_init_fn=ignore_termination)
+
+
+def ignore_termination(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the training process, which saves and then shuts them down.
+
+    Launchers such as torchrun signal the whole process group on cancellation; a worker killed first would make the
+    next batch raise in the trainer before its orderly stop. A worker still exits when its parent dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -43,10 +43,11 @@ def processes() -> list[tuple[int, list[bytes], dict[bytes, bytes]]]:
     return found
 
 
-def worker_pids() -> dict[int, int]:
-    """rank -> pid of every wmtp_core.worker rank running now."""
+def worker_pids(run_dir: Path) -> dict[int, int]:
+    """rank -> pid of every wmtp_core.worker rank training in run_dir now (other jobs on the machine are ignored)."""
     return {int(env[b"RANK"]): pid for pid, argv, env in processes()
-            if b"wmtp_core.worker" in argv and b"RANK" in env and b"torch.distributed.run" not in argv}
+            if b"wmtp_core.worker" in argv and b"RANK" in env and b"torch.distributed.run" not in argv
+            and str(run_dir).encode() in argv}
 
 
 def launcher_pid(run_dir: Path) -> int:
@@ -68,12 +69,12 @@ def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread
 
 def test_a_dead_rank_fails_the_job_cleanly_without_a_hang(tmp_path):
     command, result = prepared(tmp_path)
-    when_checkpoint_exists(tmp_path, 20, lambda: os.kill(worker_pids()[1], signal.SIGKILL))
+    when_checkpoint_exists(tmp_path, 20, lambda: os.kill(worker_pids(tmp_path)[1], signal.SIGKILL))
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="torchrun exited with status"):
         run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
     assert time.monotonic() - started < 100  # well inside devices.timeout_s plus torchrun's own shutdown grace
-    assert worker_pids() == {}  # no orphaned rank left behind
+    assert worker_pids(tmp_path) == {}  # no orphaned rank left behind
     assert latest_valid_checkpoint(tmp_path).step >= 20  # the work saved before the death is intact
 
 
@@ -87,7 +88,7 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
                      on_metrics=lambda step, values: metrics.append(step))
     latest = latest_valid_checkpoint(tmp_path)
     assert latest.step > 20 and latest.step == max(metrics)  # saved where the job stopped
-    assert worker_pids() == {}
+    assert worker_pids(tmp_path) == {}
 
 
 @pytest.mark.slow
