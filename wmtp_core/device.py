@@ -21,6 +21,7 @@ from wmtp_core.config import DataConfig, DevicesConfig, PhaseGates, Recipe
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MPS_PROFILE = Path(__file__).resolve().parents[1] / "configs" / "profiles" / "mps_optimized.yaml"
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,22 @@ def plan_devices(devices: DevicesConfig, data: DataConfig, phases: PhaseGates, p
         autocast = "fp32" if devices.precision == "auto" else devices.precision
         why = f"phases.mps off: legacy autocast with {autocast} on {device}"
     workers = data.num_workers
-    if phases.mps and device == "mps" and workers:
-        workers, reasons = 0, reasons + ("DataLoader workers 0 on MPS (worker processes leak semaphores there)",)
+    if phases.mps and device == "mps":
+        reasons += _mps_reasons(devices, workers)
+        workers = 0
     scaler = device == "cuda" and autocast == "fp16"
     return DevicePlan(device, autocast, scaler, workers, reasons + (why,))
 
 
-MPS_PROFILE = Path(__file__).resolve().parents[1] / "configs" / "profiles" / "mps_optimized.yaml"
+def _mps_reasons(devices: DevicesConfig, workers: int) -> tuple[str, ...]:
+    """What the MPS profile changes besides precision, each with its reason (apply_device_profile does it)."""
+    reasons = ["configs/profiles/mps_optimized.yaml is applied to the recipe on MPS (the log names each key it changes)"]
+    if workers:
+        reasons.append(f"DataLoader workers 0 on MPS ({workers} configured; worker processes leak semaphores there)")
+    if devices.strategy != "single" or devices.nproc_per_node != 1:
+        reasons.append(f"devices.strategy={devices.strategy} (nproc_per_node {devices.nproc_per_node}) falls back to "
+                       "single on MPS: one MPS device per machine and torch.distributed has no MPS backend")
+    return tuple(reasons)
 
 
 def apply_device_profile(recipe: Recipe, plan: DevicePlan) -> tuple[Recipe, tuple[str, ...]]:

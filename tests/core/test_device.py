@@ -148,6 +148,21 @@ def test_mps_with_gate_on_applies_the_mps_profile_fsdp_off_and_accumulation_4():
     assert any("devices.strategy 'fsdp' -> 'single'" in reason for reason in reasons)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_mps_plan_says_why_distributed_training_falls_back_to_one_process(strategy):
+    devices = DevicesConfig(strategy=strategy, nproc_per_node=2)
+    plan = plan_devices(devices, DataConfig(num_workers=2), PhaseGates(mps=True), PROBES["mps"])
+    assert any(f"devices.strategy={strategy}" in reason and "falls back to single" in reason for reason in plan.reasons)
+    assert any("mps_optimized.yaml" in reason for reason in plan.reasons)
+
+
+@pytest.mark.parametrize(("probe", "mps_gate"), [("mps", False), ("cpu", True)])
+def test_plans_off_mps_or_with_the_gate_off_keep_the_configured_strategy(probe, mps_gate):
+    devices = DevicesConfig(strategy="fsdp", nproc_per_node=2)
+    plan = plan_devices(devices, DataConfig(num_workers=2), PhaseGates(mps=mps_gate), PROBES[probe])
+    assert not any("falls back" in reason or "mps_optimized" in reason for reason in plan.reasons)
+
+
 @pytest.mark.parametrize(("probe", "mps_gate"), [("mps", False), ("cpu", True), ("cuda-bf16", True)])
 def test_the_mps_profile_applies_only_on_mps_with_the_gate_on(probe, mps_gate):
     from wmtp_core.device import apply_device_profile
