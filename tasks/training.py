@@ -89,7 +89,6 @@ def _train_here(recipe: Recipe, run_dir: Path, *, probe: dict, resume: Path | No
     from wmtp_core.training import train
 
     plan = plan_devices(recipe.devices, recipe.data, recipe.phases, EnvironmentProbe(**probe))
-    get_run_logger().info("device plan: %s", "; ".join(plan.reasons))
     result = train(recipe, run_dir, plan=plan, resume_from=resume, on_metrics=on_metrics,
                    manifest_extra=manifest_extra, time_budget_s=time_budget_s)
     return asdict(result)

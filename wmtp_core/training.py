@@ -65,7 +65,7 @@ def train(
     SIGTERM (raises TrainingInterrupted). Under torchrun every rank calls this with its DistContext.
     """
     recipe, profile_reasons = apply_device_profile(recipe, plan)
-    for reason in profile_reasons:
+    for reason in (f"device plan: {'; '.join(plan.reasons)}", *profile_reasons) if ctx.is_main else ():
         log.info("%s", reason)
     check_strategy(recipe, ctx)
     reference = None

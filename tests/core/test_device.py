@@ -181,3 +181,14 @@ def test_legacy_cpu_autocast_with_fp32_warns_and_the_fixed_path_does_not(recwarn
     with pytest.warns(UserWarning, match="In CPU autocast, but the target dtype is not supported"):
         with autocast_context(legacy):
             torch.ones(2, 2) @ torch.ones(2, 2)
+
+
+def test_training_logs_its_device_plan_with_every_reason(tiny_recipe, tmp_path, caplog):
+    from wmtp_core.training import train
+
+    recipe = tiny_recipe.model_copy(update={"train": tiny_recipe.train.model_copy(update={"max_steps": 1})})
+    plan = _plan(PROBES["cpu"], workers=0)
+    with caplog.at_level("INFO", logger="wmtp_core"):
+        train(recipe, tmp_path, plan=plan)
+    (line,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("device plan:")]
+    assert all(reason in line for reason in plan.reasons)
