@@ -16,6 +16,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,13 +40,31 @@ MODEL_FILE, STATE_FILE, SHARDED_DIR = "model.safetensors", "train_state.pt", "sh
 
 
 def save_checkpoint(
-    run_dir: Path, *, step: int, model_state: dict[str, torch.Tensor], train_state: dict, manifest_extra: dict
+    run_dir: Path, *, step: int, model_state: dict[str, torch.Tensor], train_state: dict, manifest_extra: dict,
+    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None,
 ) -> Path:
-    """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced."""
+    """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced.
+
+    export(staging, model_state) may add files (an hf run's save_pretrained copy under hf/); the manifest covers them.
+    """
     staging = staging_dir(run_dir, step, owner=str(os.getpid()))
-    save_file({name: tensor.contiguous() for name, tensor in model_state.items()}, staging / MODEL_FILE)
+    save_file(_unshared(model_state), staging / MODEL_FILE)
     torch.save(train_state, staging / STATE_FILE)
+    if export is not None:
+        export(staging, model_state)
     return publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "full", **manifest_extra})
+
+
+def _unshared(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, each with its own memory: safetensors refuses tensors that share it, as tied weights do
+    (GPT-2's embedding and unembedding); loading the two copies fills the one parameter twice with the same values."""
+    seen, unshared = set(), {}
+    for name, tensor in model_state.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        unshared[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return unshared
 
 
 def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:

@@ -32,23 +32,35 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
+    source: Literal["builtin", "hf"] = "builtin"
+    """builtin: the small MTP transformer sized by the keys below, with the byte tokenizer; hf: a Hugging Face causal LM and its tokenizer from model.path."""
+    path: str | None = None
+    """hf: local directory or hub id of the causal LM (its tokenizer is read from the same place); null for builtin."""
     horizon: int = Field(default=4, ge=1, le=16)
     """Number of MTP heads; head k predicts the token k+1 positions ahead."""
     num_layers: PositiveInt = 2
-    """Transformer blocks in the shared trunk (each head adds one more block)."""
+    """Transformer blocks in the shared trunk (each head adds one more block); builtin only."""
     d_model: PositiveInt = 64
-    """Width of the residual stream; must be divisible by model.num_heads."""
+    """Width of the residual stream; must be divisible by model.num_heads; builtin only."""
     num_heads: PositiveInt = 4
-    """Attention heads per block."""
+    """Attention heads per block; builtin only."""
     max_seq_len: int = Field(default=256, ge=8)
     """Longest sequence in tokens; longer examples are truncated."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    """Dropout probability inside the blocks."""
+    """Dropout probability inside the blocks; builtin only."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
+        return self
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> ModelConfig:
+        if self.source == "hf" and not self.path:
+            raise ValueError("model.source=hf needs model.path (a local directory or a hub id of a causal LM)")
+        if self.source == "builtin" and self.path is not None:
+            raise ValueError(f"model.path={self.path!r} is only read with model.source=hf; set model.source=hf or model.path=null")
         return self
 
 
@@ -111,15 +123,23 @@ class LossConfig(_Section):
 
 class Rho1Config(_Section):
     reference_checkpoint: Path | None = None
-    """Checkpoint directory of this project used as the reference model; null trains the built-in model briefly."""
+    """Checkpoint directory of this project (builtin or hf trunk) used as the reference; null with reference_hf_model null trains the run's own model briefly."""
+    reference_hf_model: str | None = None
+    """Hugging Face causal LM (local directory or hub id) used as the reference as it is; excludes reference_checkpoint."""
     reference_steps: PositiveInt = 60
-    """Optimizer steps of baseline training for the built-in reference (when reference_checkpoint is null)."""
+    """Optimizer steps of baseline training for the brief reference (when reference_checkpoint and reference_hf_model are null)."""
     selection_mode: Literal["weighted", "token_skip"] = "weighted"
     """weighted: softmax of the excess loss over heads; token_skip: train only on entries above a per-sequence quantile."""
     skip_threshold_percentile: float = Field(default=0.3, ge=0.0, lt=1.0)
     """token_skip: quantile of each sequence's excess losses below which entries are skipped."""
     min_ce_diff: float = Field(default=0.01, ge=0.0)
     """Excess losses below this are treated as 0."""
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> Rho1Config:
+        if self.reference_checkpoint is not None and self.reference_hf_model is not None:
+            raise ValueError("set either rho1.reference_checkpoint or rho1.reference_hf_model, not both")
+        return self
 
 
 class CriticConfig(_Section):

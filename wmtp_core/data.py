@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wmtp_core.tokenizer import ByteTokenizer
+from wmtp_core.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 
@@ -95,7 +95,7 @@ def split_records(records: list[Record], *, eval_fraction: float, seed: int) -> 
 class TokenSequences(Dataset):
     """Records tokenized once up front; item i is {"tokens": LongTensor of at most max_len ids, "reward": float}."""
 
-    def __init__(self, records: list[Record], tokenizer: ByteTokenizer, *, max_len: int):
+    def __init__(self, records: list[Record], tokenizer: Tokenizer, *, max_len: int):
         self.sequences = [torch.tensor(tokenizer.encode(format_example(r))[:max_len]) for r in records]
         self.rewards = [r.reward for r in records]
 

@@ -1,26 +1,37 @@
-"""The rho1-wmtp reference model: a checkpoint of this project, or the built-in model trained briefly.
+"""The rho1-wmtp reference model: a checkpoint of this project (builtin or hf trunk), a Hugging Face causal LM
+(rho1.reference_hf_model), or the run's own model trained briefly.
 
-The reference runs under no_grad in eval mode; only its next-token head (head 0) is used.
+The reference runs under no_grad in eval mode; only its next-token head (head 0) is used, and its tokenizer must
+be the trunk's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
 
-from wmtp_core.checkpoint import check_shapes_match, load_checkpoint
+from wmtp_core.checkpoint import MODEL_FILE, check_shapes_match
 from wmtp_core.config import ModelConfig, Recipe
 from wmtp_core.device import DevicePlan
-from wmtp_core.manifest import latest_valid_checkpoint
+from wmtp_core.hf_model import HF_EXPORT_DIR, load_hf_mtp_model
+from wmtp_core.hf_tokenizer import load_hf_tokenizer
+from wmtp_core.manifest import MANIFEST_FILE, CheckpointError, latest_valid_checkpoint, verify_checkpoint
 from wmtp_core.model import MTPTransformer
-from wmtp_core.tokenizer import ByteTokenizer
+from wmtp_core.tokenizer import ByteTokenizer, Tokenizer, check_tokenizers_agree
 
 log = logging.getLogger(__name__)
 
 
-def prepare_reference(recipe: Recipe, run_dir: Path, *, plan: DevicePlan) -> Path:
-    """The reference checkpoint directory: rho1.reference_checkpoint, else a built-in one trained under run_dir."""
+def prepare_reference(recipe: Recipe, run_dir: Path, *, plan: DevicePlan) -> Path | None:
+    """The reference checkpoint directory: rho1.reference_checkpoint, else one trained briefly under run_dir;
+    None when rho1.reference_hf_model names the reference (load_reference reads it)."""
+    if recipe.rho1.reference_hf_model is not None:
+        log.info("rho1-wmtp: reference model is the Hugging Face model %s", recipe.rho1.reference_hf_model)
+        return None
     if recipe.rho1.reference_checkpoint is not None:
         log.info("rho1-wmtp: reference model from %s", recipe.rho1.reference_checkpoint)
         return Path(recipe.rho1.reference_checkpoint)
@@ -30,8 +41,9 @@ def prepare_reference(recipe: Recipe, run_dir: Path, *, plan: DevicePlan) -> Pat
         log.info("rho1-wmtp: reusing the built-in reference trained earlier at %s", done.path)
         return done.path
     log.warning(
-        "rho1-wmtp: no rho1.reference_checkpoint given, so the built-in model is trained for %d baseline steps "
-        "as the reference (in %s); set rho1.reference_checkpoint to use a real one", recipe.rho1.reference_steps, reference_dir,
+        "rho1-wmtp: no rho1.reference_checkpoint or rho1.reference_hf_model given, so the run's own model is trained "
+        "for %d baseline steps as the reference (in %s); set one of them to use a real one",
+        recipe.rho1.reference_steps, reference_dir,
     )
     from wmtp_core.training import train  # the reference is trained by the same loop; imported here to avoid a cycle
 
@@ -39,15 +51,59 @@ def prepare_reference(recipe: Recipe, run_dir: Path, *, plan: DevicePlan) -> Pat
     return Path(result.latest_checkpoint)
 
 
-def load_reference_model(path: Path, plan: DevicePlan) -> MTPTransformer:
-    """A frozen MTPTransformer in eval mode on the plan's device, shaped by the checkpoint's own recipe."""
-    model_state, _, manifest = load_checkpoint(path)
-    model = MTPTransformer(ModelConfig(**manifest["recipe"]["model"]), vocab_size=ByteTokenizer().vocab_size)
-    model_state = {name: t for name, t in model_state.items() if not name.startswith("value_head.")}
-    check_shapes_match(model_state, model.state_dict(), source=path)
-    model.load_state_dict(model_state)
+def load_reference(
+    recipe: Recipe, checkpoint: Path | None, plan: DevicePlan, *, trunk_tokenizer: Tokenizer
+) -> torch.nn.Module | None:
+    """The frozen reference of a rho1-wmtp run (None for other algorithms), after checking that its tokenizer is
+    the trunk's (vocabulary and special ids); the error names both models."""
+    hf_reference = recipe.rho1.reference_hf_model
+    if recipe.train.algorithm != "rho1-wmtp" or (checkpoint is None and hf_reference is None):
+        return None
+    if hf_reference is not None:
+        tokenizer, source = load_hf_tokenizer(hf_reference), f"rho1.reference_hf_model={hf_reference}"
+    else:
+        tokenizer, source = checkpoint_tokenizer(checkpoint), f"rho1 reference checkpoint {checkpoint}"
+    trunk_source = f"model.path={recipe.model.path}" if recipe.model.source == "hf" else "the built-in byte tokenizer"
+    check_tokenizers_agree(trunk_tokenizer, tokenizer, trunk_source=trunk_source, reference_source=source)
+    if checkpoint is not None:
+        return load_reference_model(checkpoint, plan, max_seq_len=recipe.model.max_seq_len)
+    model = load_hf_mtp_model(hf_reference, horizon=1, max_seq_len=recipe.model.max_seq_len, dtype=_frozen_dtype(plan))
+    return model.requires_grad_(False).to(plan.device).eval()
+
+
+def load_reference_model(path: Path, plan: DevicePlan, *, max_seq_len: int | None = None) -> torch.nn.Module:
+    """A frozen model in eval mode on the plan's device from a checkpoint of this project: the built-in model
+    shaped by the checkpoint's own recipe, or an hf trunk (its next-token head) from the checkpoint's hf/ export."""
+    saved_model = verify_checkpoint(path)["recipe"]["model"]
+    if saved_model.get("source", "builtin") == "hf":
+        model = load_hf_mtp_model(str(_hf_export(path)), horizon=1, dtype=_frozen_dtype(plan),
+                                  max_seq_len=max_seq_len or saved_model["max_seq_len"])
+    else:
+        model = MTPTransformer(ModelConfig(**saved_model), vocab_size=ByteTokenizer().vocab_size)
+        model_state = {name: t for name, t in load_file(path / MODEL_FILE).items() if not name.startswith("value_head.")}
+        check_shapes_match(model_state, model.state_dict(), source=path)
+        model.load_state_dict(model_state)
     model.requires_grad_(False)
     return model.to(plan.device).eval()
+
+
+def checkpoint_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer a checkpoint of this project was trained with."""
+    saved_model = json.loads((path / MANIFEST_FILE).read_text())["recipe"]["model"]
+    return load_hf_tokenizer(str(_hf_export(path))) if saved_model.get("source", "builtin") == "hf" else ByteTokenizer()
+
+
+def _hf_export(path: Path) -> Path:
+    export = path / HF_EXPORT_DIR
+    if not export.is_dir():
+        raise CheckpointError(f"{path} has no {HF_EXPORT_DIR}/ export of its trunk (a sharded checkpoint?); "
+                              "use a full-format checkpoint of that run as rho1.reference_checkpoint")
+    return export
+
+
+def _frozen_dtype(plan: DevicePlan) -> torch.dtype:
+    """A frozen reference is never updated, so it can hold its weights in the compute dtype (half the memory)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.autocast_dtype, torch.float32)
 
 
 def _reference_recipe(recipe: Recipe) -> Recipe:

@@ -95,11 +95,13 @@ def save_run_checkpoint(
         model_state, optim_state = _copy_tensors(model_state), _copy_tensors(optim_state)
     if ctx.is_main:
         train_state["optimizer"] = optim_state
-        writer.submit(lambda: _save_full(run_dir, step, model_state, train_state, manifest, keep_last))
+        writer.submit(lambda: _save_full(run_dir, step, model_state, train_state, manifest, keep_last, parts.export))
 
 
-def _save_full(run_dir: Path, step: int, model_state: dict, train_state: dict, manifest: dict, keep_last: int) -> Path:
-    path = save_checkpoint(run_dir, step=step, model_state=model_state, train_state=train_state, manifest_extra=manifest)
+def _save_full(run_dir: Path, step: int, model_state: dict, train_state: dict, manifest: dict, keep_last: int,
+               export: Callable | None = None) -> Path:
+    path = save_checkpoint(run_dir, step=step, model_state=model_state, train_state=train_state, manifest_extra=manifest,
+                           export=export)
     prune_checkpoints(run_dir, keep_last=keep_last)
     log.info("saved checkpoint %s", path)
     return path

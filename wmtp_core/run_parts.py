@@ -3,14 +3,15 @@ the TrainState that says where training stands, and the resumable stream of batc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from wmtp_core.config import Recipe
+from wmtp_core.config import ModelConfig, Recipe
 from wmtp_core.data import (
     MTPCollator,
     TokenSequences,
@@ -22,10 +23,12 @@ from wmtp_core.data import (
 )
 from wmtp_core.device import DevicePlan
 from wmtp_core.distributed import SINGLE, DistContext, wrap_model
+from wmtp_core.hf_model import HFMTPModel, export_pretrained, load_hf_mtp_model
+from wmtp_core.hf_tokenizer import load_hf_tokenizer
 from wmtp_core.model import MTPTransformer
 from wmtp_core.optim import build_optimizer, build_scheduler, decayed_parameter_names
-from wmtp_core.reference import load_reference_model
-from wmtp_core.tokenizer import ByteTokenizer
+from wmtp_core.reference import load_reference
+from wmtp_core.tokenizer import ByteTokenizer, Tokenizer
 
 
 @dataclass
@@ -46,7 +49,7 @@ class RunParts:
     """Everything a training run holds in memory; built once per run, never passed between Prefect tasks."""
 
     model: torch.nn.Module
-    """The model as trained: the MTPTransformer itself, or wrapped by DDP/FSDP under torchrun."""
+    """The model as trained: the MTPTransformer or HFMTPModel itself, or wrapped by DDP/FSDP under torchrun."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -58,8 +61,11 @@ class RunParts:
     num_workers: int
     worker_start: str
     seed: int
-    reference: MTPTransformer | None = None
+    reference: torch.nn.Module | None = None
     ctx: DistContext = SINGLE
+    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None
+    """Writes a transformers-loadable copy of the trunk into a checkpoint directory being built, from the full model
+    state (hf models; wmtp_core.hf_model.export_pretrained)."""
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(len(self.train_data), batch_size=self.batch_size, seed=self.seed, epoch=epoch)
@@ -74,13 +80,14 @@ def build_run_parts(
 ) -> RunParts:
     """Tokenize the data, build the model on the plan's device, wrap it for DDP/FSDP, then build the optimizer
     (after wrapping: FSDP replaces the parameters, an optimizer built earlier would update stale ones)."""
-    tokenizer = ByteTokenizer()
+    tokenizer = _tokenizer(recipe.model)
     records = load_records(recipe.data.path or builtin_dataset_path())
     train_records, eval_records = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     max_len = recipe.model.max_seq_len
     collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
     critic = recipe.train.algorithm == "critic-wmtp"
-    model = MTPTransformer(recipe.model, vocab_size=tokenizer.vocab_size, with_value_head=critic).to(plan.device)
+    model = _model(recipe.model, tokenizer, with_value_head=critic).to(plan.device)
+    export = partial(export_pretrained, model, tokenizer) if isinstance(model, HFMTPModel) else None
     decayed = decayed_parameter_names(model)  # before wrapping: FSDP1 flattens the shapes it is decided by
     model = wrap_model(model, recipe, ctx, plan.device)
     optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr, decayed=decayed)
@@ -97,9 +104,21 @@ def build_run_parts(
         num_workers=plan.num_workers,
         worker_start=recipe.data.worker_start,
         seed=recipe.seed,
-        reference=load_reference_model(reference_checkpoint, plan) if reference_checkpoint else None,
+        reference=load_reference(recipe, reference_checkpoint, plan, trunk_tokenizer=tokenizer),
         ctx=ctx,
+        export=export,
     )
+
+
+def _tokenizer(cfg: ModelConfig) -> Tokenizer:
+    return load_hf_tokenizer(cfg.path) if cfg.source == "hf" else ByteTokenizer()
+
+
+def _model(cfg: ModelConfig, tokenizer: Tokenizer, *, with_value_head: bool) -> torch.nn.Module:
+    """The built-in MTPTransformer, or the hf causal LM with MTP heads (fp32 master weights; autocast computes)."""
+    if cfg.source == "hf":
+        return load_hf_mtp_model(cfg.path, horizon=cfg.horizon, max_seq_len=cfg.max_seq_len, with_value_head=with_value_head)
+    return MTPTransformer(cfg, vocab_size=tokenizer.vocab_size, with_value_head=with_value_head)
 
 
 def _fixed_eval_batches(eval_data: TokenSequences, collator: MTPCollator, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
