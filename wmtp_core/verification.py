@@ -32,7 +32,7 @@ STAGES = {
 }
 MODELS = ("plain", "fsdp")
 TARGETS = {"checkpoint_save_success": 1.0, "resume_success": 1.0, "warnings": 0, "leaked_semaphores": 0}
-MAX_STEPS, SAVE_EVERY, CANCEL_AT = 12, 4, 10
+MAX_STEPS, SAVE_EVERY, CANCEL_AT = 12, 4, 6  # cancel well before the end: a fast child must not finish first
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.horizon=2", "model.max_seq_len=64",
         "data.batch_size=4", "train.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
         f"train.max_steps={MAX_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=1000",
@@ -103,8 +103,9 @@ def _run(recipe: Recipe, run_dir: Path, *, resume: bool, cancel_at: int | None, 
         lines.append(line)
         if (match := _STEP.search(line)) is not None:
             step_times.append(time.monotonic())
-            if cancel_at is not None and int(match.group(1)) == cancel_at:
+            if cancel_at is not None and int(match.group(1)) >= cancel_at:
                 process.send_signal(signal.SIGTERM)
+                cancel_at = None  # once: a second SIGTERM would not be an orderly stop
         if time.monotonic() > deadline:
             process.kill()
             break
