@@ -44,10 +44,14 @@ def save_llama(directory: Path, tokenizer, *, seed: int = 0) -> Path:
 
 
 def save_gpt2(directory: Path, tokenizer, *, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 (width 32, learned positions, unembedding tied to the embedding) and its tokenizer."""
+    """A 2-layer GPT-2 (width 32, learned positions, unembedding tied to the embedding) and its tokenizer.
+
+    Dropout is off (GPT-2's default is 0.1): runs on different numbers of processes draw different random masks.
+    """
     from transformers import AutoModelForCausalLM, GPT2Config
 
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=MAX_POSITIONS,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return _save(AutoModelForCausalLM, config, tokenizer, directory, seed)
 

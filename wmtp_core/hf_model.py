@@ -95,7 +95,9 @@ class _LayerCall:
         self.kwargs: dict = {}
 
     def __enter__(self) -> _LayerCall:
-        self._handle = self.layer.register_forward_pre_hook(self._record, with_kwargs=True)
+        # First of the layer's pre-hooks: it records the arguments as the model passes them, before FSDP2's own
+        # pre-forward hook turns them into autograd views (returned from the root, FSDP2 warns about those).
+        self._handle = self.layer.register_forward_pre_hook(self._record, with_kwargs=True, prepend=True)
         return self
 
     def __exit__(self, *exc) -> None:

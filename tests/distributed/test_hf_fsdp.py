@@ -1,0 +1,60 @@
+"""An hf trunk (tiny GPT-2 with tied embedding and unembedding, built locally) sharded by FSDP2 per GPT2Block on two
+CPU processes: it trains, its full checkpoint's hf/ export loads with transformers, and it resumes on one process
+to the same weights as a one-process run with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from wmtp_core.device import plan_devices, probe_environment
+from wmtp_core.hf_model import HF_EXPORT_DIR, load_hf_mtp_model
+from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.training import train
+
+pytestmark = pytest.mark.distributed
+
+
+def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tmp_path):
+    gpt2 = save_gpt2(tmp_path / "gpt2", build_tokenizer(with_pad=False))
+    common = [*HF_OVERRIDES, f"model.path={gpt2}", "train.max_steps=6", "train.keep_last=10", "train.lr_decay_steps=6"]
+    two_processes = load_recipe(None, [*common, "train.max_steps=4", "devices.strategy=fsdp", "devices.nproc_per_node=2",
+                                       "devices.timeout_s=60", "data.batch_size=2"])
+    result = _torchrun(two_processes, tmp_path / "fsdp")
+    checkpoint = Path(result["latest_checkpoint"])
+    trained = load_hf_mtp_model(str(gpt2), horizon=3, max_seq_len=64).eval()
+    trained.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    tokens_BT = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported_BTV = AutoModelForCausalLM.from_pretrained(checkpoint / HF_EXPORT_DIR).eval()(input_ids=tokens_BT).logits
+        torch.testing.assert_close(exported_BTV, trained(tokens_BT)[:, :, 0])
+
+    one_process = load_recipe(None, [*common, "data.batch_size=2", "train.grad_accumulation_steps=2"])
+    plan = plan_devices(one_process.devices, one_process.data, one_process.phases, probe_environment())
+    resumed = train(one_process, tmp_path / "fsdp", plan=plan, resume_from=checkpoint)
+    straight = train(one_process, tmp_path / "straight", plan=plan)
+    assert resumed.resumed_from_step == 4 and resumed.steps == straight.steps == 6
+    expected = load_file(Path(straight.latest_checkpoint) / "model.safetensors")
+    actual = load_file(Path(resumed.latest_checkpoint) / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def _torchrun(recipe, run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
+               "--result", str(run_dir / "result.json")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "Warning" not in out.stderr, out.stderr[-3000:]
+    return json.loads((run_dir / "result.json").read_text())["result"]
