@@ -43,7 +43,8 @@ _STEP = re.compile(r" step (\d+)/\d+ ")
 
 
 def stage_recipe(stage: str, model: str) -> Recipe:
-    extra = ["devices.strategy=fsdp", "devices.nproc_per_node=2"] if model == "fsdp" else []
+    # One DataLoader worker per rank: enough to show leaks, and spawning workers is most of a run's time on 2 cores.
+    extra = ["devices.strategy=fsdp", "devices.nproc_per_node=2", "data.num_workers=1"] if model == "fsdp" else []
     recipe = load_recipe(None, [*TINY, *extra, f"run.name=verify-{stage.replace('+', '-')}-{model}"])
     return recipe.model_copy(update={"phases": STAGES[stage]})
 
