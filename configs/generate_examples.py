@@ -14,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny-model overrides
 from conftest import TINY_OVERRIDES  # noqa: E402
 
+def scalar(value):
+    """JSON text that YAML reads back as the same value: YAML 1.1 takes 2e-05 for a string, 2.0e-05 for a float."""
+    text = json.dumps(value)
+    return text.replace("e", ".0e", 1) if isinstance(value, float) and "e" in text and "." not in text else text
+
 def commented(recipe, header):
     lines = [f"# {h}" for h in header] + [""]
     for name, field in Recipe.model_fields.items():
@@ -22,9 +27,9 @@ def commented(recipe, header):
             lines.append(f"{name}:  # {field.description}")
             for sub, subfield in type(value).model_fields.items():
                 v = value.model_dump(mode="json")[sub]
-                lines.append(f"  {sub}: {json.dumps(v)}  # {subfield.description}")
+                lines.append(f"  {sub}: {scalar(v)}  # {subfield.description}")
         else:
-            lines.append(f"{name}: {json.dumps(value)}  # {field.description}")
+            lines.append(f"{name}: {scalar(value)}  # {field.description}")
     return "\n".join(lines) + "\n"
 
 def write(path, overrides, header):
@@ -45,6 +50,15 @@ write(ROOT / "configs" / "rho1-wmtp.yaml", ["train.algorithm=rho1-wmtp"],
 write(ROOT / "configs" / "rho1-wmtp-token-skip.yaml", ["train.algorithm=rho1-wmtp", "rho1.selection_mode=token_skip", "loss.weight_norm=head_softmax"],
       ["rho1-wmtp with token_skip: only (token, head) entries whose excess loss is above each sequence's",
        "rho1.skip_threshold_percentile quantile are trained.", "Run: uv run wmtp train --recipe configs/rho1-wmtp-token-skip.yaml"])
+
+write(ROOT / "configs" / "meta-7b-mtp-fsdp.yaml",
+      ["model.source=hf", "model.path=/models/7B_1T_4-hf", "model.horizon=4", "model.max_seq_len=2048", "data.batch_size=2",
+       "train.lr=2e-5", "train.weight_decay=0.01", "train.warmup_steps=30", "train.max_steps=1000", "train.save_every=250",
+       "train.eval_every=250", "devices.backend=cuda", "devices.precision=bf16", "devices.strategy=fsdp",
+       "devices.nproc_per_node=8"],
+      ["Meta's 7B multi-token model (4 heads) fine-tuned with FSDP on one node of 8 GPUs, bf16 autocast over fp32 master weights.",
+       "model.path: the output of `python -m wmtp_core.meta_mtp` (README: Real models); data.path: your JSONL.",
+       "Run: uv sync --extra hf && uv run wmtp train --recipe configs/meta-7b-mtp-fsdp.yaml --set data.path=DATA.jsonl"])
 
 
 def readme_key_table() -> None:
