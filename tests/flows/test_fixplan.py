@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -66,3 +67,32 @@ def test_fsdp_on_two_processes_meets_every_target_at_the_last_stage(prefect_api_
     status, report = _verify(tmp_path, prefect_api_url, "--stage", "p1+p2+p3", "--model", "fsdp")
     (row,) = report["stages"]
     assert status == 0 and report["passed"] is True, row
+
+
+@pytest.mark.slow
+def test_report_task_writes_json_and_the_table_and_markdown_artifacts(prefect_api_url, wmtp_home):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tasks.fixplan import write_report
+
+    rows = [_row("legacy", warnings=8, warnings_by_category={"UserWarning": 8}, leaked_semaphores=14, step_time_s=0.05),
+            _row(warnings_by_category={}, step_time_s=0.04)]
+
+    @flow
+    def report_only() -> str:
+        return write_report(rows, passed=True)
+
+    state = report_only(return_state=True)
+    path = state.result()
+    assert Path(path).parent == (wmtp_home / "reports").resolve()
+    assert json.loads(Path(path).read_text())["stages"] == rows
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    artifacts = {artifact.key: artifact for artifact in found}
+    table = artifacts["wmtp-fixplan"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [(row["stage"], row["leaked_semaphores"]) for row in table] == [("legacy", 14), ("p1+p2+p3", 0)]
+    assert "PASSED" in artifacts["wmtp-fixplan-summary"].data and path in artifacts["wmtp-fixplan-summary"].data
