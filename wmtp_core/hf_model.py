@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from wmtp_core.hf_tokenizer import HFTokenizer
+from wmtp_core.hf_tokenizer import HFTokenizer, import_transformers
 from wmtp_core.model import ValueHead
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,6 @@ def export_pretrained(model: HFMTPModel, tokenizer: HFTokenizer, checkpoint_dir:
     tokenizer.tokenizer.save_pretrained(out)
     if heads_state:
         save_file(heads_state, out / MTP_HEADS_FILE)
-
-
-def import_transformers():
-    """transformers, or an error saying how to install it; its progress bars would flood the run log."""
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("model.source=hf needs transformers: install it with `uv sync --extra hf`") from None
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
 
 
 def _decoder_layers_path(lm: nn.Module) -> str:

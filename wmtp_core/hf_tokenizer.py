@@ -49,9 +49,7 @@ class HFTokenizer:
 
 def load_hf_tokenizer(path: str) -> HFTokenizer:
     """The tokenizer saved beside a causal LM (a local directory or a hub id)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = import_transformers().AutoTokenizer.from_pretrained(path)
     return HFTokenizer(tokenizer, source=path, pad_id=_pad_id(tokenizer, path), bos_id=tokenizer.bos_token_id,
                        eos_id=tokenizer.eos_token_id)
 
@@ -67,3 +65,13 @@ def _pad_id(tokenizer, path: str) -> int:
     log.warning("the tokenizer at %s has no pad token: padding with eos (id %d), so a sequence's final eos counts as "
                 "padding in the critic's value mask", path, tokenizer.eos_token_id)
     return tokenizer.eos_token_id
+
+
+def import_transformers():
+    """transformers, or an error saying how to install it; its progress bars would flood the run log."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("model.source=hf needs transformers: install it with `uv sync --extra hf`") from None
+    transformers.utils.logging.disable_progress_bar()
+    return transformers

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from wmtp_core.hf_model import MTP_HEADS_FILE, import_transformers
+from wmtp_core.hf_model import MTP_HEADS_FILE
+from wmtp_core.hf_tokenizer import import_transformers
 
 _LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",
