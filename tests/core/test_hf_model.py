@@ -4,6 +4,8 @@ the tokenizer adapter, the reference's tokenizer check, FSDP unit classes and th
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,9 @@ def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(model_dir
         f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
     with pytest.raises(CheckpointError, match="does not match its manifest checksum"):
         verify_checkpoint(checkpoint)
+
+
+def test_the_builtin_training_path_does_not_import_transformers():
+    code = "import sys, wmtp_core.training, wmtp_core.worker; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
