@@ -27,11 +27,7 @@ from servers import MlflowServer  # noqa: E402
 from wmtp_core.config import Recipe  # noqa: E402  (after the Prefect environment above)
 from wmtp_core.recipes import load_recipe  # noqa: E402
 
-TINY_OVERRIDES = [
-    "model.num_layers=2",
-    "model.d_model=32",
-    "model.num_heads=2",
-    "model.horizon=2",
+TINY_RUN = [
     "model.max_seq_len=64",
     "data.batch_size=4",
     "train.max_steps=4",
@@ -42,6 +38,8 @@ TINY_OVERRIDES = [
     "train.eval_batches=2",
     "seed=7",
 ]
+"""The tiny run every test model shares: 64 tokens, batches of 4, 4 steps, saves and evals every 2."""
+TINY_OVERRIDES = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.horizon=2", *TINY_RUN]
 
 
 @pytest.fixture

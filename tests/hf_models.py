@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import TINY_RUN
 from wmtp_core.data import builtin_dataset_path, format_example, load_records
 
 VOCAB_SIZE = 320
@@ -64,17 +65,5 @@ def _save(auto_class, config, tokenizer, directory: Path, seed: int) -> Path:
     return directory
 
 
-HF_OVERRIDES = [
-    "model.source=hf",
-    "model.horizon=3",
-    "model.max_seq_len=64",
-    "data.batch_size=4",
-    "train.max_steps=4",
-    "train.warmup_steps=1",
-    "train.save_every=2",
-    "train.log_every=1",
-    "train.eval_every=2",
-    "train.eval_batches=2",
-    "seed=7",
-]
+HF_OVERRIDES = ["model.source=hf", "model.horizon=3", *TINY_RUN]
 """A tiny hf recipe (model.path still to be set): 3 heads, 64 tokens, 4 steps."""
