@@ -1,13 +1,16 @@
 """Checkpoint costs, measured side by side in one process on the same model and optimizer state:
 
   bare      torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}) to one file, no fsync;
-  full      save_run_checkpoint, synchronous: gather through the phase gates, model.safetensors + train_state.pt,
-            fsync, sha256 manifest, atomic rename, prune (what every save of a run does);
+  full      save_run_checkpoint, synchronous: the time training is blocked (gather through the phase gates,
+            model.safetensors + train_state.pt hashed while written, sha256 manifest, atomic rename); the fsync and
+            prune that follow in the background are timed as well, as full_durable (vs bare + its fsync);
   async     save_run_checkpoint with checkpoint.async_save: the time training is blocked (gather + CPU copy);
             the write itself then runs in the background and is waited for outside the timed window;
   resume    restore_checkpoint into freshly built parts + the first optimizer step, vs building fresh parts + the
             first step (what a resume adds before training continues).
-Contenders alternate within each repeat; figures are medians over --repeats of the ratios (targets: full/bare <= 1.2,
+Contenders alternate within each repeat and each one's files are deleted (outside the timed window) before the
+next starts: on this VM, memory the guest has not touched for a while is slow to fault in, and a contender that
+follows another's leftovers pays for it. Figures are medians over --repeats of the ratios (targets: full/bare <= 1.2,
 async/full <= 0.25).
 
 Run: cd /work/main && .venv/bin/python benchmarks/checkpoint_save.py [--repeats 7]
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -45,9 +49,10 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
     run_dir = scratch / f"run-{repeat}"
     sync_writer, async_writer = CheckpointWriter(background=False), CheckpointWriter(background=True)
     async_recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"async_save": True})})
+    bare_file = scratch / f"bare-{repeat}.pt"
     contenders = {
         "bare": lambda: torch.save({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()},
-                                   scratch / f"bare-{repeat}.pt"),
+                                   bare_file),
         "full": lambda: save_run_checkpoint(parts, state, run_dir / "sync", recipe=recipe, manifest_extra={},
                                             writer=sync_writer),
         "async": lambda: save_run_checkpoint(parts, state, run_dir / "async", recipe=async_recipe, manifest_extra={},
@@ -57,11 +62,24 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
     seconds = {}
     for name in order:
         seconds[name] = timed(contenders[name])
+        if name == "bare":
+            seconds["bare_durable"] = seconds["bare"] + timed(lambda: fsync(bare_file))
+            bare_file.unlink()
+        if name == "full":
+            seconds["full_durable"] = seconds["full"] + timed(sync_writer.wait)
+            seconds["resume"] = timed(lambda: first_step(recipe, plan, resume_from=sync_writer.latest))
+            seconds["fresh"] = timed(lambda: first_step(recipe, plan, resume_from=None))
+            shutil.rmtree(run_dir / "sync")
         async_writer.wait()  # outside the timed window: the next contender must not compete with a pending write
-    seconds["resume"] = timed(lambda: first_step(recipe, plan, resume_from=sync_writer.latest))
-    seconds["fresh"] = timed(lambda: first_step(recipe, plan, resume_from=None))
+        if name == "async":
+            shutil.rmtree(run_dir / "async")
     shutil.rmtree(run_dir)
     return seconds
+
+
+def fsync(path: Path) -> None:
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
 
 
 def first_step(recipe, plan, *, resume_from: Path | None) -> None:
@@ -88,6 +106,7 @@ def main() -> None:
         rows = [one_repeat(recipe, plan, parts, state, Path(scratch), r) for r in range(args.repeats)]
     ratios = {
         "full_over_bare": statistics.median(r["full"] / r["bare"] for r in rows),
+        "full_durable_over_bare_durable": statistics.median(r["full_durable"] / r["bare_durable"] for r in rows),
         "async_blocking_over_full": statistics.median(r["async"] / r["full"] for r in rows),
         "resume_first_step_over_fresh_first_step": statistics.median(r["resume"] / r["fresh"] for r in rows),
     }

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from wmtp_core.hashed_files import save_safetensors_hashed, torch_save_hashed
 from wmtp_core.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -41,30 +42,23 @@ MODEL_FILE, STATE_FILE, SHARDED_DIR = "model.safetensors", "train_state.pt", "sh
 
 def save_checkpoint(
     run_dir: Path, *, step: int, model_state: dict[str, torch.Tensor], train_state: dict, manifest_extra: dict,
-    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None,
+    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None, durable: bool = True,
 ) -> Path:
     """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced.
 
-    export(staging, model_state) may add files (an hf run's save_pretrained copy under hf/); the manifest covers them.
+    The two files are written at the same time, each hashed while it is written (wmtp_core.hashed_files): the sha256
+    is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its hash, the
+    model file hashes in its own writing thread). export(staging, model_state) may add files (an hf
+    run's save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint.
     """
     staging = staging_dir(run_dir, step, owner=str(os.getpid()))
-    save_file(_unshared(model_state), staging / MODEL_FILE)
-    torch.save(train_state, staging / STATE_FILE)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
+        model_file = pool.submit(save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False)
+        described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE), MODEL_FILE: model_file.result()}
     if export is not None:
         export(staging, model_state)
-    return publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "full", **manifest_extra})
-
-
-def _unshared(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, each with its own memory: safetensors refuses tensors that share it, as tied weights do
-    (GPT-2's embedding and unembedding); loading the two copies fills the one parameter twice with the same values."""
-    seen, unshared = set(), {}
-    for name, tensor in model_state.items():
-        tensor = tensor.contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        unshared[name] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    return unshared
+    return publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "full", **manifest_extra},
+                              described=described, durable=durable)
 
 
 def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
@@ -81,25 +75,45 @@ def write_sharded(staging: Path, shards: dict) -> None:
         dcp.save(shards, checkpoint_id=staging / SHARDED_DIR, no_dist=not dist.is_initialized())
 
 
-def publish_checkpoint(staging: Path, run_dir: Path, *, step: int, manifest_extra: dict) -> Path:
-    """fsync what staging holds, write the manifest last, and rename staging to step_<step> atomically."""
-    written = sorted(p for p in staging.rglob("*") if p.is_file())
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        synced = pool.submit(lambda: [_fsync_file(path) for path in written])  # the disk flushes while we hash
-        files = describe_files(staging)
-        synced.result()
+def publish_checkpoint(
+    staging: Path, run_dir: Path, *, step: int, manifest_extra: dict, described: dict | None = None,
+    durable: bool = True,
+) -> Path:
+    """Write the manifest last and rename staging to step_<step> atomically; files not in `described` (manifest
+    entries already computed) are hashed here.
+
+    durable=False returns before the disk has the bytes: the caller must run make_durable(path) before it prunes
+    anything older (a run does so in the background while training goes on). Until then a machine crash may tear
+    this checkpoint, which its checksums reveal; loading then falls back to the older one, still on disk.
+    """
+    described = described or {}
+    files = {**describe_files(staging, skip=set(described)), **described}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, **manifest_extra}
-    _write_synced(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     parent = checkpoints_dir(run_dir)
     final = parent / step_dir_name(step)
     if final.exists():
-        # A retried step: set the old copy aside first so a valid checkpoint exists at every instant.
+        # A retried step: the new copy is made durable and the old one set aside before the swap, so a valid
+        # checkpoint for this step exists at every instant, whatever happens to the machine.
+        make_durable(staging)
         stale = parent / f".old-{step_dir_name(step)}-{os.getpid()}"
         final.rename(stale)
         shutil.rmtree(stale)
     staging.rename(final)
-    _fsync_dir(parent)
+    if durable:
+        make_durable(final)
     return final
+
+
+def make_durable(path: Path) -> None:
+    """fsync every file of a checkpoint directory, the directory and its parent: after this a power loss cannot
+    take the checkpoint. The files are flushed in parallel threads (os.fsync releases the GIL)."""
+    written = sorted(p for p in path.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(written)))) as pool:
+        list(pool.map(_fsync_file, written))
+    for directory in sorted({p.parent for p in written} | {path}, reverse=True):
+        _fsync_dir(directory)
+    _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
@@ -161,13 +175,6 @@ def _single_process_is_intended():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_file(path: Path) -> None:

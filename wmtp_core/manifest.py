@@ -98,10 +98,11 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     return removed
 
 
-def describe_files(directory: Path) -> dict[str, dict]:
-    """describe_file of every file under directory (subdirectories included), keyed by relative POSIX path.
-    Files are hashed in parallel threads (hashlib releases the GIL): hashing dominates a large save."""
-    files = [path for path in sorted(directory.rglob("*")) if path.is_file()]
+def describe_files(directory: Path, *, skip: set[str] = frozenset()) -> dict[str, dict]:
+    """describe_file of every file under directory (subdirectories included, names in skip left out), keyed by
+    relative POSIX path. Files are hashed in parallel threads (hashlib releases the GIL)."""
+    files = [path for path in sorted(directory.rglob("*"))
+             if path.is_file() and path.relative_to(directory).as_posix() not in skip]
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(files)))) as pool:
         described = list(pool.map(describe_file, files))
     return {path.relative_to(directory).as_posix(): entry for path, entry in zip(files, described)}

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from wmtp_core.checkpoint import (
+    STATE_FILE,
     check_shapes_match,
     load_checkpoint,
     load_sharded,
+    make_durable,
     publish_checkpoint,
     save_checkpoint,
     staging_dir,
@@ -27,6 +29,7 @@ from wmtp_core.checkpoint import (
 )
 from wmtp_core.config import Recipe
 from wmtp_core.distributed import DistContext, barrier, broadcast_object, gather_objects, unwrap
+from wmtp_core.hashed_files import torch_save_hashed
 from wmtp_core.manifest import CheckpointError, prune_checkpoints
 from wmtp_core.run_parts import RunParts, TrainState
 from wmtp_core.state_dicts import gather_sharded_state, gather_state, restore_sharded_state, restore_state
@@ -35,10 +38,13 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointWriter:
-    """Runs checkpoint writes, in the caller's thread or (checkpoint.async_save) in one background thread.
+    """Runs checkpoint saves in two parts: write (publish a checkpoint, return its path) and settle (make it durable,
+    then prune older ones).
 
-    At most one write is in flight: a new one first waits for the previous. `wait()` must run before the
-    process exits; a background failure is raised there (or at the next save), never lost.
+    Synchronous (the default): write runs in the caller's thread, settle in a background thread, so training goes
+    on while the disk flushes. checkpoint.async_save: both run in the background. Either way at most one save is in
+    flight: a new one first waits for the previous. `wait()` must run before the process exits; a background
+    failure is raised there (or at the next save), never lost.
     """
 
     def __init__(self, *, background: bool):
@@ -47,16 +53,16 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self.latest: Path | None = None
 
-    def submit(self, write: Callable[[], Path]) -> None:
+    def submit(self, write: Callable[[], Path], settle: Callable[[Path], None] = lambda path: None) -> None:
         self.wait()
-        if not self.background:
-            self.latest = write()
-            return
-        self._thread = threading.Thread(target=self._run, args=(write,), name="wmtp-checkpoint-writer")
-        self._thread.start()
+        if self.background:
+            self._start(lambda: settle(self._written(write())))
+        else:
+            path = self._written(write())
+            self._start(lambda: settle(path))
 
     def wait(self) -> Path | None:
-        """Block until no write is pending; re-raise a background failure; return the newest checkpoint."""
+        """Block until no save is pending; re-raise a background failure; return the newest checkpoint."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -65,9 +71,17 @@ class CheckpointWriter:
             raise CheckpointError(f"background checkpoint write failed: {error}") from error
         return self.latest
 
-    def _run(self, write: Callable[[], Path]) -> None:
+    def _written(self, path: Path) -> Path:
+        self.latest = path
+        return path
+
+    def _start(self, work: Callable[[], None]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(work,), name="wmtp-checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
         try:
-            self.latest = write()
+            work()
         except BaseException as error:  # handed to the training thread by wait()
             self._error = error
 
@@ -85,9 +99,10 @@ def save_run_checkpoint(
     }
     manifest = {"recipe": recipe.model_dump(mode="json"), "torch_version": torch.__version__,
                 "world_size": ctx.world_size, **manifest_extra}
-    keep_last, step = recipe.train.keep_last, state.step
+    step = state.step
+    settle = (lambda path: _settle(path, run_dir, recipe.train.keep_last)) if ctx.is_main else (lambda path: None)
     if recipe.checkpoint.format == "sharded":
-        writer.submit(lambda: _save_sharded(parts, run_dir, step, train_state, manifest, keep_last))
+        writer.submit(lambda: _save_sharded(parts, run_dir, step, train_state, manifest), settle)
         return
     model_state, optim_state = gather_state(parts.model, parts.optimizer, recipe.phases, ctx)
     if writer.background:
@@ -95,19 +110,24 @@ def save_run_checkpoint(
         model_state, optim_state = _copy_tensors(model_state), _copy_tensors(optim_state)
     if ctx.is_main:
         train_state["optimizer"] = optim_state
-        writer.submit(lambda: _save_full(run_dir, step, model_state, train_state, manifest, keep_last, parts.export))
+        writer.submit(lambda: _save_full(run_dir, step, model_state, train_state, manifest, parts.export), settle)
 
 
-def _save_full(run_dir: Path, step: int, model_state: dict, train_state: dict, manifest: dict, keep_last: int,
+def _save_full(run_dir: Path, step: int, model_state: dict, train_state: dict, manifest: dict,
                export: Callable | None = None) -> Path:
     path = save_checkpoint(run_dir, step=step, model_state=model_state, train_state=train_state, manifest_extra=manifest,
-                           export=export)
-    prune_checkpoints(run_dir, keep_last=keep_last)
+                           export=export, durable=False)
     log.info("saved checkpoint %s", path)
     return path
 
 
-def _save_sharded(parts: RunParts, run_dir: Path, step: int, train_state: dict, manifest: dict, keep_last: int) -> Path:
+def _settle(path: Path, run_dir: Path, keep_last: int) -> None:
+    """Make the new checkpoint durable, and only then prune older ones: a crash at any point leaves one to resume."""
+    make_durable(path)
+    prune_checkpoints(run_dir, keep_last=keep_last)
+
+
+def _save_sharded(parts: RunParts, run_dir: Path, step: int, train_state: dict, manifest: dict) -> Path:
     ctx = parts.ctx
     staging = staging_dir(run_dir, step, owner="job") if ctx.is_main else None
     barrier(ctx)  # the staging directory exists (and is empty) before any rank writes into it
@@ -115,9 +135,9 @@ def _save_sharded(parts: RunParts, run_dir: Path, step: int, train_state: dict, 
     write_sharded(staging, gather_sharded_state(parts.model, parts.optimizer))
     path = None
     if ctx.is_main:
-        torch.save(train_state, staging / "train_state.pt")
-        path = publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "sharded", **manifest})
-        prune_checkpoints(run_dir, keep_last=keep_last)
+        described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE)}
+        path = publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "sharded", **manifest},
+                                  described=described, durable=False)
         log.info("saved sharded checkpoint %s", path)
     barrier(ctx)  # no rank moves on (or exits) before the checkpoint is published
     return broadcast_object(path, ctx)

@@ -9,7 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wmtp_core.checkpoint import MODEL_FILE, STATE_FILE, check_shapes_match, load_checkpoint, save_checkpoint
+from wmtp_core.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    check_shapes_match,
+    load_checkpoint,
+    make_durable,
+    save_checkpoint,
+)
 from wmtp_core.config import PhaseGates
 from wmtp_core.manifest import (
     MANIFEST_FILE,
@@ -53,6 +60,21 @@ def test_no_temporary_directory_is_left_behind(tmp_path):
     names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert names == ["step_00000001"]
     assert torch.equal(load_file(tmp_path / "checkpoints/step_00000001" / MODEL_FILE)["w"], torch.full((2, 3), 2.0))
+
+
+def test_checkpoint_published_before_its_fsync_is_complete_and_valid(tmp_path):
+    path = save_checkpoint(tmp_path, step=3, model_state={"w": torch.ones(2)}, train_state={"progress": {"step": 3}},
+                           manifest_extra={}, durable=False)
+    assert verify_checkpoint(path)["step"] == 3  # visible and verified at once; durability follows
+    make_durable(path)
+    assert latest_valid_checkpoint(tmp_path).path == path
+
+
+def test_retried_step_replaces_the_old_checkpoint(tmp_path):
+    _save(tmp_path, 5, value=1.0)
+    path = _save(tmp_path, 5, value=2.0)
+    assert torch.equal(load_file(path / MODEL_FILE)["w"], torch.full((2, 3), 2.0))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000005"]
 
 
 def test_tampered_file_is_detected_and_skipped_for_latest(tmp_path):

@@ -109,3 +109,45 @@ def test_at_most_one_background_write_is_in_flight(tmp_path):
         writer.submit(lambda name=name: slow_write(name))
     assert writer.wait() == tmp_path / "c"
     assert overlaps == [0, 0, 0]
+
+
+def test_sync_save_returns_before_it_settles_and_wait_waits_for_the_settling(tmp_path):
+    writer, settled = CheckpointWriter(background=False), []
+
+    def slow_settle(path: Path) -> None:
+        time.sleep(0.3)
+        settled.append(path)
+
+    started = time.perf_counter()
+    writer.submit(lambda: tmp_path / "a", slow_settle)
+    assert time.perf_counter() - started < 0.25 and settled == []  # training goes on while the disk flushes
+    assert writer.latest == tmp_path / "a"
+    assert writer.wait() == tmp_path / "a" and settled == [tmp_path / "a"]
+
+
+def test_next_save_starts_only_after_the_previous_one_settled(tmp_path):
+    writer, events = CheckpointWriter(background=False), []
+
+    def settle(path: Path) -> None:
+        time.sleep(0.1)
+        events.append(f"settled {path.name}")
+
+    def write(name: str) -> Path:
+        events.append(f"write {name}")
+        return tmp_path / name
+
+    for name in ("a", "b"):
+        writer.submit(lambda name=name: write(name), settle)
+    writer.wait()
+    assert events == ["write a", "settled a", "write b", "settled b"]
+
+
+def test_settle_failure_of_a_sync_save_is_raised_not_lost(tmp_path):
+    writer = CheckpointWriter(background=False)
+
+    def failing_settle(path: Path) -> None:
+        raise OSError("fsync: input/output error")
+
+    writer.submit(lambda: tmp_path / "a", failing_settle)
+    with pytest.raises(CheckpointError, match="input/output error"):
+        writer.wait()
