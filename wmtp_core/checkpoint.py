@@ -3,8 +3,9 @@
 Layout: <run_dir>/checkpoints/step_<8 digits>/ holding model.safetensors (full weights), train_state.pt
 (everything else, loadable with torch.load(weights_only=True)) and manifest.json (sha256 and size per file),
 written last. The sharded format (checkpoint.format=sharded) has a torch.distributed.checkpoint directory
-`sharded/` with model and optimizer shards instead of model.safetensors and the optimizer. The directory is built under a temporary name and appears by an atomic rename, and only
-directories whose manifest verifies count.
+`sharded/` with model and optimizer shards instead of model.safetensors and the optimizer. The directory is built
+under a temporary name and appears by an atomic rename, and only directories whose manifest verifies count; it is
+fsynced on publishing or, for a run's saves, just after (make_durable), before anything older is pruned.
 """
 
 from __future__ import annotations
