@@ -151,3 +151,22 @@ def test_settle_failure_of_a_sync_save_is_raised_not_lost(tmp_path):
     writer.submit(lambda: tmp_path / "a", failing_settle)
     with pytest.raises(CheckpointError, match="input/output error"):
         writer.wait()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_older_checkpoints_are_pruned_only_after_the_newest_is_fsynced(tiny_recipe, tmp_path, monkeypatch, async_save):
+    import wmtp_core.run_checkpoint as run_checkpoint
+
+    on_disk_at_fsync, real_make_durable = {}, run_checkpoint.make_durable
+
+    def recording_make_durable(path: Path) -> None:
+        on_disk_at_fsync[path.name] = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("step_"))
+        real_make_durable(path)
+
+    monkeypatch.setattr(run_checkpoint, "make_durable", recording_make_durable)
+    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2},
+                   checkpoint={"async_save": async_save})
+    _train(recipe, tmp_path)
+    # While step 6 was being made durable, steps 2 and 4 were still there (a crash then leaves 4 to resume from).
+    assert on_disk_at_fsync["step_00000006"] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
