@@ -17,12 +17,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.distributed import init_distributed, launched_by_torchrun, shutdown_distributed
 from wmtp_core.manifest import latest_valid_checkpoint
-from wmtp_core.recipes import load_recipe
-from wmtp_core.stopping import TrainingInterrupted
-from wmtp_core.training import train
 
 METRICS_PREFIX = "WMTP_METRICS "
 EXIT_FAILED, EXIT_TERMINATED = 1, 143
@@ -30,10 +25,18 @@ EXIT_FAILED, EXIT_TERMINATED = 1, 143
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    # Imported here, not at the top: a spawned DataLoader worker re-imports this module (its parent's __main__),
+    # and these (torch.distributed.tensor, sympy, ...) would cost every such worker about 3 s of CPU at start.
+    from wmtp_core.device import plan_devices, probe_environment
+    from wmtp_core.distributed import init_distributed, launched_by_torchrun, shutdown_distributed
+    from wmtp_core.recipes import load_recipe
+    from wmtp_core.stopping import TrainingInterrupted
+    from wmtp_core.training import train
+
     recipe = load_recipe(args.recipe, [])
     plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
     ctx = init_distributed(plan.device, timeout_s=recipe.devices.timeout_s)
-    _configure_logging(ctx.rank)
+    _configure_logging(ctx.rank, prefix=f"[rank {ctx.rank}] " if launched_by_torchrun() else "")
     outcome, status = {"ok": False}, EXIT_FAILED
     try:
         resume_from = _resume_path(args.resume, args.run_dir)
@@ -67,10 +70,9 @@ def _failure(error: BaseException) -> dict:
     return {"ok": False, "error_type": type(error).__name__, "message": str(error).splitlines()[0] if str(error) else ""}
 
 
-def _configure_logging(rank: int) -> None:
+def _configure_logging(rank: int, *, prefix: str) -> None:
     # Rank 0 speaks for the job; the other ranks only report problems, each line saying which rank it is.
     level = logging.INFO if rank == 0 else logging.WARNING
-    prefix = "" if not launched_by_torchrun() else f"[rank {rank}] "
     logging.basicConfig(stream=sys.stdout, level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s", force=True)
 
 
