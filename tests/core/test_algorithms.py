@@ -105,3 +105,21 @@ def test_critic_stage1_early_stopping_ends_the_stage(tiny_recipe, tmp_path):
     train(recipe, tmp_path, plan=_plan(recipe), on_metrics=lambda step, m: reports.append(m))
     # Step 1 sets the best loss; step 2 cannot beat it by 1e9, and patience 1 ends the stage there.
     assert [m["value_pretrain_steps"] for m in reports if "value_pretrain_steps" in m] == [2.0]
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"train": {"algorithm": "rho1-wmtp"}, "rho1": {"reference_steps": 20, "selection_mode": "token_skip"}},
+        {"train": {"algorithm": "critic-wmtp"}, "critic": {"pretrain_steps": 20}, "loss": {"weight_norm": "token_mean1_clip"}},
+    ],
+    ids=["rho1-token-skip", "critic-token-mean1-clip"],
+)
+def test_algorithm_variant_trains_and_eval_loss_falls(tiny_recipe, tmp_path, sections):
+    """The non-default selection and normalisation modes learn too (the defaults run end to end through `wmtp train`
+    in tests/flows/test_algorithms_end_to_end.py)."""
+    recipe = _with(tiny_recipe, **sections)
+    recipe = _with(recipe, train={**sections["train"], "max_steps": 40, "save_every": 20, "eval_every": 20})
+    result = train(recipe, tmp_path, plan=_plan(recipe))
+    assert result.steps == 40
+    assert result.final_eval_loss < 0.85 * result.initial_eval_loss
