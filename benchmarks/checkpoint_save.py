@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from wmtp_core.checkpoint import fsync_file
 from wmtp_core.device import plan_devices, probe_environment
 from wmtp_core.recipes import load_recipe
 from wmtp_core.run_checkpoint import CheckpointWriter, restore_checkpoint, save_run_checkpoint
@@ -63,7 +63,7 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
     for name in order:
         seconds[name] = timed(contenders[name])
         if name == "bare":
-            seconds["bare_durable"] = seconds["bare"] + timed(lambda: fsync(bare_file))
+            seconds["bare_durable"] = seconds["bare"] + timed(lambda: fsync_file(bare_file))
             bare_file.unlink()
         if name == "full":
             seconds["full_durable"] = seconds["full"] + timed(sync_writer.wait)
@@ -75,11 +75,6 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
             shutil.rmtree(run_dir / "async")
     shutil.rmtree(run_dir)
     return seconds
-
-
-def fsync(path: Path) -> None:
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
 
 
 def first_step(recipe, plan, *, resume_from: Path | None) -> None:

@@ -111,7 +111,7 @@ def make_durable(path: Path) -> None:
     take the checkpoint. The files are flushed in parallel threads (os.fsync releases the GIL)."""
     written = sorted(p for p in path.rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(written)))) as pool:
-        list(pool.map(_fsync_file, written))
+        list(pool.map(fsync_file, written))
     for directory in sorted({p.parent for p in written} | {path}, reverse=True):
         _fsync_dir(directory)
     _fsync_dir(path.parent)
@@ -178,7 +178,7 @@ def _single_process_is_intended():
         yield
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with path.open("rb+") as f:
         os.fsync(f.fileno())
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from wmtp_core.manifest import file_entry
 
 # Below this a chunk is hashed in the writing thread: handing it to the helper would cost more than hashing it.
 _INLINE_BYTES = 1 << 16
@@ -28,6 +31,9 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 _LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
+
+# torch's CRC32 switch is process-wide: saves that turn it off and back on must not interleave.
+_CRC32_SWITCH = threading.Lock()
 
 
 class HashingFile:
@@ -63,7 +69,7 @@ class HashingFile:
         """Close the file (again is harmless) and return its manifest entry: {"sha256": hex digest, "size": bytes}."""
         self._file.close()
         self._helper.shutdown()
-        return {"sha256": self._sha256.hexdigest(), "size": self.size}
+        return file_entry(self._sha256.hexdigest(), self.size)
 
     def __enter__(self) -> HashingFile:
         return self
@@ -80,16 +86,18 @@ def torch_save_hashed(obj, path: Path) -> dict:
     """torch.save(obj) to path; return its manifest entry.
 
     torch's zip writer would also compute a CRC32 of every record: a second, slower checksum of bytes the manifest's
-    sha256 already covers (about 40% of torch.save's time), so it is skipped; torch.load does not need it.
+    sha256 already covers (about 40% of torch.save's time), so it is skipped; torch.load does not need it. torch
+    offers only a process-wide switch for it, which is turned back to what it was when the save ends.
     """
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        with HashingFile(path) as file:
-            torch.save(obj, file)
-            return file.close()
-    finally:
-        torch.serialization.set_crc32_options(previous)
+    with _CRC32_SWITCH:
+        previous = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with HashingFile(path) as file:
+                torch.save(obj, file)
+                return file.close()
+        finally:
+            torch.serialization.set_crc32_options(previous)
 
 
 def save_safetensors_hashed(tensors: dict[str, torch.Tensor], path: Path, *, pipelined: bool = True) -> dict:

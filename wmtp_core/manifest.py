@@ -109,8 +109,13 @@ def describe_files(directory: Path, *, skip: set[str] = frozenset()) -> dict[str
 
 
 def describe_file(path: Path) -> dict:
-    """The manifest entry of one file: its sha256 and size."""
-    return {"sha256": _sha256(path), "size": path.stat().st_size}
+    """The manifest entry of one file already on disk (read back to hash it)."""
+    return file_entry(_sha256(path), path.stat().st_size)
+
+
+def file_entry(sha256_hex: str, size: int) -> dict:
+    """One file's manifest entry: its sha256 and its size in bytes."""
+    return {"sha256": sha256_hex, "size": size}
 
 
 def _verify_file(path: Path, expected: dict, *, checksum: bool = True) -> None:

@@ -53,12 +53,13 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self.latest: Path | None = None
 
-    def submit(self, write: Callable[[], Path], settle: Callable[[Path], None] = lambda path: None) -> None:
+    def submit(self, write: Callable[[], Path], settle: Callable[[Path], None] | None = None) -> None:
         self.wait()
         if self.background:
-            self._start(lambda: settle(self._written(write())))
-        else:
-            path = self._written(write())
+            self._start(lambda: self._save(write, settle))
+            return
+        self.latest = path = write()
+        if settle is not None:
             self._start(lambda: settle(path))
 
     def wait(self) -> Path | None:
@@ -71,9 +72,10 @@ class CheckpointWriter:
             raise CheckpointError(f"background checkpoint write failed: {error}") from error
         return self.latest
 
-    def _written(self, path: Path) -> Path:
-        self.latest = path
-        return path
+    def _save(self, write: Callable[[], Path], settle: Callable[[Path], None] | None) -> None:
+        self.latest = path = write()
+        if settle is not None:
+            settle(path)
 
     def _start(self, work: Callable[[], None]) -> None:
         self._thread = threading.Thread(target=self._run, args=(work,), name="wmtp-checkpoint-writer")
@@ -100,7 +102,7 @@ def save_run_checkpoint(
     manifest = {"recipe": recipe.model_dump(mode="json"), "torch_version": torch.__version__,
                 "world_size": ctx.world_size, **manifest_extra}
     step = state.step
-    settle = (lambda path: _settle(path, run_dir, recipe.train.keep_last)) if ctx.is_main else (lambda path: None)
+    settle = (lambda path: _settle(path, run_dir, recipe.train.keep_last)) if ctx.is_main else None
     if recipe.checkpoint.format == "sharded":
         writer.submit(lambda: _save_sharded(parts, run_dir, step, train_state, manifest), settle)
         return
