@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +18,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
-from wmtp_core.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
-from wmtp_core.tokenizer import ByteTokenizer
 from wmtp_core.config import Recipe
+from wmtp_core.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
 from wmtp_core.recipes import flatten_recipe
 
 log = logging.getLogger(__name__)
@@ -141,21 +139,37 @@ def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
 
 
 def upload_final_model(run_id: str, run_dir: Path) -> bool:
-    """Log the newest checkpoint's weights as `final_model/` (safetensors + model_config.json, no pickle) once.
-
-    Load it with `wmtp_core.model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
+    """Log the newest checkpoint's model as `final_model/` (wmtp_core.final_model: safetensors and a config, no
+    pickle; an hf trunk as save_pretrained writes it), unless it is there already for that step. A resume that
+    trains on replaces it. Load it with
+    `wmtp_core.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
     """
+    from wmtp_core.final_model import (
+        write_final_model,  # torch loads here, not when a flow module is imported
+    )
+
     mlflow = client()
     latest = latest_valid_checkpoint(run_dir)
-    if latest is None or mlflow.list_artifacts(run_id, "final_model"):
+    if latest is None or _final_model_step(mlflow, run_id) == latest.step:
         return False
-    recipe = json.loads((latest.path / "manifest.json").read_text())["recipe"]
     with tempfile.TemporaryDirectory() as staging:
-        shutil.copy2(latest.path / "model.safetensors", staging)
-        config = {"model": recipe["model"], "vocab_size": ByteTokenizer().vocab_size, "step": latest.step, "algorithm": recipe["train"]["algorithm"]}
-        (Path(staging) / FINAL_MODEL_CONFIG).write_text(json.dumps(config, indent=2))
-        mlflow.log_artifacts(run_id, staging, "final_model")
+        write_final_model(latest.path, Path(staging))
+        config = Path(staging) / FINAL_MODEL_CONFIG
+        with tempfile.TemporaryDirectory() as held_back:
+            # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
+            config = config.rename(Path(held_back) / FINAL_MODEL_CONFIG)
+            mlflow.log_artifacts(run_id, staging, "final_model")
+            mlflow.log_artifact(run_id, str(config), "final_model")
     return True
+
+
+def _final_model_step(mlflow: MlflowClient, run_id: str) -> int | None:
+    """The step of the run's uploaded final model, None if it has none."""
+    if f"final_model/{FINAL_MODEL_CONFIG}" not in {artifact.path for artifact in mlflow.list_artifacts(run_id, "final_model")}:
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        config = mlflow.download_artifacts(run_id, f"final_model/{FINAL_MODEL_CONFIG}", scratch)
+        return json.loads(Path(config).read_text())["step"]
 
 
 def upload_run(run_id: str, run_dir: Path, *, succeeded: bool, finished: bool = True) -> list[str]:

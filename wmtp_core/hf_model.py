@@ -161,10 +161,14 @@ def _extra_heads(lm: nn.Module, path: str, *, count: int) -> nn.ModuleList:
 
 
 def export_pretrained(model: HFMTPModel, tokenizer: HFTokenizer, checkpoint_dir: Path, model_state: dict) -> None:
-    """Write checkpoint_dir/hf/ from the full model state: the trunk with its next-token head as save_pretrained
-    writes it (AutoModelForCausalLM.from_pretrained loads it), its tokenizer, and the extra heads in
-    mtp_heads.safetensors (so model.path=<that directory> trains on with every head)."""
-    out = Path(checkpoint_dir) / HF_EXPORT_DIR
+    """Write checkpoint_dir/hf/ from the full model state (see save_mtp_pretrained)."""
+    save_mtp_pretrained(model, tokenizer, Path(checkpoint_dir) / HF_EXPORT_DIR, model_state)
+
+
+def save_mtp_pretrained(model: HFMTPModel, tokenizer: HFTokenizer, out: Path, model_state: dict) -> None:
+    """Write into out, from the full model state: the trunk with its next-token head as save_pretrained writes it
+    (AutoModelForCausalLM.from_pretrained loads it), its tokenizer, and the extra heads in mtp_heads.safetensors
+    (so model.path=<out> trains on with every head)."""
     lm_state = {name.removeprefix("lm."): t for name, t in model_state.items() if name.startswith("lm.")}
     heads_state = {name.removeprefix("extra_heads."): t.contiguous()
                    for name, t in model_state.items() if name.startswith("extra_heads.")}

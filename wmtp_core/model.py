@@ -6,18 +6,13 @@ Shapes: B batch, T time, D model width, K horizon (heads), V vocabulary.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safetensors.torch import load_file
-
 from wmtp_core.config import ModelConfig
-from wmtp_core.manifest import FINAL_MODEL_CONFIG
 
 
 class CausalSelfAttention(nn.Module):
@@ -127,13 +122,3 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-def load_final_model(directory: Path) -> MTPTransformer:
-    """A model exported as model.safetensors + model_config.json (the MLflow run's `final_model/` artifact)."""
-    config = json.loads((Path(directory) / FINAL_MODEL_CONFIG).read_text())
-    weights = load_file(Path(directory) / "model.safetensors")
-    with_value_head = any(name.startswith("value_head.") for name in weights)
-    model = MTPTransformer(ModelConfig(**config["model"]), vocab_size=config["vocab_size"], with_value_head=with_value_head)
-    model.load_state_dict(weights)
-    return model.eval()

@@ -80,13 +80,13 @@ def build_run_parts(
 ) -> RunParts:
     """Tokenize the data, build the model on the plan's device, wrap it for DDP/FSDP, then build the optimizer
     (after wrapping: FSDP replaces the parameters, an optimizer built earlier would update stale ones)."""
-    tokenizer = _tokenizer(recipe.model)
+    tokenizer = build_tokenizer(recipe.model)
     records = load_records(recipe.data.path or builtin_dataset_path())
     train_records, eval_records = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     max_len = recipe.model.max_seq_len
     collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
     critic = recipe.train.algorithm == "critic-wmtp"
-    model = _model(recipe.model, tokenizer, with_value_head=critic).to(plan.device)
+    model = build_model(recipe.model, tokenizer, with_value_head=critic).to(plan.device)
     export = partial(export_pretrained, model, tokenizer) if isinstance(model, HFMTPModel) else None
     decayed = decayed_parameter_names(model)  # before wrapping: FSDP1 flattens the shapes it is decided by
     model = wrap_model(model, recipe, ctx, plan.device)
@@ -110,11 +110,12 @@ def build_run_parts(
     )
 
 
-def _tokenizer(cfg: ModelConfig) -> Tokenizer:
+def build_tokenizer(cfg: ModelConfig) -> Tokenizer:
+    """The byte tokenizer, or the hf model's own tokenizer from model.path."""
     return load_hf_tokenizer(cfg.path) if cfg.source == "hf" else ByteTokenizer()
 
 
-def _model(cfg: ModelConfig, tokenizer: Tokenizer, *, with_value_head: bool) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, tokenizer: Tokenizer, *, with_value_head: bool) -> torch.nn.Module:
     """The built-in MTPTransformer, or the hf causal LM with MTP heads (fp32 master weights; autocast computes)."""
     if cfg.source == "hf":
         return load_hf_mtp_model(cfg.path, horizon=cfg.horizon, max_seq_len=cfg.max_seq_len, with_value_head=with_value_head)

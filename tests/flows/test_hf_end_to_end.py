@@ -45,7 +45,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     ids=["baseline-gpt2", "critic-llama", "rho1-hf-reference-llama", "rho1-brief-reference-gpt2"],
 )
 def test_algorithm_trains_resumes_and_exports_a_trunk_transformers_loads(
-    wmtp_home, model_dirs, prefect_api_url, kind, settings
+    wmtp_home, model_dirs, prefect_api_url, kind, settings, tmp_path
 ):
     settings = [s.format(**{k: str(v) for k, v in model_dirs.items()}) for s in settings]
     recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={model_dirs[kind]}", *settings, "run.name=hf"])
@@ -57,16 +57,24 @@ def test_algorithm_trains_resumes_and_exports_a_trunk_transformers_loads(
     assert (summary["status"], summary["resumed_from_step"], summary["steps"]) == ("completed", 4, 6)
     checkpoint = Path(summary["latest_checkpoint"])
     _assert_export_predicts_as_the_checkpoint(checkpoint, model_dirs[kind], critic="critic" in settings[0])
-    if recipe.tracking.enabled:  # the export travels with the checkpoint to MLflow
-        uploaded = MlflowClient(tracking_uri()).list_artifacts(summary["mlflow_run_id"], f"checkpoints/{checkpoint.name}/hf")
+    if recipe.tracking.enabled:  # the export travels with the checkpoint to MLflow, and is the final model
+        mlflow = MlflowClient(tracking_uri())
+        uploaded = mlflow.list_artifacts(summary["mlflow_run_id"], f"checkpoints/{checkpoint.name}/hf")
         assert f"checkpoints/{checkpoint.name}/hf/model.safetensors" in {a.path for a in uploaded}
+        final = Path(mlflow.download_artifacts(summary["mlflow_run_id"], "final_model", str(tmp_path / "final")))
+        assert (final / "mtp_heads.safetensors").is_file()
+        _assert_export_predicts_as_the_checkpoint(checkpoint, model_dirs[kind], critic=False, export=final)
 
 
-def _assert_export_predicts_as_the_checkpoint(checkpoint: Path, original: Path, *, critic: bool) -> None:
+def _assert_export_predicts_as_the_checkpoint(
+    checkpoint: Path, original: Path, *, critic: bool, export: Path | None = None
+) -> None:
+    """The checkpoint's hf/ export (or the given export of it) predicts as the checkpoint's model, every head."""
+    export = export or checkpoint / HF_EXPORT_DIR
     trained = load_hf_mtp_model(str(original), horizon=3, max_seq_len=64, with_value_head=critic).eval()
     trained.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    exported = AutoModelForCausalLM.from_pretrained(checkpoint / HF_EXPORT_DIR).eval()
-    every_head = load_hf_mtp_model(str(checkpoint / HF_EXPORT_DIR), horizon=3, max_seq_len=64).eval()
+    exported = AutoModelForCausalLM.from_pretrained(export).eval()
+    every_head = load_hf_mtp_model(str(export), horizon=3, max_seq_len=64).eval()
     tokens_BT = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected_BTKV = trained(tokens_BT)

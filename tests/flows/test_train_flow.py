@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 import tasks.training
 from flows.train import wmtp_train
-from tasks.tracking import MetricsSink, tracking_uri
+from tasks.tracking import PENDING_UPLOADS_FILE, MetricsSink, tracking_uri
 from wmtp_core.config import PhaseGates
 from wmtp_core.manifest import list_checkpoints
 
@@ -59,6 +59,17 @@ def test_train_flow_checkpoints_logs_and_summarises(prefect_api_url, wmtp_home, 
     assert "summary.json" in _artifacts(run.info.run_id)
     assert sorted(_flow_run_artifact_keys(state.state_details.flow_run_id)) == [
         "wmtp-checkpoints-flow-ok", "wmtp-progress-flow-ok", "wmtp-summary-flow-ok"]
+
+
+def test_a_sharded_run_ends_its_mlflow_run_with_a_final_model_and_owes_no_uploads(prefect_api_url, wmtp_home, tiny_recipe):
+    recipe = _named(tiny_recipe, "flow-sharded")
+    recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"format": "sharded"})})
+    state = wmtp_train(recipe=recipe, return_state=True)
+    assert state.is_completed(), state.message
+    run_id = _summary(wmtp_home, "flow-sharded")["mlflow_run_id"]
+    assert MlflowClient(tracking_uri()).get_run(run_id).info.status == "FINISHED"
+    assert _artifacts(run_id, "final_model") == ["final_model/model.safetensors", "final_model/model_config.json"]
+    assert not (wmtp_home / "runs" / "flow-sharded" / PENDING_UPLOADS_FILE).exists()
 
 
 def test_phases_parameter_overrides_the_recipe_and_legacy_checkpoint_fails_with_one_line(prefect_api_url, wmtp_home, tiny_recipe):
