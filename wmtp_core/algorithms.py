@@ -53,8 +53,10 @@ def algorithm_loss(
     model: torch.nn.Module, mb: MicroBatch, *, recipe: Recipe, plan: DevicePlan, reference: torch.nn.Module | None
 ) -> tuple[torch.Tensor, Metrics]:
     """The scaled weighted MTP loss (+ the critic's value loss) and its metrics as 0-dim tensors."""
+    critic = recipe.train.algorithm == "critic-wmtp"
     with autocast_context(plan):
-        h_BTD, logits_BTKV = model(mb.tokens_BT, return_hidden=True)
+        outputs = model(mb.tokens_BT, return_values=critic)
+    logits_BTKV, values_BT = outputs if critic else (outputs, None)
     ce_BTK = head_cross_entropy(logits_BTKV, mb.labels_BTK)
     metrics: Metrics = {}
     extra_loss = torch.zeros((), device=ce_BTK.device)
@@ -64,7 +66,7 @@ def algorithm_loss(
         case "rho1-wmtp":
             weights_BTK, metrics = rho1_weights(ce_BTK, mb, recipe=recipe, plan=plan, reference=reference)
         case "critic-wmtp":
-            weights_BTK, extra_loss, metrics = critic_weights(model, h_BTD, mb, recipe=recipe)
+            weights_BTK, extra_loss, metrics = critic_weights(values_BT, mb, recipe=recipe)
     wmtp_loss = _combine(ce_BTK, weights_BTK, mb, recipe)
     metrics.update(weight_stats(weights_BTK, mb.mask_BTK), wmtp_loss=wmtp_loss.detach())
     head_ce_K = mean_ce_per_head(ce_BTK.detach(), mb.mask_BTK)
@@ -89,12 +91,10 @@ def rho1_weights(
     return selected_BTK, {"skipped_token_ratio": skipped, "excess_mean": _masked_mean(excess_BTK, mb.mask_BTK)}
 
 
-def critic_weights(
-    model: torch.nn.Module, h_BTD: torch.Tensor, mb: MicroBatch, *, recipe: Recipe
-) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
-    """TD-difference weights softmaxed over heads, and c_aux * MSE(V, GAE returns) as the auxiliary loss."""
+def critic_weights(values_BT: torch.Tensor, mb: MicroBatch, *, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+    """TD-difference weights softmaxed over heads, and c_aux * MSE(V, GAE returns) as the auxiliary loss; values_BT
+    from the model's value head (forward with return_values)."""
     critic = recipe.critic
-    values_BT = model.value_head(h_BTD.float())
     scores_BTK = critic_head_scores(
         values_BT, mb.valid_BT, discount_lambda=critic.discount_lambda, horizon=mb.labels_BTK.shape[-1]
     )

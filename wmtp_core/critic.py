@@ -1,7 +1,9 @@
 """critic-wmtp Stage 1: pretrain the value head against GAE-spread sequence rewards with the trunk frozen.
 
-It stops at critic.pretrain_steps or when the value loss has not improved by pretrain_min_delta for
-pretrain_patience steps (the whole stage stops, unlike the original's inner-loop-only break).
+A step is one global batch, as in training: grad_accumulation_steps micro-batches on each process, the value head's
+gradients averaged over processes. It stops at critic.pretrain_steps or when the value loss (the mean over
+processes, so every rank stops at the same step) has not improved by pretrain_min_delta for pretrain_patience steps
+(the whole stage stops, unlike the original's inner-loop-only break).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from wmtp_core.algorithms import MicroBatch
 from wmtp_core.config import Recipe
 from wmtp_core.device import DevicePlan, autocast_context
+from wmtp_core.distributed import all_reduce_mean, gradients_averaged_by_hand, sharded_parameters_in_place, unwrap
 from wmtp_core.run_parts import RunParts, TrainState, batch_stream
 from wmtp_core.weights import spread_rewards, value_pretrain_targets
 
@@ -20,20 +23,26 @@ log = logging.getLogger(__name__)
 
 
 def pretrain_value_head(parts: RunParts, *, recipe: Recipe, plan: DevicePlan) -> dict[str, float]:
-    """Train only parts.model.value_head; returns the steps run and the last value loss."""
+    """Train only the model's value head; returns the steps run and the last value loss."""
     critic = recipe.critic
-    head = parts.model.value_head
-    optimizer = torch.optim.AdamW(head.parameters(), lr=critic.pretrain_lr)
+    sharded_parameters_in_place(parts.model)  # after the initial eval: the optimizer must hold FSDP's own parameters
+    head_params = list(unwrap(parts.model).value_head.parameters())
+    optimizer = torch.optim.AdamW(head_params, lr=critic.pretrain_lr)
+    accumulation = recipe.train.grad_accumulation_steps
     # Its own data position, so Stage 2 sees the same batch order as a run that skipped Stage 1.
     batches = batch_stream(parts, TrainState())
     best, stale, loss_value, steps = float("inf"), 0, float("nan"), 0
     try:
         for steps in range(1, critic.pretrain_steps + 1):
-            loss = value_pretrain_loss(parts, next(batches), recipe=recipe, plan=plan)
-            loss.backward()
+            step_loss = torch.zeros((), device=plan.device)
+            with gradients_averaged_by_hand(parts.model, head_params, parts.ctx):
+                for _ in range(accumulation):
+                    loss = value_pretrain_loss(parts, next(batches), recipe=recipe, plan=plan) / accumulation
+                    loss.backward()
+                    step_loss += loss.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()
+            loss_value = all_reduce_mean(step_loss, parts.ctx).item()
             best, stale = (loss_value, 0) if loss_value < best - critic.pretrain_min_delta else (best, stale + 1)
             if stale >= critic.pretrain_patience:
                 log.info("critic Stage 1: value loss flat for %d steps, stopping at step %d", stale, steps)
@@ -47,9 +56,8 @@ def pretrain_value_head(parts: RunParts, *, recipe: Recipe, plan: DevicePlan) ->
 def value_pretrain_loss(parts: RunParts, batch: dict, *, recipe: Recipe, plan: DevicePlan) -> torch.Tensor:
     """MSE between V(h_t) and the discounted spread reward, over real tokens; the trunk gets no gradient."""
     mb = MicroBatch.from_batch(batch, device=plan.device, pad_id=parts.pad_id)
-    with torch.no_grad(), autocast_context(plan):
-        h_BTD = parts.model.trunk_hidden(mb.tokens_BT)
-    values_BT = parts.model.value_head(h_BTD.float())
+    with autocast_context(plan):
+        values_BT = parts.model(mb.tokens_BT, values_only=True)  # through DDP/FSDP's forward, which they hook
     rewards_BT = spread_rewards(mb.rewards_B, mb.valid_BT)
     targets_BT = value_pretrain_targets(rewards_BT, mb.valid_BT, gamma=recipe.critic.gamma, gae_lambda=recipe.critic.gae_lambda)
     return ((values_BT - targets_BT) ** 2 * mb.valid_BT).sum() / mb.valid_BT.sum().clamp_min(1.0)

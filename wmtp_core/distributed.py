@@ -7,8 +7,10 @@ instead of hanging it; torchrun then stops the other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -71,9 +73,6 @@ def check_strategy(recipe: Recipe, ctx: DistContext) -> None:
     strategy = recipe.devices.strategy
     if ctx.active and strategy == "single":
         raise ValueError(f"{ctx.world_size} processes but devices.strategy=single; set devices.strategy=ddp or fsdp")
-    if ctx.active and recipe.train.algorithm == "critic-wmtp":
-        raise ValueError("critic-wmtp trains its value head in a separate stage that is single-process for now; "
-                         "set devices.strategy=single and devices.nproc_per_node=1")
     if recipe.checkpoint.format == "sharded" and not recipe.phases.api:
         raise ValueError("checkpoint.format=sharded needs torch.distributed.checkpoint; set phases.api=true")
 
@@ -119,6 +118,30 @@ def all_reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= ctx.world_size
     return values
+
+
+def sharded_parameters_in_place(model: torch.nn.Module) -> None:
+    """FSDP2 leaves the root module's parameters unsharded after a forward without a backward (an eval). Reshard
+    them, so that module.parameters() are the sharded ones the optimizer must hold."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+@contextlib.contextmanager
+def gradients_averaged_by_hand(model: torch.nn.Module, params: list[torch.nn.Parameter], ctx: DistContext) -> Iterator[None]:
+    """Around a backward that reaches only `params` (critic Stage 1: the value head). DDP would wait for every
+    parameter's gradient, so its own reduction is off inside and params' gradients are averaged over ranks on
+    exit. FSDP reduces whatever gradients exist by itself, and one process needs nothing."""
+    if not isinstance(model, DDP):
+        yield
+        return
+    with model.no_sync():
+        yield
+    for param in params:
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad /= ctx.world_size
 
 
 def max_over_ranks(value: int, ctx: DistContext) -> int:

@@ -60,14 +60,19 @@ class HFMTPModel(nn.Module):
         """What FSDP shards one by one (wmtp_core.distributed asks the model): see decoder_layer_classes."""
         return decoder_layer_classes(self)
 
-    def forward(self, tokens_BT: torch.Tensor, *, return_hidden: bool = False):
-        """logits_BTKV, or (h_BTD, logits_BTKV) with return_hidden (h: the trunk's output, the heads' input)."""
+    def forward(self, tokens_BT: torch.Tensor, *, return_values: bool = False, values_only: bool = False):
+        """logits_BTKV; (logits_BTKV, values_BT) with return_values; values_only: values_BT alone, the trunk run
+        without gradient (critic-wmtp's Stage 1). The values read the trunk's output, the heads' input."""
+        if values_only:
+            with torch.no_grad():
+                h_BTD = self.trunk_hidden(tokens_BT)
+            return self.value_head(h_BTD)
         self._check_length(tokens_BT)
         with _LayerCall(self.decoder_layers()[-1]) as last_layer:
             head0_BTV = self.lm(input_ids=tokens_BT, use_cache=False).logits
         logits = [head0_BTV] + [self._head_logits(head, last_layer) for head in self.extra_heads]
         logits_BTKV = torch.stack(logits, dim=2)
-        return (last_layer.hidden_BTD, logits_BTKV) if return_hidden else logits_BTKV
+        return (logits_BTKV, self.value_head(last_layer.hidden_BTD)) if return_values else logits_BTKV
 
     def trunk_hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """The shared trunk's last hidden state h_BTD (the input of every head)."""

@@ -64,7 +64,9 @@ class ValueHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(d_model, d_model // 2), nn.ReLU(), nn.Linear(d_model // 2, 1))
 
     def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        return self.net(h_BTD).squeeze(-1)
+        """V_BT in fp32 under any autocast: TD weights and GAE targets are differences of values, which bf16 blurs."""
+        with torch.autocast(h_BTD.device.type, enabled=False):
+            return self.net(h_BTD.float()).squeeze(-1)
 
 
 class MTPTransformer(nn.Module):
@@ -107,14 +109,19 @@ class MTPTransformer(nn.Module):
         head_states_BTKD = torch.stack([head(h_BTD) for head in self.heads], dim=2)
         return self.unembedding(self.final_norm(head_states_BTKD))
 
-    def forward(self, tokens_BT: torch.Tensor, *, return_hidden: bool = False):
-        """logits_BTKV, or (h_BTD, logits_BTKV) with return_hidden.
+    def forward(self, tokens_BT: torch.Tensor, *, return_values: bool = False, values_only: bool = False):
+        """logits_BTKV; (logits_BTKV, values_BT) with return_values; values_only: values_BT alone, the trunk run
+        without gradient (critic-wmtp's Stage 1 trains the value head by itself).
 
         Training goes through forward (not trunk_hidden/heads_logits) because DDP and FSDP hook forward only.
         """
+        if values_only:
+            with torch.no_grad():
+                h_BTD = self.trunk_hidden(tokens_BT)
+            return self.value_head(h_BTD)
         h_BTD = self.trunk_hidden(tokens_BT)
         logits_BTKV = self.heads_logits(h_BTD)
-        return (h_BTD, logits_BTKV) if return_hidden else logits_BTKV
+        return (logits_BTKV, self.value_head(h_BTD)) if return_values else logits_BTKV
 
 
 def _init_weights(module: nn.Module) -> None:

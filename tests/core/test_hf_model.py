@@ -64,11 +64,12 @@ def test_extra_heads_start_as_copies_of_the_last_layer_and_then_predict_on_their
     assert not torch.allclose(after_BTKV[:, :, 1], before_BTKV[:, :, 1])
 
 
-def test_trunk_hidden_is_the_input_of_every_head_and_gradients_reach_all_parts(model_dirs):
+def test_values_read_the_trunk_output_and_gradients_reach_all_parts(model_dirs):
     model = load_hf_mtp_model(str(model_dirs["llama"]), horizon=3, max_seq_len=64, with_value_head=True)
-    h_BTD, logits_BTKV = model(_tokens(), return_hidden=True)
-    torch.testing.assert_close(model.trunk_hidden(_tokens()), h_BTD)
-    (logits_BTKV.logsumexp(-1).mean() + model.value_head(h_BTD).mean()).backward()
+    logits_BTKV, values_BT = model(_tokens(), return_values=True)
+    torch.testing.assert_close(model.value_head(model.trunk_hidden(_tokens())), values_BT)
+    torch.testing.assert_close(model(_tokens(), values_only=True), values_BT)
+    (logits_BTKV.logsumexp(-1).mean() + values_BT.mean()).backward()
     for part in (model.lm.model.layers[0], model.lm.model.layers[-1], *model.extra_heads, model.value_head):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 

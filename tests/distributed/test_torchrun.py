@@ -40,6 +40,12 @@ def two_process_recipe(layout: str, *extra: str):
 
 def torchrun(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict, dict[int, float]]:
     """Run the worker on 2 processes; return rank 0's outcome and its loss per step."""
+    outcome, reports = torchrun_reports(recipe, run_dir, resume=resume)
+    return outcome, {r["step"]: r["metrics"]["loss"] for r in reports if "loss" in r["metrics"]}
+
+
+def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict, list[dict]]:
+    """Run the worker on 2 processes; return rank 0's outcome and its metric reports ({"step", "metrics"})."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -47,12 +53,8 @@ def torchrun(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict,
                "--result", str(run_dir / "result.json")] + (["--resume", resume] if resume else [])
     out = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return json.loads((run_dir / "result.json").read_text()), losses_from(out.stdout)
-
-
-def losses_from(stdout: str) -> dict[int, float]:
-    reports = [json.loads(line[len(METRICS_PREFIX):]) for line in stdout.splitlines() if line.startswith(METRICS_PREFIX)]
-    return {r["step"]: r["metrics"]["loss"] for r in reports if "loss" in r["metrics"]}
+    reports = [json.loads(line[len(METRICS_PREFIX):]) for line in out.stdout.splitlines() if line.startswith(METRICS_PREFIX)]
+    return json.loads((run_dir / "result.json").read_text()), reports
 
 
 def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
@@ -149,3 +151,26 @@ def test_one_process_with_accumulation_matches_two_process_ddp_and_fsdp(straight
     assert losses == pytest.approx(ddp_losses, rel=1e-5) and losses == pytest.approx(fsdp_losses, rel=1e-5)
     assert_same_weights(final_weights(ddp_dir), final_weights(tmp_path))
     assert_same_weights(final_weights(fsdp_dir), final_weights(tmp_path))
+
+
+CRITIC = ["train.algorithm=critic-wmtp", "critic.pretrain_steps=3", "critic.pretrain_patience=10"]
+
+
+def test_critic_on_two_processes_matches_one_process_with_accumulation(tmp_path):
+    """Stage 1 (the value head alone, the trunk frozen) and Stage 2 on DDP and FSDP2: the value pretraining loss,
+    the loss trajectory and the final weights, value head included, equal one process's with the same global batch."""
+    recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, *CRITIC, "train.grad_accumulation_steps=2"])
+    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    expected = []
+    train(recipe, tmp_path / "single", plan=plan, on_metrics=lambda step, metrics: expected.append((step, metrics)))
+    stage1 = {k: v for _, m in expected for k, v in m.items() if k.startswith("value_pretrain")}
+    losses = {step: m["loss"] for step, m in expected if "loss" in m}
+    assert stage1["value_pretrain_steps"] == 3.0 and sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for layout in ("ddp", "fsdp"):
+        outcome, reports = torchrun_reports(two_process_recipe(layout, *CRITIC), tmp_path / layout)
+        assert outcome["ok"] and outcome["result"]["steps"] == 6, layout
+        assert {k: v for r in reports for k, v in r["metrics"].items() if k in stage1} == pytest.approx(stage1, rel=1e-5)
+        assert {r["step"]: r["metrics"]["loss"] for r in reports if "loss" in r["metrics"]} == pytest.approx(losses, rel=1e-5)
+        weights = final_weights(tmp_path / layout)
+        assert any(name.startswith("value_head.") for name in weights)
+        assert_same_weights(final_weights(tmp_path / "single"), weights)
