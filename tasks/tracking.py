@@ -144,22 +144,20 @@ def upload_final_model(run_id: str, run_dir: Path) -> bool:
     trains on replaces it. Load it with
     `wmtp_core.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
     """
-    from wmtp_core.final_model import (
-        write_final_model,  # torch loads here, not when a flow module is imported
-    )
+    from wmtp_core.final_model import write_final_model  # torch loads here, not when a flow module is imported
 
     mlflow = client()
     latest = latest_valid_checkpoint(run_dir)
     if latest is None or _final_model_step(mlflow, run_id) == latest.step:
         return False
-    with tempfile.TemporaryDirectory() as staging:
-        write_final_model(latest.path, Path(staging))
-        config = Path(staging) / FINAL_MODEL_CONFIG
-        with tempfile.TemporaryDirectory() as held_back:
-            # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
-            config = config.rename(Path(held_back) / FINAL_MODEL_CONFIG)
-            mlflow.log_artifacts(run_id, staging, "final_model")
-            mlflow.log_artifact(run_id, str(config), "final_model")
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "final_model"
+        model_dir.mkdir()
+        write_final_model(latest.path, model_dir)
+        # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
+        config = (model_dir / FINAL_MODEL_CONFIG).rename(Path(scratch) / FINAL_MODEL_CONFIG)
+        mlflow.log_artifacts(run_id, str(model_dir), "final_model")
+        mlflow.log_artifact(run_id, str(config), "final_model")
     return True
 
 

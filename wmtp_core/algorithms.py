@@ -91,7 +91,9 @@ def rho1_weights(
     return selected_BTK, {"skipped_token_ratio": skipped, "excess_mean": _masked_mean(excess_BTK, mb.mask_BTK)}
 
 
-def critic_weights(values_BT: torch.Tensor, mb: MicroBatch, *, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+def critic_weights(
+    values_BT: torch.Tensor, mb: MicroBatch, *, recipe: Recipe
+) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
     """TD-difference weights softmaxed over heads, and c_aux * MSE(V, GAE returns) as the auxiliary loss; values_BT
     from the model's value head (forward with return_values)."""
     critic = recipe.critic

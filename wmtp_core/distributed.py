@@ -120,9 +120,10 @@ def all_reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values
 
 
-def sharded_parameters_in_place(model: torch.nn.Module) -> None:
-    """FSDP2 leaves the root module's parameters unsharded after a forward without a backward (an eval). Reshard
-    them, so that module.parameters() are the sharded ones the optimizer must hold."""
+def reshard_after_forward_only(model: torch.nn.Module) -> None:
+    """FSDP2 keeps the root module's parameters unsharded after its forward, for the backward that usually
+    follows. After a forward without one (an eval) that holds their full size, and module.parameters() are not
+    the sharded parameters the optimizers hold: reshard them."""
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(model, FSDPModule):

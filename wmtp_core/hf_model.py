@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from wmtp_core.hf_tokenizer import HFTokenizer, import_transformers
-from wmtp_core.model import ValueHead
+from wmtp_core.model import ValueHead, frozen_trunk_values
 
 log = logging.getLogger(__name__)
 MTP_HEADS_FILE = "mtp_heads.safetensors"
@@ -64,9 +64,7 @@ class HFMTPModel(nn.Module):
         """logits_BTKV; (logits_BTKV, values_BT) with return_values; values_only: values_BT alone, the trunk run
         without gradient (critic-wmtp's Stage 1). The values read the trunk's output, the heads' input."""
         if values_only:
-            with torch.no_grad():
-                h_BTD = self.trunk_hidden(tokens_BT)
-            return self.value_head(h_BTD)
+            return frozen_trunk_values(self, tokens_BT)
         self._check_length(tokens_BT)
         with _LayerCall(self.decoder_layers()[-1]) as last_layer:
             head0_BTV = self.lm(input_ids=tokens_BT, use_cache=False).logits

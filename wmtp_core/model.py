@@ -69,6 +69,13 @@ class ValueHead(nn.Module):
             return self.net(h_BTD.float()).squeeze(-1)
 
 
+def frozen_trunk_values(model: nn.Module, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """values_BT from model.value_head with the trunk run without gradient (critic-wmtp's Stage 1)."""
+    with torch.no_grad():
+        h_BTD = model.trunk_hidden(tokens_BT)
+    return model.value_head(h_BTD)
+
+
 class MTPTransformer(nn.Module):
     """forward(tokens_BT) -> logits_BTKV, where head k at position t predicts token t + k + 1.
 
@@ -116,9 +123,7 @@ class MTPTransformer(nn.Module):
         Training goes through forward (not trunk_hidden/heads_logits) because DDP and FSDP hook forward only.
         """
         if values_only:
-            with torch.no_grad():
-                h_BTD = self.trunk_hidden(tokens_BT)
-            return self.value_head(h_BTD)
+            return frozen_trunk_values(self, tokens_BT)
         h_BTD = self.trunk_hidden(tokens_BT)
         logits_BTKV = self.heads_logits(h_BTD)
         return (logits_BTKV, self.value_head(h_BTD)) if return_values else logits_BTKV
