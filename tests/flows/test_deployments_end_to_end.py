@@ -88,6 +88,20 @@ def _log_lines(client, flow_run_id) -> list[tuple[str, int, str]]:
     return [(log.name, log.level, log.message) for log in logs]
 
 
+def _log_line_where(client, flow_run_id, wanted, timeout_s: float = 30) -> tuple[str, int, str]:
+    """The first log line for which wanted(line) holds, polled: the served process ships its logs in batches, so
+    they may reach the server a moment after the flow run's final state does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = _log_lines(client, flow_run_id)
+        found = [line for line in lines if wanted(line)]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no such log line after {timeout_s} s among {len(lines)}: {lines[-5:]}")
+        time.sleep(0.5)
+
+
 def test_served_training_and_scheduled_resume_through_a_real_prefect_server(served_home, client, tiny_recipe):
     recipe = tiny_recipe.model_copy(update={"run": tiny_recipe.run.model_copy(update={"name": RUN})})
     parameters = {"recipe": recipe.model_dump(mode="json"), "phases": {"checkpoint": True, "mps": False, "api": True}}
@@ -103,8 +117,9 @@ def test_served_training_and_scheduled_resume_through_a_real_prefect_server(serv
     for expected in ("completed", "| steps | 4 |", "final training loss", "eval loss", "tokens/s", "step_00000004",
                      "/#/experiments/", "checkpoint=on, mps=off, api=on"):
         assert expected in summary_md
-    core_lines = {(name, level) for name, level, m in _log_lines(client, train.id) if m.startswith("step 4/4 loss")}
-    assert ("wmtp_core.training", 20) in core_lines  # the library's own log, at INFO, in the flow run log
+    # The library's own log, at INFO, in the flow run log.
+    _log_line_where(client, train.id,
+                    lambda line: line[:2] == ("wmtp_core.training", 20) and line[2].startswith("step 4/4 loss"))
 
     resume = _deployment(client, "wmtp-resume/scheduled")
     [schedule] = resume.schedules
@@ -119,4 +134,4 @@ def test_served_training_and_scheduled_resume_through_a_real_prefect_server(serv
     assert "concurrency limit" in finished[0].state.message
     summary = json.loads((served_home / "runs" / RUN / "summary.json").read_text())
     assert (summary["resumed_from_step"], summary["steps"]) == (4, 6)
-    assert any(m.endswith("step_00000004 (step 4)") for _, _, m in _log_lines(client, finished[1].id))
+    _log_line_where(client, finished[1].id, lambda line: line[2].endswith("step_00000004 (step 4)"))
