@@ -15,7 +15,7 @@ import torch
 from wmtp_core.algorithms import MicroBatch
 from wmtp_core.config import Recipe
 from wmtp_core.device import DevicePlan, autocast_context
-from wmtp_core.distributed import all_reduce_mean, gradients_averaged_by_hand, reshard_after_forward_only, unwrap
+from wmtp_core.distributed import all_reduce_mean, gradients_averaged_by_hand, unwrap
 from wmtp_core.run_parts import RunParts, TrainState, batch_stream
 from wmtp_core.weights import spread_rewards, value_pretrain_targets
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def pretrain_value_head(parts: RunParts, *, recipe: Recipe, plan: DevicePlan) -> dict[str, float]:
     """Train only the model's value head; returns the steps run and the last value loss."""
     critic = recipe.critic
-    reshard_after_forward_only(parts.model)  # after the initial eval: the optimizer must hold FSDP's own parameters
+    # evaluate() resharded FSDP2's root after the initial eval, so these are the sharded parameters FSDP updates.
     head_params = list(unwrap(parts.model).value_head.parameters())
     optimizer = torch.optim.AdamW(head_params, lr=critic.pretrain_lr)
     accumulation = recipe.train.grad_accumulation_steps

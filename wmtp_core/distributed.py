@@ -122,8 +122,8 @@ def all_reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 def reshard_after_forward_only(model: torch.nn.Module) -> None:
     """FSDP2 keeps the root module's parameters unsharded after its forward, for the backward that usually
-    follows. After a forward without one (an eval) that holds their full size, and module.parameters() are not
-    the sharded parameters the optimizers hold: reshard them."""
+    follows. After a forward without one (an eval) that would hold their full size until the next backward, and
+    module.parameters() would not be the sharded parameters an optimizer built now must hold: reshard them."""
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(model, FSDPModule):

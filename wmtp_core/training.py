@@ -26,7 +26,8 @@ from wmtp_core.critic import pretrain_value_head
 from wmtp_core.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
 from wmtp_core.reference import prepare_reference
 from wmtp_core.resources import training_resources
-from wmtp_core.distributed import SINGLE, DistContext, all_reduce_mean, barrier, broadcast_object, check_strategy, max_over_ranks
+from wmtp_core.distributed import (SINGLE, DistContext, all_reduce_mean, barrier, broadcast_object, check_strategy, max_over_ranks,
+                                   reshard_after_forward_only)
 from wmtp_core.run_checkpoint import CheckpointWriter, restore_checkpoint, save_run_checkpoint
 from wmtp_core.run_parts import RunParts, TrainState, batch_stream, build_run_parts
 from wmtp_core.stopping import STOP_REASONS, StopRequest, TrainingInterrupted
@@ -206,6 +207,7 @@ def evaluate(parts: RunParts, plan: DevicePlan) -> float:
             logits_BTKV = parts.model(batch["tokens"].to(plan.device))
         ce_BTK = head_cross_entropy(logits_BTKV, labels_BTK)
         total += float(weighted_mtp_loss(ce_BTK, uniform_weights(labels_BTK), valid_mask(labels_BTK)))
+    reshard_after_forward_only(parts.model)
     parts.model.train()
     return total / len(parts.eval_batches)
 
