@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,16 +113,16 @@ def test_at_most_one_background_write_is_in_flight(tmp_path):
 
 
 def test_sync_save_returns_before_it_settles_and_wait_waits_for_the_settling(tmp_path):
-    writer, settled = CheckpointWriter(background=False), []
+    writer, settled, disk_flushed = CheckpointWriter(background=False), [], threading.Event()
 
     def slow_settle(path: Path) -> None:
-        time.sleep(0.3)
+        disk_flushed.wait(timeout=10)
         settled.append(path)
 
-    started = time.perf_counter()
     writer.submit(lambda: tmp_path / "a", slow_settle)
-    assert time.perf_counter() - started < 0.25 and settled == []  # training goes on while the disk flushes
+    assert settled == []  # submit returned while the settling still waits: training goes on while the disk flushes
     assert writer.latest == tmp_path / "a"
+    disk_flushed.set()
     assert writer.wait() == tmp_path / "a" and settled == [tmp_path / "a"]
 
 

@@ -8,6 +8,7 @@ Every torchrun call is bounded by a subprocess timeout, so a hang fails the test
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tup
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
                "--result", str(run_dir / "result.json")] + (["--resume", resume] if resume else [])
-    out = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    # faulthandler: a rank that dies of a signal prints every thread's Python stack into the failure message.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    out = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     reports = [json.loads(line[len(METRICS_PREFIX):]) for line in out.stdout.splitlines() if line.startswith(METRICS_PREFIX)]
     return json.loads((run_dir / "result.json").read_text()), reports
