@@ -98,10 +98,19 @@ def wmtp_environment(home: Path, *, api_url: str | None = None, mlflow_uri: str 
     return env
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A running MLflow server for one test, always stopped afterwards."""
-    server = MlflowServer(tmp_path / "mlflow-server")
+@pytest.fixture(scope="module")
+def _module_mlflow_server(tmp_path_factory):
+    # One start per module: an `mlflow server` takes about 16 s to start on two cores.
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_module_mlflow_server):
+    """A running MLflow server, shared by the module's tests (each logs to its own runs) and always stopped after
+    them; a test may stop it (an outage): the next test gets it started again."""
+    if _module_mlflow_server.process.poll() is not None:
+        _module_mlflow_server.start()
+    return _module_mlflow_server
