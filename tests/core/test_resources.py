@@ -75,3 +75,24 @@ def test_cancelled_run_leaks_semaphores_only_on_the_legacy_path(tiny_recipe, tmp
         assert status == 143 and "leaked semaphore" not in stderr and "Warning" not in stderr, stderr[-2000:]
     else:
         assert status == -signal.SIGTERM and "leaked semaphore objects" in stderr
+
+
+RANK_EXIT_WITH_A_LIVE_LOADER_QUEUE = """
+import torch
+from torch.utils.data import DataLoader
+from wmtp_core.worker import exit_without_interpreter_teardown
+
+if __name__ == "__main__":
+    batches = iter(DataLoader(list(range(16)), batch_size=4, num_workers=1, multiprocessing_context="spawn"))
+    next(batches)
+    batches._shutdown_workers()  # the worker is gone; its queues (semaphores) are still referenced
+    exit_without_interpreter_teardown(0)
+"""
+
+
+def test_a_rank_exiting_without_interpreter_teardown_still_releases_its_semaphores(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_EXIT_WITH_A_LIVE_LOADER_QUEUE)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "leaked semaphore" not in out.stderr
