@@ -26,8 +26,10 @@ from wmtp_core.critic import pretrain_value_head
 from wmtp_core.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
 from wmtp_core.reference import prepare_reference
 from wmtp_core.resources import training_resources
-from wmtp_core.distributed import (SINGLE, DistContext, all_reduce_mean, barrier, broadcast_object, check_strategy, max_over_ranks,
-                                   reshard_after_forward_only)
+from wmtp_core.distributed import (
+    SINGLE, DistContext, all_reduce_mean, barrier, broadcast_object, check_strategy, max_over_ranks,
+    reshard_after_forward_only,
+)
 from wmtp_core.run_checkpoint import CheckpointWriter, restore_checkpoint, save_run_checkpoint
 from wmtp_core.run_parts import RunParts, TrainState, batch_stream, build_run_parts
 from wmtp_core.stopping import STOP_REASONS, StopRequest, TrainingInterrupted
