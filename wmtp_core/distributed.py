@@ -141,8 +141,7 @@ def gradients_averaged_by_hand(model: torch.nn.Module, params: list[torch.nn.Par
     with model.no_sync():
         yield
     for param in params:
-        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-        param.grad /= ctx.world_size
+        param.grad = all_reduce_mean(param.grad, ctx)
 
 
 def max_over_ranks(value: int, ctx: DistContext) -> int:

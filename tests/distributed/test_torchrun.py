@@ -42,7 +42,12 @@ def two_process_recipe(layout: str, *extra: str):
 def torchrun(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict, dict[int, float]]:
     """Run the worker on 2 processes; return rank 0's outcome and its loss per step."""
     outcome, reports = torchrun_reports(recipe, run_dir, resume=resume)
-    return outcome, {r["step"]: r["metrics"]["loss"] for r in reports if "loss" in r["metrics"]}
+    return outcome, losses_of(reports)
+
+
+def losses_of(reports: list[dict]) -> dict[int, float]:
+    """The training loss per step among metric reports ({"step", "metrics"})."""
+    return {r["step"]: r["metrics"]["loss"] for r in reports if "loss" in r["metrics"]}
 
 
 def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict, list[dict]]:
@@ -165,15 +170,16 @@ def test_critic_on_two_processes_matches_one_process_with_accumulation(tmp_path)
     recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, *CRITIC, "train.grad_accumulation_steps=2"])
     plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
     expected = []
-    train(recipe, tmp_path / "single", plan=plan, on_metrics=lambda step, metrics: expected.append((step, metrics)))
-    stage1 = {k: v for _, m in expected for k, v in m.items() if k.startswith("value_pretrain")}
-    losses = {step: m["loss"] for step, m in expected if "loss" in m}
+    train(recipe, tmp_path / "single", plan=plan,
+          on_metrics=lambda step, metrics: expected.append({"step": step, "metrics": metrics}))
+    stage1 = {k: v for r in expected for k, v in r["metrics"].items() if k.startswith("value_pretrain")}
+    losses = losses_of(expected)
     assert stage1["value_pretrain_steps"] == 3.0 and sorted(losses) == [1, 2, 3, 4, 5, 6]
     for layout in ("ddp", "fsdp"):
         outcome, reports = torchrun_reports(two_process_recipe(layout, *CRITIC), tmp_path / layout)
         assert outcome["ok"] and outcome["result"]["steps"] == 6, layout
         assert {k: v for r in reports for k, v in r["metrics"].items() if k in stage1} == pytest.approx(stage1, rel=1e-5)
-        assert {r["step"]: r["metrics"]["loss"] for r in reports if "loss" in r["metrics"]} == pytest.approx(losses, rel=1e-5)
+        assert losses_of(reports) == pytest.approx(losses, rel=1e-5)
         weights = final_weights(tmp_path / layout)
         assert any(name.startswith("value_head.") for name in weights)
         assert_same_weights(final_weights(tmp_path / "single"), weights)
