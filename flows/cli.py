@@ -12,9 +12,11 @@ from pathlib import Path
 
 import typer
 
+from flows.temporary_server import start_temporary_server
 from tasks.locations import run_dir, wmtp_home
 from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
 from wmtp_core.recipes import load_recipe
+from wmtp_core.records import builtin_dataset_path, load_records
 from wmtp_core.manifest import latest_valid_checkpoint, list_checkpoints
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weighted multi-token-prediction training pipeline.")
@@ -116,8 +118,10 @@ def verify(
         print(f"error: unknown --stage/--model {unknown}; stages are {list(STAGES)}, models {list(MODELS)}", file=sys.stderr)
         raise typer.Exit(INVALID_INPUT)
     _default_prefect_environment()
+    server_ready = start_temporary_server()
     from flows.fixplan import wmtp_fixplan
 
+    _wait_for_server(server_ready)
     state = wmtp_fixplan(stages=stages or list(STAGES), models=models or list(MODELS), return_state=True)
     report = state.result(raise_on_failure=False)
     if not isinstance(report, dict):
@@ -195,8 +199,6 @@ def _existing_run_dir(run: str) -> Path:
 
 
 def _check_data_file(recipe: Recipe) -> None:
-    from wmtp_core.data import builtin_dataset_path, load_records
-
     load_records(Path(recipe.data.path) if recipe.data.path else builtin_dataset_path())
 
 
@@ -211,8 +213,13 @@ def _invalid_input_guard(build):
 
 def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
     _default_prefect_environment()  # before prefect is first imported: it reads its settings then
+    server_ready = start_temporary_server()
     from flows.train import wmtp_train
+    from tasks.torchrun import needs_torchrun
 
+    if not needs_torchrun(recipe):
+        import wmtp_core.training  # noqa: F401  (torch: the in-process training task loads it; now, while the server starts)
+    _wait_for_server(server_ready)
     state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
     summary_file = run_dir(recipe.run.name) / "summary.json"
     if not summary_file.is_file():
@@ -222,6 +229,15 @@ def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
     _print_summary(summary, as_json=as_json)
     if summary["status"] != "completed":
         raise typer.Exit(FAILURE)
+
+
+def _wait_for_server(server_ready) -> None:
+    try:
+        server_ready()
+    except Exception as error:
+        print(f"error: Prefect's temporary server did not start ({error}); set PREFECT_API_URL to use a running "
+              "server instead (`uv run prefect server start`)", file=sys.stderr)
+        raise typer.Exit(FAILURE) from None
 
 
 def _print_summary(summary: dict, *, as_json: bool) -> None:

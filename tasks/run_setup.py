@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.locations import run_dir
 from wmtp_core.config import Recipe, generate_run_name, with_run_name
 from wmtp_core.recipes import recipe_to_yaml
+from wmtp_core.records import builtin_dataset_path, load_records
 from wmtp_core.manifest import checkpoints_dir, latest_valid_checkpoint, step_dir_name, verify_checkpoint
 
 
@@ -55,6 +56,4 @@ def start_checkpoint(name: str, directory: Path, resume: str | int | Path | None
 
 def _check_data(recipe: Recipe) -> None:
     """Fail before any training when the data file is missing or malformed (the error names file and line)."""
-    from wmtp_core.data import builtin_dataset_path, load_records
-
     load_records(Path(recipe.data.path) if recipe.data.path else builtin_dataset_path())

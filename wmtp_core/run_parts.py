@@ -12,17 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from wmtp_core.config import ModelConfig, Recipe
-from wmtp_core.data import (
-    MTPCollator,
-    TokenSequences,
-    builtin_dataset_path,
-    epoch_batches,
-    load_records,
-    make_loader,
-    split_records,
-)
+from wmtp_core.data import MTPCollator, TokenSequences, epoch_batches, make_loader
 from wmtp_core.device import DevicePlan
 from wmtp_core.distributed import SINGLE, DistContext, wrap_model
+from wmtp_core.records import builtin_dataset_path, load_records, split_records
 from wmtp_core.hf_model import HFMTPModel, export_pretrained, load_hf_mtp_model
 from wmtp_core.hf_tokenizer import load_hf_tokenizer
 from wmtp_core.model import MTPTransformer

@@ -12,18 +12,13 @@ from hypothesis import strategies as st
 
 from wmtp_core.data import (
     IGNORE_INDEX,
-    DataError,
     MTPCollator,
-    Record,
     TokenSequences,
-    builtin_dataset_path,
     epoch_batches,
-    format_example,
-    load_records,
     make_loader,
     mtp_labels,
-    split_records,
 )
+from wmtp_core.records import DataError, Record, builtin_dataset_path, format_example, load_records, split_records
 from wmtp_core.tokenizer import ByteTokenizer
 
 GOOD = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}

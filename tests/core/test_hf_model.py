@@ -14,7 +14,8 @@ from hf_models import HF_OVERRIDES, MAX_POSITIONS, build_tokenizer, save_gpt2, s
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from wmtp_core.data import MTPCollator, TokenSequences, builtin_dataset_path, load_records
+from wmtp_core.data import MTPCollator, TokenSequences
+from wmtp_core.records import builtin_dataset_path, load_records
 from wmtp_core.device import plan_devices, probe_environment
 from wmtp_core.hf_model import HF_EXPORT_DIR, MTP_HEADS_FILE, decoder_layer_classes, export_pretrained, load_hf_mtp_model
 from wmtp_core.hf_tokenizer import load_hf_tokenizer

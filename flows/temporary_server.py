@@ -1,0 +1,45 @@
+"""Prefect's temporary server, started ahead of the flow run by the CLI.
+
+A flow run without PREFECT_API_URL starts Prefect's temporary server itself and waits for it: on two cores about
+20 s the first time (it creates its database) and 8 s after that. Started first, in a background thread, it comes
+up while the parent process loads what the run needs anyway (the flow's tasks, MLflow, torch), instead of after.
+The flow run then finds the same server already answering: Prefect keeps one temporary server per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+
+def start_temporary_server() -> Callable[[], None]:
+    """Start the temporary server a flow run in this process would start, if it would start one (no
+    PREFECT_API_URL, Prefect's ephemeral mode on); return `wait`, which blocks until the server answers and
+    raises the error that kept it from starting. Prefect stops the server when the process exits."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+    import prefect.main  # noqa: F401  (sets up Prefect's logging, so its "Starting temporary server" line shows)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance the flow run's client asks for, so it will not start a second
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as error:  # raised in the caller's thread by wait()
+            failures.append(error)
+
+    # A daemon thread: a CLI that exits early (bad input found late, Ctrl-C) does not wait for the server to come
+    # up; the exit handler Prefect registers as it launches the server stops it.
+    thread = threading.Thread(target=start, name="wmtp-prefect-server-start", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failures:
+            raise failures[0]
+
+    return wait
