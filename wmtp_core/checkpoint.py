@@ -70,10 +70,12 @@ def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
     return staging
 
 
-def write_sharded(staging: Path, shards: dict) -> None:
-    """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory)."""
+def write_sharded(staging: Path, shards: dict, *, process_group: dist.ProcessGroup | None = None) -> None:
+    """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory); the
+    write's collectives run on process_group (None: the default group)."""
     with _single_process_is_intended():
-        dcp.save(shards, checkpoint_id=staging / SHARDED_DIR, no_dist=not dist.is_initialized())
+        dcp.save(shards, checkpoint_id=staging / SHARDED_DIR, process_group=process_group,
+                 no_dist=not dist.is_initialized())
 
 
 def publish_checkpoint(

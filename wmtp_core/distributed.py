@@ -64,8 +64,24 @@ def init_distributed(device: str, *, timeout_s: int) -> DistContext:
 
 
 def shutdown_distributed() -> None:
+    global _background_group
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the background one included
+    _background_group = None
+
+
+_background_group: dist.ProcessGroup | None = None
+
+
+def background_group(ctx: DistContext, *, timeout_s: int) -> dist.ProcessGroup | None:
+    """A gloo process group for the collectives a background thread runs (an async sharded save's) while training
+    runs its own on the default group: two threads taking turns on one group may order their collectives differently
+    on each rank and deadlock. Made on first use, which is itself a collective: every rank asks at the same point.
+    None on a single process."""
+    global _background_group
+    if ctx.active and _background_group is None:
+        _background_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return _background_group
 
 
 def check_strategy(recipe: Recipe, ctx: DistContext) -> None:
@@ -153,9 +169,9 @@ def max_over_ranks(value: int, ctx: DistContext) -> int:
     return int(tensor.item())
 
 
-def barrier(ctx: DistContext) -> None:
+def barrier(ctx: DistContext, group: dist.ProcessGroup | None = None) -> None:
     if ctx.active:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def gather_objects(value: object, ctx: DistContext) -> list[object]:
@@ -167,10 +183,10 @@ def gather_objects(value: object, ctx: DistContext) -> list[object]:
     return gathered
 
 
-def broadcast_object(value: object, ctx: DistContext) -> object:
+def broadcast_object(value: object, ctx: DistContext, group: dist.ProcessGroup | None = None) -> object:
     """Rank 0's value on every rank."""
     if not ctx.active:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]

@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from wmtp_core.checkpoint import (
     STATE_FILE,
@@ -28,7 +30,7 @@ from wmtp_core.checkpoint import (
     write_sharded,
 )
 from wmtp_core.config import Recipe
-from wmtp_core.distributed import DistContext, barrier, broadcast_object, gather_objects, unwrap
+from wmtp_core.distributed import DistContext, background_group, barrier, broadcast_object, gather_objects, unwrap
 from wmtp_core.hashed_files import torch_save_hashed
 from wmtp_core.manifest import CheckpointError, prune_checkpoints
 from wmtp_core.run_parts import RunParts, TrainState
@@ -49,6 +51,7 @@ class CheckpointWriter:
 
     def __init__(self, *, background: bool):
         self.background = background
+        self._stager: DefaultStager | None = None  # snapshot_shards' CPU buffers, refilled at every save
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.latest: Path | None = None
@@ -61,6 +64,17 @@ class CheckpointWriter:
         self.latest = path = write()
         if settle is not None:
             self._start(lambda: settle(path))
+
+    def snapshot_shards(self, shards: dict) -> dict:
+        """This rank's shards copied to CPU memory (DTensors stay DTensors; pinned on CUDA, so the copy from the GPU
+        is fast) for a background write while training changes the originals. The buffers are kept and refilled at
+        the next save, so this first waits for the pending write, which may still be reading them."""
+        self.wait()
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))
+        return self._stager.stage(shards)
 
     def wait(self) -> Path | None:
         """Block until no save is pending; re-raise a background failure; return the newest checkpoint."""
@@ -104,11 +118,13 @@ def save_run_checkpoint(
     step = state.step
     settle = (lambda path: _settle(path, run_dir, recipe.train.keep_last)) if ctx.is_main else None
     if recipe.checkpoint.format == "sharded":
-        writer.submit(lambda: _save_sharded(parts, run_dir, step, train_state, manifest), settle)
+        _submit_sharded(parts, run_dir, step, train_state, manifest, writer=writer, settle=settle,
+                        timeout_s=recipe.devices.timeout_s)
         return
     model_state, optim_state = gather_state(parts.model, parts.optimizer, recipe.phases, ctx)
     if writer.background:
-        # The live tensors keep changing while the write runs: the snapshot must be a copy.
+        # The gathered tensors (already on CPU) may be the live ones, which training changes while the write runs.
+        # A clone beats refilling kept buffers through the shards' stager here: 21 ms vs 34 ms for 215 MB, 2 cores.
         model_state, optim_state = _copy_tensors(model_state), _copy_tensors(optim_state)
     if ctx.is_main:
         train_state["optimizer"] = optim_state
@@ -129,20 +145,38 @@ def _settle(path: Path, run_dir: Path, keep_last: int) -> None:
     prune_checkpoints(run_dir, keep_last=keep_last)
 
 
-def _save_sharded(parts: RunParts, run_dir: Path, step: int, train_state: dict, manifest: dict) -> Path:
+def _submit_sharded(parts: RunParts, run_dir: Path, step: int, train_state: dict, manifest: dict, *,
+                    writer: CheckpointWriter, settle: Callable[[Path], None] | None, timeout_s: int) -> None:
+    """Every rank writes its own shards, then rank 0 publishes. In the background (async_save) the shards are
+    first copied to CPU (the live ones keep training), and the write's collectives run on a process group of their
+    own, apart from training's."""
     ctx = parts.ctx
+    writer.wait()  # the previous save's background collectives end before this save's begin
     staging = staging_dir(run_dir, step, owner="job") if ctx.is_main else None
     barrier(ctx)  # the staging directory exists (and is empty) before any rank writes into it
     staging = broadcast_object(staging, ctx)
-    write_sharded(staging, gather_sharded_state(parts.model, parts.optimizer))
+    shards, group = gather_sharded_state(parts.model, parts.optimizer), None
+    if writer.background:
+        shards, group = writer.snapshot_shards(shards), background_group(ctx, timeout_s=timeout_s)
+
+    def write() -> Path:
+        write_sharded(staging, shards, process_group=group)
+        return _publish_sharded(staging, run_dir, step, train_state, manifest, ctx=ctx, group=group)
+
+    writer.submit(write, settle)
+
+
+def _publish_sharded(staging: Path, run_dir: Path, step: int, train_state: dict, manifest: dict, *,
+                     ctx: DistContext, group: dist.ProcessGroup | None = None) -> Path:
+    """Rank 0 adds train_state.pt and the manifest to the shards every rank has written, and publishes."""
     path = None
     if ctx.is_main:
         described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE)}
         path = publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "sharded", **manifest},
                                   described=described, durable=False)
         log.info("saved sharded checkpoint %s", path)
-    barrier(ctx)  # no rank moves on (or exits) before the checkpoint is published
-    return broadcast_object(path, ctx)
+    barrier(ctx, group)  # no rank moves on (or exits) before the checkpoint is published
+    return broadcast_object(path, ctx, group)
 
 
 def restore_checkpoint(parts: RunParts, path: Path, recipe: Recipe) -> TrainState:

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from wmtp_core import checkpoint, run_checkpoint
+from wmtp_core.checkpoint import convert_to_full
 from wmtp_core.device import plan_devices, probe_environment
 from wmtp_core.manifest import CheckpointError, latest_valid_checkpoint
 from wmtp_core.recipes import recipe_to_yaml
@@ -73,16 +75,45 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_non_zero(tiny_
     assert resumed.resumed_from_step == latest.step and resumed.steps == latest.step + 2
 
 
-def test_async_save_writes_the_same_checkpoints_as_sync(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2})
-    sync = _train(recipe, tmp_path / "sync")
-    background = _train(_with(recipe, checkpoint={"async_save": True}), tmp_path / "async")
-    assert Path(background.latest_checkpoint).name == Path(sync.latest_checkpoint).name == "step_00000006"
-    expected = load_file(Path(sync.latest_checkpoint) / "model.safetensors")
-    actual = load_file(Path(background.latest_checkpoint) / "model.safetensors")
-    assert all(torch.equal(expected[name], actual[name]) for name in expected)
-    kept = sorted(p.name for p in (tmp_path / "async" / "checkpoints").iterdir())
-    assert kept == ["step_00000004", "step_00000006"]  # pruned after each write, nothing half-written left
+def _model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    if not (checkpoint / "model.safetensors").exists():
+        convert_to_full(checkpoint, checkpoint.parent.parent)  # a sharded checkpoint, rewritten in the full format
+    return load_file(checkpoint / "model.safetensors")
+
+
+def _slow_disk(monkeypatch, seconds: float = 0.3) -> None:
+    """Every model-state write (model.safetensors, or the sharded directory) starts `seconds` late, so training runs
+    on while an async save is still to read what it writes."""
+    def late(write):
+        def delayed(*args, **kwargs):
+            time.sleep(seconds)
+            return write(*args, **kwargs)
+        return delayed
+
+    monkeypatch.setattr(checkpoint, "save_safetensors_hashed", late(checkpoint.save_safetensors_hashed))
+    monkeypatch.setattr(run_checkpoint, "write_sharded", late(run_checkpoint.write_sharded))
+
+
+@pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
+def test_async_save_writes_the_same_checkpoints_as_sync(tiny_recipe, tmp_path, monkeypatch, checkpoint_format):
+    """Every checkpoint, not only the last: on a slow disk training changes the weights before the async save has
+    written them, so a write that read the live tensors instead of a snapshot would differ from the sync save."""
+    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 3},
+                   checkpoint={"format": checkpoint_format})
+    _train(recipe, tmp_path / "sync")
+    _slow_disk(monkeypatch)
+    _train(_with(recipe, checkpoint={"async_save": True}), tmp_path / "async")
+    for step in (2, 4, 6):
+        expected = _model_state(tmp_path / "sync" / "checkpoints" / f"step_{step:08d}")
+        actual = _model_state(tmp_path / "async" / "checkpoints" / f"step_{step:08d}")
+        assert all(torch.equal(expected[name], actual[name]) for name in expected), f"step {step} differs"
+
+
+def test_async_save_prunes_after_each_write_and_leaves_nothing_half_written(tiny_recipe, tmp_path):
+    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2}, checkpoint={"async_save": True})
+    result = _train(recipe, tmp_path)
+    assert Path(result.latest_checkpoint).name == "step_00000006"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
 
 
 def test_background_write_failure_is_raised_not_lost(tmp_path):

@@ -148,6 +148,16 @@ def test_resume_on_one_process_matches_the_uninterrupted_run(straight_runs, layo
     assert_same_weights(final_weights(straight_dir), final_weights(tmp_path))
 
 
+def test_async_sharded_save_on_two_processes_writes_what_a_sync_save_writes(straight_runs, tmp_path):
+    """The background write's collectives run on a process group of their own, so they cannot deadlock against
+    training's; its shards are a snapshot, so every checkpoint equals the synchronous run's."""
+    straight_dir, straight_losses = straight_runs("fsdp-sharded")
+    outcome, losses = torchrun(two_process_recipe("fsdp-sharded", "checkpoint.async_save=true"), tmp_path)
+    assert outcome["ok"] and losses == pytest.approx(straight_losses, rel=1e-6)
+    for step in (2, 4, 6):
+        assert_same_weights(final_weights(straight_dir, step), final_weights(tmp_path, step))
+
+
 def test_one_process_with_accumulation_matches_two_process_ddp_and_fsdp(straight_runs, tmp_path):
     ddp_dir, ddp_losses = straight_runs("ddp")
     fsdp_dir, fsdp_losses = straight_runs("fsdp")
