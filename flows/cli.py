@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -231,7 +232,7 @@ def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
         raise typer.Exit(FAILURE)
 
 
-def _wait_for_server(server_ready) -> None:
+def _wait_for_server(server_ready: Callable[[], None]) -> None:
     try:
         server_ready()
     except Exception as error:

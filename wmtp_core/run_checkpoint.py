@@ -65,13 +65,13 @@ class CheckpointWriter:
         if settle is not None:
             self._start(lambda: settle(path))
 
-    def snapshot_shards(self, shards: dict) -> dict:
-        """This rank's shards copied to CPU memory (DTensors stay DTensors; pinned on CUDA, so the copy from the GPU
-        is fast) for a background write while training changes the originals. The buffers are kept and refilled at
-        the next save, so this first waits for the pending write, which may still be reading them."""
+    def snapshot_shards(self, shards: dict, *, pin_memory: bool) -> dict:
+        """This rank's shards copied to CPU memory (DTensors stay DTensors; pin_memory for shards on a GPU, so the
+        copy is fast) for a background write while training changes the originals. The buffers are kept and refilled
+        at the next save, so this first waits for the pending write, which may still be reading them."""
         self.wait()
         if self._stager is None:
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=pin_memory,
                                                         use_shared_memory=False, use_async_staging=False,
                                                         use_non_blocking_copy=False))
         return self._stager.stage(shards)
@@ -157,7 +157,9 @@ def _submit_sharded(parts: RunParts, run_dir: Path, step: int, train_state: dict
     staging = broadcast_object(staging, ctx)
     shards, group = gather_sharded_state(parts.model, parts.optimizer), None
     if writer.background:
-        shards, group = writer.snapshot_shards(shards), background_group(ctx, timeout_s=timeout_s)
+        on_gpu = next(parts.model.parameters()).is_cuda
+        shards = writer.snapshot_shards(shards, pin_memory=on_gpu)
+        group = background_group(ctx, timeout_s=timeout_s)
 
     def write() -> Path:
         write_sharded(staging, shards, process_group=group)

@@ -110,7 +110,8 @@ def test_async_save_writes_the_same_checkpoints_as_sync(tiny_recipe, tmp_path, m
 
 
 def test_async_save_prunes_after_each_write_and_leaves_nothing_half_written(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2}, checkpoint={"async_save": True})
+    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2},
+                   checkpoint={"async_save": True})
     result = _train(recipe, tmp_path)
     assert Path(result.latest_checkpoint).name == "step_00000006"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
