@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,21 @@ TINY_RUN = [
 ]
 """The tiny run every test model shares: 64 tokens, batches of 4, 4 steps, saves and evals every 2."""
 TINY_OVERRIDES = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.horizon=2", *TINY_RUN]
+
+
+def full_model_state(checkpoint: Path) -> dict:
+    """A checkpoint's full model weights: its model.safetensors or, for a sharded checkpoint, that of a converted
+    copy (torch.distributed.checkpoint's own consolidation). The checkpoint itself is left as it is."""
+    from safetensors.torch import load_file
+
+    from wmtp_core.checkpoint import MODEL_FILE, convert_to_full
+
+    if (checkpoint / MODEL_FILE).is_file():
+        return load_file(checkpoint / MODEL_FILE)
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "checkpoints" / checkpoint.name
+        shutil.copytree(checkpoint, copy)
+        return load_file(convert_to_full(copy, Path(scratch)) / MODEL_FILE)
 
 
 @pytest.fixture

@@ -3,17 +3,15 @@ and either model source, it loads back as the trained model, every head included
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2, save_llama
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_OVERRIDES
-from wmtp_core.checkpoint import MODEL_FILE, convert_to_full
+from conftest import TINY_OVERRIDES, full_model_state
+from wmtp_core.checkpoint import MODEL_FILE
 from wmtp_core.device import plan_devices, probe_environment
 from wmtp_core.final_model import load_final_model, write_final_model
 from wmtp_core.hf_model import load_hf_mtp_model
@@ -36,16 +34,6 @@ def _train(overrides: list[str], run_dir: Path) -> Path:
     return Path(train(recipe, run_dir, plan=plan).latest_checkpoint)
 
 
-def _trained_weights(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's full model state: model.safetensors, or for a sharded checkpoint that of a converted copy
-    (torch.distributed.checkpoint's own consolidation, independent of the code under test)."""
-    if (checkpoint / MODEL_FILE).is_file():
-        return load_file(checkpoint / MODEL_FILE)
-    copy = scratch / "converted" / "checkpoints" / checkpoint.name
-    shutil.copytree(checkpoint, copy)
-    return load_file(convert_to_full(copy, scratch / "converted") / MODEL_FILE)
-
-
 def _written(checkpoint: Path, out: Path) -> Path:
     out.mkdir()
     write_final_model(checkpoint, out)
@@ -62,7 +50,7 @@ def test_builtin_final_model_loads_with_the_trained_weights(tmp_path, overrides)
     assert sorted(p.name for p in out.iterdir()) == sorted([FINAL_MODEL_CONFIG, MODEL_FILE])
     model = load_final_model(out)
     assert isinstance(model, MTPTransformer) and not model.training
-    trained = _trained_weights(checkpoint, tmp_path)
+    trained = full_model_state(checkpoint)
     assert model.state_dict().keys() == trained.keys()
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in trained.items())
     assert any(name.startswith("value_head.") for name in trained) == ("train.algorithm=critic-wmtp" in overrides)
@@ -77,7 +65,7 @@ def test_hf_final_model_is_a_pretrained_directory_that_predicts_as_the_trained_m
                         tmp_path / "run")
     out = _written(checkpoint, tmp_path / "final")
     trained = load_hf_mtp_model(str(original), horizon=3, max_seq_len=64).eval()
-    trained.load_state_dict(_trained_weights(checkpoint, tmp_path))
+    trained.load_state_dict(full_model_state(checkpoint))
     tokens_BT = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected_BTKV = trained(tokens_BT)

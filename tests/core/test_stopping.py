@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import full_model_state
 from wmtp_core import checkpoint, run_checkpoint
-from wmtp_core.checkpoint import convert_to_full
 from wmtp_core.device import plan_devices, probe_environment
 from wmtp_core.manifest import CheckpointError, latest_valid_checkpoint
 from wmtp_core.recipes import recipe_to_yaml
@@ -75,12 +74,6 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_non_zero(tiny_
     assert resumed.resumed_from_step == latest.step and resumed.steps == latest.step + 2
 
 
-def _model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    if not (checkpoint / "model.safetensors").exists():
-        convert_to_full(checkpoint, checkpoint.parent.parent)  # a sharded checkpoint, rewritten in the full format
-    return load_file(checkpoint / "model.safetensors")
-
-
 def _slow_disk(monkeypatch, seconds: float = 0.3) -> None:
     """Every model-state write (model.safetensors, or the sharded directory) starts `seconds` late, so training runs
     on while an async save is still to read what it writes."""
@@ -104,8 +97,8 @@ def test_async_save_writes_the_same_checkpoints_as_sync(tiny_recipe, tmp_path, m
     _slow_disk(monkeypatch)
     _train(_with(recipe, checkpoint={"async_save": True}), tmp_path / "async")
     for step in (2, 4, 6):
-        expected = _model_state(tmp_path / "sync" / "checkpoints" / f"step_{step:08d}")
-        actual = _model_state(tmp_path / "async" / "checkpoints" / f"step_{step:08d}")
+        expected = full_model_state(tmp_path / "sync" / "checkpoints" / f"step_{step:08d}")
+        actual = full_model_state(tmp_path / "async" / "checkpoints" / f"step_{step:08d}")
         assert all(torch.equal(expected[name], actual[name]) for name in expected), f"step {step} differs"
 
 

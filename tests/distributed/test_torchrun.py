@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES
-from wmtp_core.checkpoint import convert_to_full
+from conftest import TINY_OVERRIDES, full_model_state
 from wmtp_core.device import plan_devices, probe_environment
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 from wmtp_core.training import train
@@ -66,10 +64,7 @@ def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tup
 
 
 def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
-    path = run_dir / "checkpoints" / f"step_{step:08d}"
-    if not (path / "model.safetensors").exists():
-        convert_to_full(path, run_dir)
-    return load_file(path / "model.safetensors")
+    return full_model_state(run_dir / "checkpoints" / f"step_{step:08d}")
 
 
 def copy_run_up_to(source: Path, target: Path, step: int) -> None:
