@@ -151,7 +151,6 @@ def _submit_sharded(parts: RunParts, run_dir: Path, step: int, train_state: dict
     first copied to CPU (the live ones keep training), and the write's collectives run on a process group of their
     own, apart from training's."""
     ctx = parts.ctx
-    writer.wait()  # the previous save's background collectives end before this save's begin
     staging = staging_dir(run_dir, step, owner="job") if ctx.is_main else None
     barrier(ctx)  # the staging directory exists (and is empty) before any rank writes into it
     staging = broadcast_object(staging, ctx)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import wmtp_environment
+
 ROOT = Path(__file__).resolve().parents[2]
 
 EARLY_START = """
 import json, sys, time
+from flows.cli import _default_prefect_environment
 from flows.temporary_server import start_temporary_server
+
+_default_prefect_environment()  # as `wmtp train` does: Prefect's home under $WMTP_HOME, a generous start-up timeout
 from prefect.server.api.server import SubprocessASGIServer
 
 wait = start_temporary_server()
@@ -40,15 +44,9 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
-def _environment(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", **extra}
-
-
 @pytest.mark.slow
 def test_the_server_launches_before_torch_loads_and_the_flow_run_uses_it(tmp_path):
-    out = _run(EARLY_START, _environment(tmp_path))
+    out = _run(EARLY_START, wmtp_environment(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["launched_before_torch"] is True
@@ -60,6 +58,6 @@ def test_the_server_launches_before_torch_loads_and_the_flow_run_uses_it(tmp_pat
 def test_with_a_server_url_set_nothing_is_started(tmp_path):
     code = ("import sys; from flows.temporary_server import start_temporary_server; start_temporary_server()(); "
             "print('prefect.server.api.server' in sys.modules)")
-    out = _run(code, _environment(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api"))
+    out = _run(code, wmtp_environment(tmp_path, api_url="http://127.0.0.1:9/api"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"
