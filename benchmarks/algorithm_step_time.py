@@ -1,8 +1,8 @@
 """Step time of each WMTP algorithm relative to baseline-mtp on the same batches, and what the extra cost is made of.
 
 Measured side by side in one process on the default recipe (CPU here): for each algorithm a full optimizer step
-(`wmtp_core.training.train_step`) over the same pre-collated batches; the weight computation alone (the
-`wmtp_core.weights` calls of each algorithm on tensors of a real step); and one reference forward (rho1's extra
+(`wmtp_core.training.loop.train_step`) over the same pre-collated batches; the weight computation alone (the
+`wmtp_core.algorithms.weights` calls of each algorithm on tensors of a real step); and one reference forward (rho1's extra
 model call). Contenders are interleaved, each figure is the median over --repeats of --steps steps.
 Targets: weight computation <= 10% of a baseline step; rho1's extra cost close to one reference forward.
 
@@ -18,15 +18,16 @@ import time
 
 import torch
 
-from wmtp_core.algorithms import MicroBatch
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.losses import head_cross_entropy
-from wmtp_core.model import MTPTransformer
+from wmtp_core.algorithms.objective import MicroBatch
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.algorithms.losses import head_cross_entropy
+from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.recipes import load_recipe
-from wmtp_core.run_parts import TrainState, batch_stream, build_run_parts
-from wmtp_core.tokenizer import ByteTokenizer
-from wmtp_core.training import train_step
-from wmtp_core.weights import (
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.models.tokenizer import ByteTokenizer
+from wmtp_core.training.loop import train_step
+from wmtp_core.algorithms.weights import (
     critic_head_scores,
     gae_returns,
     normalize_weights,
@@ -40,7 +41,7 @@ ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-wmtp")
 
 def build(algorithm: str, steps: int):
     recipe = load_recipe(None, [f"train.algorithm={algorithm}"])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     parts = build_run_parts(recipe, plan)
     if algorithm == "rho1-wmtp":
         # Timing only: an untrained reference of the same shape costs the same forward as a trained one.

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from wmtp_core.checkpoint import fsync_file
-from wmtp_core.device import plan_devices, probe_environment
+from wmtp_core.checkpoint.storage import fsync_file
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.recipes import load_recipe
-from wmtp_core.run_checkpoint import CheckpointWriter, restore_checkpoint, save_run_checkpoint
-from wmtp_core.run_parts import TrainState, batch_stream, build_run_parts
-from wmtp_core.training import train_step
+from wmtp_core.checkpoint.run_state import CheckpointWriter, restore_checkpoint, save_run_checkpoint
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.training.loop import train_step
 
 MODEL = ["model.d_model=384", "model.num_layers=6", "model.num_heads=6", "model.horizon=4", "data.batch_size=4",
          "model.max_seq_len=128"]
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     args = parser.parse_args()
     recipe = load_recipe(None, [*MODEL, *args.overrides])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     parts, state = build_run_parts(recipe, plan), TrainState()
     batches = batch_stream(parts, state)
     train_step(parts, batches, state=state, recipe=recipe, plan=plan)  # the optimizer state exists from here on

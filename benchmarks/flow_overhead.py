@@ -1,12 +1,12 @@
 """Wall time of the `wmtp-train` Prefect flow vs calling the core training loop directly; server start excluded.
 
 Contenders, the same recipe (default model, train.max_steps=--steps, tracking enabled as in a real run):
-  direct  wmtp_core.training.train(recipe, run_dir, plan=...) with the plan from plan_devices(probe_environment());
+  direct  wmtp_core.training.loop.train(recipe, run_dir, plan=...) with the plan from plan_devices(probe_environment());
   flow    flows.train.wmtp_train(recipe=...) in-process: environment probe, run preparation, the MLflow run (params,
           metrics through the tracking sink into the embedded SQLite store under $WMTP_HOME), training, checkpoint
           and summary upload, the summary artifact. All of that is the overhead measured.
 The environment is set before prefect is imported: a temporary PREFECT_HOME and $WMTP_HOME, analytics off, and the
-defaults the `wmtp` CLI sets (flows.cli._default_prefect_environment). ONE temporary Prefect server is started
+defaults the `wmtp` CLI sets (deployments.cli._default_prefect_environment). ONE temporary Prefect server is started
 (prefect_test_harness) before any timing; one short warm-up flow run follows (first MLflow store creation, imports),
 then direct and flow runs alternate (order reversed every other repeat), each in a fresh run name/directory.
 Figures: median over --repeats of flow/direct wall time (target <= 1.05), the median extra seconds, and the median
@@ -34,7 +34,7 @@ def set_environment(scratch: Path) -> None:
     os.environ["WMTP_HOME"] = str(scratch / "home")
     for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         os.environ.pop(name, None)  # the temporary server and the embedded MLflow store, as in a default local run
-    from flows.cli import _default_prefect_environment
+    from deployments.cli import _default_prefect_environment
 
     _default_prefect_environment()  # start-up timeout, core and task logs in the run log, no API logs outside flows
     assert "prefect" not in sys.modules, "prefect was imported before its environment was set"
@@ -44,12 +44,13 @@ def run_direct(recipe, name: str) -> tuple[float, float]:
     """(wall seconds, loop tokens/s) of the core loop called directly."""
     from tasks.locations import run_dir
     from wmtp_core.config import with_run_name
-    from wmtp_core.device import plan_devices, probe_environment
-    from wmtp_core.training import train
+    from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+    from wmtp_core.training.loop import train
 
     start = time.perf_counter()
     named = with_run_name(recipe, name)
-    plan = plan_devices(named.devices, named.data, named.phases, probe_environment())
+    plan = plan_run_devices(named, probe_environment())
     result = train(named, run_dir(name), plan=plan)
     return time.perf_counter() - start, result.tokens_per_s
 

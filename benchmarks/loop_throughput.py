@@ -1,12 +1,12 @@
 """Tokens/s of the core training loop versus the minimal bare PyTorch loop a user would write.
 
 Contenders, each with a fresh model built after torch.manual_seed(recipe.seed) (identical initial weights):
-  core   wmtp_core.training.train_step over build_run_parts(recipe, plan), driven as train() drives it
+  core   wmtp_core.training.loop.train_step over build_run_parts(recipe, plan), driven as train() drives it
          (state, log_every metrics with tokens/s and log_progress, the no-op on_metrics callback), fed the
          pre-collated batches;
   bare   MTPTransformer + AdamW + head_cross_entropy/weighted_mtp_loss (uniform weights) + backward +
          clip_grad_norm_ + step + zero_grad, fed the same pre-collated batches;
-  loader (info, --with-loader) train_step fed by wmtp_core.run_parts.batch_stream (the DataLoader) exactly
+  loader (info, --with-loader) train_step fed by wmtp_core.training.parts.batch_stream (the DataLoader) exactly
          as train() feeds it; the same batches in the same order, collated on the fly.
 The batches are the ones batch_stream yields (same dataset, collator and epoch order), collated once up front
 and moved to the device inside each step with .to(device, non_blocking=True), the same way for all.
@@ -31,12 +31,13 @@ import time
 import torch
 
 from wmtp_core.recipes import load_recipe
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
-from wmtp_core.model import MTPTransformer
-from wmtp_core.run_parts import TrainState, batch_stream, build_run_parts
-from wmtp_core.tokenizer import ByteTokenizer
-from wmtp_core.training import log_progress, train_step
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.algorithms.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
+from wmtp_core.models.transformer import MTPTransformer
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.models.tokenizer import ByteTokenizer
+from wmtp_core.training.loop import log_progress, train_step
 
 
 def precollate(parts, recipe, count: int) -> list[dict[str, torch.Tensor]]:
@@ -165,7 +166,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override key=value")
     args = parser.parse_args()
     recipe = load_recipe(None, [f"devices.backend={args.backend}", *args.overrides])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     result = measure(recipe, plan, repeats=args.repeats, steps=args.steps, chunk=args.chunk, warmup=args.warmup, with_loader=args.with_loader)
     print(json.dumps(summarise(result, args, plan)))
 

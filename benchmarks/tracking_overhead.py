@@ -1,6 +1,6 @@
 """Per-step cost of MLflow tracking (Phase 3's buffered sink, a real `mlflow server` on loopback) vs no tracking.
 
-Both contenders run wmtp_core.training.train on the default recipe (metrics every train.log_every steps,
+Both contenders run wmtp_core.training.loop.train on the default recipe (metrics every train.log_every steps,
 checkpoints only at the end, the same in both), interleaved ABAB; each is timed inside the training loop (seconds
 per trained token, from the run's own tokens/s), and the figure is the median over --repeats of
 (tracked time per token / untracked time per token) - 1. It also counts the requests the sink sent per report, to show
@@ -33,9 +33,10 @@ from servers import MlflowServer  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from tasks.metrics_buffer import BufferedMetrics  # noqa: E402
-from wmtp_core.device import plan_devices, probe_environment  # noqa: E402
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment  # noqa: E402
 from wmtp_core.recipes import load_recipe  # noqa: E402
-from wmtp_core.training import train  # noqa: E402
+from wmtp_core.training.loop import train  # noqa: E402
 
 
 class CountingSender:
@@ -103,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(None, [f"train.max_steps={args.steps}", f"train.save_every={args.steps}",
                                 f"train.eval_every={args.steps}", "train.warmup_steps=5"])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     with tempfile.TemporaryDirectory() as scratch:
         server = MlflowServer(Path(scratch) / "server")
         server.start()

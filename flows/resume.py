@@ -12,7 +12,7 @@ from prefect.states import Completed, Failed, State
 from flows.parameters import BudgetMinutes, RunName, TargetSteps
 from flows.train import train_and_upload
 from tasks.locations import run_dir
-from wmtp_core.manifest import latest_valid_checkpoint
+from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe
 
 

@@ -1,4 +1,5 @@
-"""Flow `wmtp-train`: probe the environment, prepare the run, train (retries resume), upload to MLflow, summarise."""
+"""Flow `wmtp-train`: probe the environment, prepare the run, train the brief rho1 reference when one is needed,
+train (retries resume), upload to MLflow, summarise."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from tasks.environment import probe_environment
 from tasks.reporting import publish_checkpoints, publish_summary
 from tasks.run_setup import prepare_run
 from tasks.tracking import run_link
-from tasks.training import train_model
+from tasks.training import train_model, train_reference
 from tasks.upload import open_tracking_run, record_pending_uploads, upload_artifacts
 from wmtp_core.config import PhaseGates, Recipe, with_run_name
-from wmtp_core.manifest import latest_valid_checkpoint
+from wmtp_core.algorithms.brief_reference import needs_brief_reference
+from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+from wmtp_core.fixplan.gates import tracking_policy
 
 
 @flow(name="wmtp-train")
@@ -42,12 +45,16 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
     run = prepare_run(recipe, resume=resume)
     recipe = with_run_name(recipe, run["run_name"])
     mlflow_run_id = open_tracking_run(recipe, run["run_dir"], run_name=run["run_name"], flow_run_id=flow_run.id, probe=probe)
-    training = train_model(recipe, run["run_dir"], probe=probe, mlflow_run_id=mlflow_run_id, time_budget_s=time_budget_s,
-                           start_from=run["start_checkpoint"], return_state=True)
+    training = None
+    if needs_brief_reference(recipe):
+        training = train_reference(recipe, run["run_dir"], probe=probe, return_state=True)
+    if training is None or training.is_completed():
+        training = train_model(recipe, run["run_dir"], probe=probe, mlflow_run_id=mlflow_run_id,
+                               time_budget_s=time_budget_s, start_from=run["start_checkpoint"], return_state=True)
     summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id)
     upload = upload_artifacts(run["run_dir"], summary, mlflow_run_id=mlflow_run_id, return_state=True)
     if upload.is_failed():
-        if not recipe.phases.api:
+        if not tracking_policy(recipe.phases).never_stops_training:
             return Failed(message=f"upload to MLflow failed (phases.api off): {_one_line(upload)}")
         summary = record_pending_uploads(run["run_dir"], summary, reason=_one_line(upload))
     publish_summary(summary)

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.locations import wmtp_home
-from wmtp_core.verification import TARGETS, verify_stage
+from wmtp_core.fixplan.verification import TARGETS, verify_stage
 
 COLUMNS = ("stage", "model", "checkpoint_save_success", "resume_success", "warnings", "leaked_semaphores", "step_time_s")
 

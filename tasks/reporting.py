@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from wmtp_core.manifest import list_checkpoints
+from wmtp_core.checkpoint.manifest import list_checkpoints
 
 
 def artifact_key(prefix: str, run_name: str) -> str:

@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks.locations import run_dir
 from wmtp_core.config import Recipe, generate_run_name, with_run_name
 from wmtp_core.recipes import recipe_to_yaml
-from wmtp_core.records import builtin_dataset_path, load_records
-from wmtp_core.manifest import checkpoints_dir, latest_valid_checkpoint, step_dir_name, verify_checkpoint
+from wmtp_core.data.records import builtin_dataset_path, load_records
+from wmtp_core.checkpoint.manifest import checkpoints_dir, latest_valid_checkpoint, step_dir_name, verify_checkpoint
 
 
 @task(name="prepare_run", cache_policy=NO_CACHE)

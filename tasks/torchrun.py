@@ -1,6 +1,6 @@
 """Launching a multi-process training job with torchrun from the training task, and reading it back.
 
-torchrun runs `wmtp_core.worker` on every rank. Rank 0's stdout is streamed here line by line: progress lines go
+torchrun runs `wmtp_core.training.worker` on every rank. Rank 0's stdout is streamed here line by line: progress lines go
 to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. The job is bounded by its own silence
 timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM to this process is passed on, so the
 ranks save a checkpoint before exiting; when any rank dies, torchrun stops the others and exits non-zero.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from wmtp_core.config import Recipe
 
-METRICS_PREFIX = "WMTP_METRICS "  # the same marker wmtp_core.worker prints (that module imports torch)
+METRICS_PREFIX = "WMTP_METRICS "  # the same marker wmtp_core.training.worker prints (that module imports torch)
 EXIT_TERMINATED = 143
 TERMINATE_GRACE_S = 30  # Prefect's own grace between SIGTERM and SIGKILL on cancellation
 
@@ -54,7 +54,7 @@ def torchrun_command(recipe: Recipe, run_dir: Path, *, resume: Path | None, resu
                                    "(the rendezvous host every node can reach)")
         launcher += ["--nnodes", str(devices.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
                      "--rdzv_id", recipe.run.name or "wmtp"]
-    worker = ["-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
+    worker = ["-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
               "--result", str(result_file), "--manifest-extra", json.dumps(manifest_extra)]
     worker += ["--resume", str(resume)] if resume else []
     worker += ["--time-budget-s", str(time_budget_s)] if time_budget_s is not None else []

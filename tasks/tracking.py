@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
 from wmtp_core.config import Recipe
-from wmtp_core.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
 from wmtp_core.recipes import flatten_recipe
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,12 @@ def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
 
 
 def upload_final_model(run_id: str, run_dir: Path) -> bool:
-    """Log the newest checkpoint's model as `final_model/` (wmtp_core.final_model: safetensors and a config, no
+    """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a config, no
     pickle; an hf trunk as save_pretrained writes it), unless it is there already for that step. A resume that
     trains on replaces it. Load it with
-    `wmtp_core.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
+    `wmtp_core.checkpoint.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
     """
-    from wmtp_core.final_model import write_final_model  # torch loads here, not when a flow module is imported
+    from wmtp_core.checkpoint.final_model import write_final_model  # torch loads here, not when a flow module is imported
 
     mlflow = client()
     latest = latest_valid_checkpoint(run_dir)

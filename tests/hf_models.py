@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from conftest import TINY_RUN
-from wmtp_core.records import builtin_dataset_path, format_example, load_records
+from wmtp_core.data.records import builtin_dataset_path, format_example, load_records
 
 VOCAB_SIZE = 320
 MAX_POSITIONS = 128

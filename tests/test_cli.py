@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from wmtp_core.checkpoint import save_checkpoint
+from deployments.cli import app
+from wmtp_core.checkpoint.storage import save_checkpoint
 from wmtp_core.recipes import load_recipe
 
 runner = CliRunner()
@@ -69,7 +69,7 @@ def test_checkpoints_json_lists_step_path_and_validity(wmtp_home):
 
 
 def test_console_script_reports_bad_override_in_one_line(wmtp_home):
-    wmtp = [sys.executable, "-c", "from flows.cli import main; main()"]
+    wmtp = [sys.executable, "-c", "from deployments.cli import main; main()"]
     out = subprocess.run([*wmtp, "train", "--set", "train.lr=-1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: train.lr: Input should be greater than 0 (got '-1')"
@@ -86,13 +86,14 @@ def test_checkpoints_convert_turns_a_sharded_checkpoint_into_the_full_format(wmt
     import torch
     from safetensors.torch import load_file
 
-    from wmtp_core.device import plan_devices, probe_environment
-    from wmtp_core.checkpoint import load_checkpoint
-    from wmtp_core.training import train
+    from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+    from wmtp_core.checkpoint.storage import load_checkpoint
+    from wmtp_core.training.loop import train
 
     recipe = tiny_recipe.model_copy(update={"checkpoint": tiny_recipe.checkpoint.model_copy(update={"format": "sharded"})})
     run = wmtp_home / "runs" / "sharded"
-    train(recipe, run, plan=plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment()))
+    train(recipe, run, plan=plan_run_devices(recipe, probe_environment()))
     step = run / "checkpoints" / "step_00000004"
     assert not (step / "model.safetensors").exists() and (step / "sharded" / ".metadata").exists()
     result = runner.invoke(app, ["checkpoints", "sharded", "--convert", "4"])

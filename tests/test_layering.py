@@ -43,6 +43,6 @@ def test_flow_modules_import_no_torch_at_module_level():
 
 
 def test_importing_the_flows_and_cli_does_not_load_torch():
-    code = "import sys, flows.train, flows.cli; print('torch' in sys.modules)"
+    code = "import sys, flows.train, deployments.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from wmtp_core.algorithms import MicroBatch, algorithm_loss
-from wmtp_core.checkpoint import load_checkpoint
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.manifest import list_checkpoints
-from wmtp_core.reference import load_reference_model, prepare_reference
-from wmtp_core.run_parts import TrainState, batch_stream, build_run_parts
-from wmtp_core.training import train
+from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
+from wmtp_core.checkpoint.storage import load_checkpoint
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.checkpoint.manifest import list_checkpoints
+from wmtp_core.algorithms.brief_reference import brief_reference_dir, brief_reference_recipe, finished_brief_reference
+from wmtp_core.algorithms.reference import load_reference_model, reference_checkpoint
+from wmtp_core.checkpoint.manifest import CheckpointError
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.training.loop import train
 
 
 def _with(recipe, **sections):
@@ -20,7 +25,7 @@ def _with(recipe, **sections):
 
 
 def _plan(recipe):
-    return plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    return plan_run_devices(recipe, probe_environment())
 
 
 def _first_micro_batch(parts):
@@ -59,8 +64,7 @@ def test_critic_value_head_has_its_own_learning_rate(tiny_recipe):
 def test_rho1_loss_uses_a_frozen_reference(rho1_recipe, tmp_path, mode):
     recipe = _with(rho1_recipe, rho1={"selection_mode": mode})
     plan = _plan(recipe)
-    reference_dir = prepare_reference(recipe, tmp_path, plan=plan)
-    parts = build_run_parts(recipe, plan, reference_checkpoint=reference_dir)
+    parts = build_run_parts(recipe, plan, reference_checkpoint=_train_brief_reference(recipe, tmp_path))
     loss, metrics = algorithm_loss(parts.model, _first_micro_batch(parts), recipe=recipe, plan=plan, reference=parts.reference)
     loss.backward()
     assert torch.isfinite(loss) and not parts.reference.training
@@ -70,14 +74,27 @@ def test_rho1_loss_uses_a_frozen_reference(rho1_recipe, tmp_path, mode):
         assert 0.0 < float(metrics["skipped_token_ratio"]) < 1.0
 
 
-def test_builtin_reference_is_trained_once_and_reused(rho1_recipe, tmp_path):
-    plan = _plan(rho1_recipe)
-    first = prepare_reference(rho1_recipe, tmp_path, plan=plan)
-    assert first == tmp_path / "reference" / "checkpoints" / "step_00000003"
-    stamp = (first / "manifest.json").stat().st_mtime_ns
-    assert prepare_reference(rho1_recipe, tmp_path, plan=plan) == first
-    assert (first / "manifest.json").stat().st_mtime_ns == stamp
-    assert not load_reference_model(first, plan).training
+def _train_brief_reference(recipe, run_dir):
+    """What the wmtp-train flow's train_reference step does: a baseline run of the reference recipe under run_dir."""
+    reference = brief_reference_recipe(recipe)
+    return Path(train(reference, brief_reference_dir(run_dir), plan=_plan(reference)).latest_checkpoint)
+
+
+def test_a_rho1_run_without_its_brief_reference_says_how_to_get_one(rho1_recipe, tmp_path):
+    with pytest.raises(CheckpointError, match="train_reference step.*rho1.reference_checkpoint"):
+        reference_checkpoint(rho1_recipe, tmp_path)
+
+
+def test_the_brief_reference_is_a_full_format_baseline_run_found_once_finished(rho1_recipe, tmp_path):
+    recipe = _with(rho1_recipe, checkpoint={"format": "sharded"})
+    reference = brief_reference_recipe(recipe)
+    assert (reference.train.algorithm, reference.train.max_steps) == ("baseline-mtp", recipe.rho1.reference_steps)
+    assert reference.checkpoint.format == "full" and not reference.tracking.enabled
+    assert finished_brief_reference(recipe, tmp_path) is None
+    trained = _train_brief_reference(recipe, tmp_path)
+    assert trained == tmp_path / "reference" / "checkpoints" / f"step_{recipe.rho1.reference_steps:08d}"
+    assert finished_brief_reference(recipe, tmp_path).path == trained == reference_checkpoint(recipe, tmp_path)
+    assert not load_reference_model(trained, _plan(recipe)).training
 
 
 def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
@@ -120,6 +137,8 @@ def test_algorithm_variant_trains_and_eval_loss_falls(tiny_recipe, tmp_path, sec
     in tests/flows/test_algorithms_end_to_end.py)."""
     recipe = _with(tiny_recipe, **sections)
     recipe = _with(recipe, train={**sections["train"], "max_steps": 40, "save_every": 20, "eval_every": 20})
+    if recipe.train.algorithm == "rho1-wmtp":
+        _train_brief_reference(recipe, tmp_path)
     result = train(recipe, tmp_path, plan=_plan(recipe))
     assert result.steps == 40
     assert result.final_eval_loss < 0.85 * result.initial_eval_loss

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wmtp_core.checkpoint import (
+from wmtp_core.checkpoint.storage import (
     MODEL_FILE,
     STATE_FILE,
     check_shapes_match,
@@ -17,8 +17,8 @@ from wmtp_core.checkpoint import (
     make_durable,
     save_checkpoint,
 )
-from wmtp_core.config import PhaseGates
-from wmtp_core.manifest import (
+from wmtp_core.config import PhaseGates, Recipe
+from wmtp_core.checkpoint.manifest import (
     MANIFEST_FILE,
     CheckpointError,
     describe_files,
@@ -27,7 +27,9 @@ from wmtp_core.manifest import (
     prune_checkpoints,
     verify_checkpoint,
 )
-from wmtp_core.state_dicts import CheckpointSaveError, gather_state, restore_state
+from wmtp_core.checkpoint.state_dicts import CheckpointSaveError
+from wmtp_core.fixplan.gates import resolve_gates
+from wmtp_core.runtime.distributed import SINGLE
 
 
 def _save(run_dir, step, value=1.0):
@@ -142,12 +144,17 @@ def test_checkpoint_from_another_model_shape_names_the_tensors(tmp_path):
         check_shapes_match({"w": torch.zeros(2, 3)}, {"w": torch.zeros(4, 3)}, source=tmp_path)
 
 
+def _state_dicts(**gates):
+    """The state-dict API the phase gates select."""
+    return resolve_gates(Recipe(phases=PhaseGates(**gates))).state_dicts
+
+
 def test_legacy_gate_fails_on_a_plain_module_with_keyerror_none():
     model, optimizer = _trained_linear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         with pytest.raises(CheckpointSaveError, match=r"KeyError\(None\)") as caught:
-            gather_state(model, optimizer, PhaseGates(checkpoint=False))
+            _state_dicts(checkpoint=False).gather(model, optimizer, SINGLE)
     assert isinstance(caught.value.__cause__, KeyError)
 
 
@@ -155,11 +162,11 @@ def test_legacy_gate_fails_on_a_plain_module_with_keyerror_none():
 @pytest.mark.parametrize("loaded_with_api", [True, False])
 def test_state_saved_by_either_api_gate_restores_under_either(saved_with_api, loaded_with_api):
     model, optimizer = _trained_linear()
-    model_state, optim_state = gather_state(model, optimizer, PhaseGates(api=saved_with_api))
+    model_state, optim_state = _state_dicts(api=saved_with_api).gather(model, optimizer, SINGLE)
     assert set(optim_state["state"]) == {name for name, _ in model.named_parameters()}  # keyed by name
     fresh_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     fresh_optimizer = torch.optim.AdamW(fresh_model.parameters(), lr=0.1)
-    restore_state(fresh_model, fresh_optimizer, model_state, optim_state, PhaseGates(api=loaded_with_api))
+    _state_dicts(api=loaded_with_api).restore(fresh_model, fresh_optimizer, model_state, optim_state, SINGLE)
     for a, b in zip(model.parameters(), fresh_model.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(optimizer.state[a]["exp_avg"], fresh_optimizer.state[b]["exp_avg"])

@@ -1,4 +1,4 @@
-"""wmtp_core.data and wmtp_core.tokenizer: records, training text, splits, batch order and MTP labels."""
+"""wmtp_core.data.sequences and wmtp_core.models.tokenizer: records, training text, splits, batch order and MTP labels."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wmtp_core.data import (
+from wmtp_core.data.sequences import (
     IGNORE_INDEX,
     MTPCollator,
     TokenSequences,
@@ -18,8 +18,8 @@ from wmtp_core.data import (
     make_loader,
     mtp_labels,
 )
-from wmtp_core.records import DataError, Record, builtin_dataset_path, format_example, load_records, split_records
-from wmtp_core.tokenizer import ByteTokenizer
+from wmtp_core.data.records import DataError, Record, builtin_dataset_path, format_example, load_records, split_records
+from wmtp_core.models.tokenizer import ByteTokenizer
 
 GOOD = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
 

@@ -1,4 +1,4 @@
-"""wmtp_core.device: plan_devices over hand-built probes for every backend and phases.mps setting."""
+"""wmtp_core.runtime.devices: plan_devices over hand-built probes for every backend and phases.mps setting."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import itertools
 import pytest
 import torch
 
-from wmtp_core.config import DataConfig, DevicesConfig, PhaseGates
-from wmtp_core.device import DevicePlan, EnvironmentProbe, autocast_context, plan_devices, probe_environment
+from wmtp_core.config import DataConfig, DevicesConfig, PhaseGates, Recipe
+from wmtp_core.fixplan.gates import plan_run_devices, resolve_gates
+from wmtp_core.runtime.devices import DevicePlan, EnvironmentProbe, autocast_context, probe_environment
 
 
 def _probe(*, cuda: bool = False, bf16: bool = False, mps: bool = False) -> EnvironmentProbe:
@@ -29,9 +30,12 @@ PROBES = {
 
 
 def _plan(probe: EnvironmentProbe, *, backend="auto", precision="auto", workers=2, mps_gate=True) -> DevicePlan:
-    return plan_devices(
-        DevicesConfig(backend=backend, precision=precision), DataConfig(num_workers=workers), PhaseGates(mps=mps_gate), probe
-    )
+    return _policy(mps_gate)(DevicesConfig(backend=backend, precision=precision), DataConfig(num_workers=workers), probe)
+
+
+def _policy(mps_gate: bool):
+    """The device policy the phases.mps gate selects."""
+    return resolve_gates(Recipe(phases=PhaseGates(mps=mps_gate))).plan_devices
 
 
 @pytest.mark.parametrize(
@@ -138,11 +142,9 @@ def _recipe(**sections):
 
 
 def test_mps_with_gate_on_applies_the_mps_profile_fsdp_off_and_accumulation_4():
-    from wmtp_core.device import apply_device_profile
-
     recipe = _recipe(devices={"strategy": "fsdp", "nproc_per_node": 2}, data={"num_workers": 4})
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, PROBES["mps"])
-    adjusted, reasons = apply_device_profile(recipe, plan)
+    plan = plan_run_devices(recipe, PROBES["mps"])
+    adjusted, reasons = resolve_gates(recipe).apply_device_profile(recipe, plan)
     assert (adjusted.devices.strategy, adjusted.devices.nproc_per_node, adjusted.data.num_workers) == ("single", 1, 0)
     assert adjusted.train.grad_accumulation_steps == 4 and adjusted.devices.precision == "fp32"
     assert any("devices.strategy 'fsdp' -> 'single'" in reason for reason in reasons)
@@ -151,7 +153,7 @@ def test_mps_with_gate_on_applies_the_mps_profile_fsdp_off_and_accumulation_4():
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_mps_plan_says_why_distributed_training_falls_back_to_one_process(strategy):
     devices = DevicesConfig(strategy=strategy, nproc_per_node=2)
-    plan = plan_devices(devices, DataConfig(num_workers=2), PhaseGates(mps=True), PROBES["mps"])
+    plan = _policy(True)(devices, DataConfig(num_workers=2), PROBES["mps"])
     assert any(f"devices.strategy={strategy}" in reason and "falls back to single" in reason for reason in plan.reasons)
     assert any("mps_optimized.yaml" in reason for reason in plan.reasons)
 
@@ -159,17 +161,15 @@ def test_mps_plan_says_why_distributed_training_falls_back_to_one_process(strate
 @pytest.mark.parametrize(("probe", "mps_gate"), [("mps", False), ("cpu", True)])
 def test_plans_off_mps_or_with_the_gate_off_keep_the_configured_strategy(probe, mps_gate):
     devices = DevicesConfig(strategy="fsdp", nproc_per_node=2)
-    plan = plan_devices(devices, DataConfig(num_workers=2), PhaseGates(mps=mps_gate), PROBES[probe])
+    plan = _policy(mps_gate)(devices, DataConfig(num_workers=2), PROBES[probe])
     assert not any("falls back" in reason or "mps_optimized" in reason for reason in plan.reasons)
 
 
 @pytest.mark.parametrize(("probe", "mps_gate"), [("mps", False), ("cpu", True), ("cuda-bf16", True)])
 def test_the_mps_profile_applies_only_on_mps_with_the_gate_on(probe, mps_gate):
-    from wmtp_core.device import apply_device_profile
-
     recipe = _recipe(devices={"strategy": "fsdp", "nproc_per_node": 2}, phases={"mps": mps_gate})
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, PROBES[probe])
-    assert apply_device_profile(recipe, plan) == (recipe, ())
+    plan = plan_run_devices(recipe, PROBES[probe])
+    assert resolve_gates(recipe).apply_device_profile(recipe, plan) == (recipe, ())
 
 
 def test_legacy_cpu_autocast_with_fp32_warns_and_the_fixed_path_does_not(recwarn):
@@ -184,7 +184,7 @@ def test_legacy_cpu_autocast_with_fp32_warns_and_the_fixed_path_does_not(recwarn
 
 
 def test_training_logs_its_device_plan_with_every_reason(tiny_recipe, tmp_path, caplog):
-    from wmtp_core.training import train
+    from wmtp_core.training.loop import train
 
     recipe = tiny_recipe.model_copy(update={"train": tiny_recipe.train.model_copy(update={"max_steps": 1})})
     plan = _plan(PROBES["cpu"], workers=0)

@@ -11,14 +11,15 @@ from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2, save_llama
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_OVERRIDES, full_model_state
-from wmtp_core.checkpoint import MODEL_FILE
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.final_model import load_final_model, write_final_model
-from wmtp_core.hf_model import load_hf_mtp_model
-from wmtp_core.manifest import FINAL_MODEL_CONFIG
-from wmtp_core.model import MTPTransformer
+from wmtp_core.checkpoint.storage import MODEL_FILE
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.checkpoint.final_model import load_final_model, write_final_model
+from wmtp_core.models.hf import load_hf_mtp_model
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
+from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.recipes import load_recipe
-from wmtp_core.training import train
+from wmtp_core.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def _train(overrides: list[str], run_dir: Path) -> Path:
     recipe = load_recipe(None, [*overrides, "train.max_steps=2"])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     return Path(train(recipe, run_dir, plan=plan).latest_checkpoint)
 
 

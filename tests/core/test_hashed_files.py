@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wmtp_core.hashed_files import _INLINE_BYTES, HashingFile, save_safetensors_hashed, torch_save_hashed
+from wmtp_core.checkpoint.hashed_files import _INLINE_BYTES, HashingFile, save_safetensors_hashed, torch_save_hashed
 
 
 def _sha256_of(path) -> str:

@@ -14,16 +14,17 @@ from hf_models import HF_OVERRIDES, MAX_POSITIONS, build_tokenizer, save_gpt2, s
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from wmtp_core.data import MTPCollator, TokenSequences
-from wmtp_core.records import builtin_dataset_path, load_records
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.hf_model import HF_EXPORT_DIR, MTP_HEADS_FILE, decoder_layer_classes, export_pretrained, load_hf_mtp_model
-from wmtp_core.hf_tokenizer import load_hf_tokenizer
-from wmtp_core.manifest import CheckpointError, verify_checkpoint
+from wmtp_core.data.sequences import MTPCollator, TokenSequences
+from wmtp_core.data.records import builtin_dataset_path, load_records
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.models.hf import HF_EXPORT_DIR, MTP_HEADS_FILE, decoder_layer_classes, export_pretrained, load_hf_mtp_model
+from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
+from wmtp_core.checkpoint.manifest import CheckpointError, verify_checkpoint
 from wmtp_core.recipes import load_recipe
-from wmtp_core.reference import load_reference
-from wmtp_core.tokenizer import ByteTokenizer, check_tokenizers_agree
-from wmtp_core.training import train
+from wmtp_core.algorithms.reference import load_reference
+from wmtp_core.models.tokenizer import ByteTokenizer, check_tokenizers_agree
+from wmtp_core.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_tokenizer_adapter_wraps_text_in_bos_eos_and_feeds_the_collator(model_di
 
 
 def test_a_tokenizer_without_pad_token_pads_with_eos_and_says_so(model_dirs, caplog):
-    with caplog.at_level(logging.WARNING, logger="wmtp_core.hf_tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="wmtp_core.models.hf_tokenizer"):
         tokenizer = load_hf_tokenizer(str(model_dirs["gpt2"]))
     assert tokenizer.pad_id == tokenizer.eos_id == tokenizer.bos_id
     assert "no pad token: padding with eos" in caplog.text
@@ -136,7 +137,7 @@ def test_tokenizers_that_differ_are_refused_naming_both(model_dirs):
 def test_an_hf_reference_with_another_tokenizer_is_refused_before_training(model_dirs):
     recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={model_dirs['llama']}", "train.algorithm=rho1-wmtp",
                                 f"rho1.reference_hf_model={model_dirs['gpt2']}"])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     trunk_tokenizer = load_hf_tokenizer(str(model_dirs["llama"]))
     with pytest.raises(ValueError, match=f"rho1.reference_hf_model={model_dirs['gpt2']}.*model.path={model_dirs['llama']}"):
         load_reference(recipe, None, plan, trunk_tokenizer=trunk_tokenizer)
@@ -163,7 +164,7 @@ def test_recipe_refuses_inconsistent_model_and_reference_keys(overrides, message
 
 def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(model_dirs, tmp_path):
     recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={model_dirs['gpt2']}", "train.max_steps=2"])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     checkpoint = Path(train(recipe, tmp_path / "run", plan=plan).latest_checkpoint)
     listed = verify_checkpoint(checkpoint)["files"]
     assert {f"{HF_EXPORT_DIR}/model.safetensors", f"{HF_EXPORT_DIR}/{MTP_HEADS_FILE}", f"{HF_EXPORT_DIR}/tokenizer.json"} <= set(listed)
@@ -176,6 +177,6 @@ def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(model_dir
 
 
 def test_the_builtin_training_path_does_not_import_transformers():
-    code = "import sys, wmtp_core.training, wmtp_core.worker; print('transformers' in sys.modules)"
+    code = "import sys, wmtp_core.training.loop, wmtp_core.training.worker; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"

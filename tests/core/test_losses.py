@@ -1,4 +1,4 @@
-"""wmtp_core.losses against naive per-head, per-position Python loops, plus gradient and empty-batch behaviour."""
+"""wmtp_core.algorithms.losses against naive per-head, per-position Python loops, plus gradient and empty-batch behaviour."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wmtp_core.data import IGNORE_INDEX, mtp_labels
-from wmtp_core.losses import (
+from wmtp_core.data.sequences import IGNORE_INDEX, mtp_labels
+from wmtp_core.algorithms.losses import (
     head_cross_entropy,
     mean_ce_per_head,
     uniform_weights,

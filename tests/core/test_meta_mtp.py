@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from hf_models import build_tokenizer
 
-from wmtp_core.hf_model import MTP_HEADS_FILE, load_hf_mtp_model
-from wmtp_core.meta_mtp import main
+from wmtp_core.models.hf import MTP_HEADS_FILE, load_hf_mtp_model
+from wmtp_core.models.meta_mtp import main
 
 PARAMS = {"dim": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5, "n_future_tokens": 3,
           "rope_theta": 10000.0, "max_seq_len": 128}

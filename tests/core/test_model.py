@@ -1,13 +1,13 @@
-"""wmtp_core.model: head output shapes, causality, the sequence-length limit, and overfitting one batch."""
+"""wmtp_core.models.transformer: head output shapes, causality, the sequence-length limit, and overfitting one batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from wmtp_core.data import IGNORE_INDEX, MTPCollator
-from wmtp_core.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
-from wmtp_core.model import MTPTransformer
+from wmtp_core.data.sequences import IGNORE_INDEX, MTPCollator
+from wmtp_core.algorithms.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
+from wmtp_core.models.transformer import MTPTransformer
 
 VOCAB = 64
 

@@ -1,4 +1,4 @@
-"""wmtp_core.optim: the learning-rate schedule in optimizer steps and AdamW's weight-decay groups."""
+"""wmtp_core.training.optim: the learning-rate schedule in optimizer steps and AdamW's weight-decay groups."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from wmtp_core.config import TrainConfig
-from wmtp_core.model import MTPTransformer
-from wmtp_core.optim import build_optimizer, build_scheduler, lr_factor
+from wmtp_core.models.transformer import MTPTransformer
+from wmtp_core.training.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def _cfg(**fields) -> TrainConfig:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from wmtp_core.recipes import recipe_to_yaml
-from wmtp_core.resources import training_resources
+from wmtp_core.runtime.resources import training_resources
 
 
 def test_tracked_streams_are_closed_when_training_raises():
@@ -51,7 +51,7 @@ def _cancel_mid_training(recipe, run_dir) -> tuple[int, str]:
     """Run the worker with a spawned DataLoader worker, SIGTERM it at step 3, return (status, stderr)."""
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [sys.executable, "-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir)]
     worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONWARNINGS": "always"})
     for line in worker.stdout:
@@ -80,7 +80,7 @@ def test_cancelled_run_leaks_semaphores_only_on_the_legacy_path(tiny_recipe, tmp
 RANK_EXIT_WITH_A_LIVE_LOADER_QUEUE = """
 import torch
 from torch.utils.data import DataLoader
-from wmtp_core.worker import exit_without_interpreter_teardown
+from wmtp_core.training.worker import exit_without_interpreter_teardown
 
 if __name__ == "__main__":
     batches = iter(DataLoader(list(range(16)), batch_size=4, num_workers=1, multiprocessing_context="spawn"))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from wmtp_core.run_lock import LOCK_FILE, RunLockedError, run_lock
+from wmtp_core.runtime.run_lock import LOCK_FILE, RunLockedError, run_lock
 
 
 def test_second_holder_is_refused_with_the_holder_named(tmp_path):

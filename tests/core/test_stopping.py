@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from conftest import full_model_state
-from wmtp_core import checkpoint, run_checkpoint
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.manifest import CheckpointError, latest_valid_checkpoint
+from wmtp_core.checkpoint import run_state, storage
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint
 from wmtp_core.recipes import recipe_to_yaml
-from wmtp_core.run_checkpoint import CheckpointWriter
-from wmtp_core.training import train
+from wmtp_core.checkpoint.writer import CheckpointWriter
+from wmtp_core.training.loop import train
 
 
 def _with(recipe, **sections):
@@ -29,13 +30,13 @@ def _with(recipe, **sections):
 
 
 def _train(recipe, run_dir, **kwargs):
-    return train(recipe, run_dir, plan=plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment()), **kwargs)
+    return train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()), **kwargs)
 
 
 def start_worker(recipe, run_dir: Path, *extra: str) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [sys.executable, "-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"),
+    command = [sys.executable, "-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"),
                "--run-dir", str(run_dir), "--result", str(run_dir / "result.json"), *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -83,8 +84,8 @@ def _slow_disk(monkeypatch, seconds: float = 0.3) -> None:
             return write(*args, **kwargs)
         return delayed
 
-    monkeypatch.setattr(checkpoint, "save_safetensors_hashed", late(checkpoint.save_safetensors_hashed))
-    monkeypatch.setattr(run_checkpoint, "write_sharded", late(run_checkpoint.write_sharded))
+    monkeypatch.setattr(storage, "save_safetensors_hashed", late(storage.save_safetensors_hashed))
+    monkeypatch.setattr(run_state, "write_sharded", late(run_state.write_sharded))
 
 
 @pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
@@ -181,15 +182,14 @@ def test_settle_failure_of_a_sync_save_is_raised_not_lost(tmp_path):
 
 @pytest.mark.parametrize("async_save", [False, True])
 def test_older_checkpoints_are_pruned_only_after_the_newest_is_fsynced(tiny_recipe, tmp_path, monkeypatch, async_save):
-    import wmtp_core.run_checkpoint as run_checkpoint
 
-    on_disk_at_fsync, real_make_durable = {}, run_checkpoint.make_durable
+    on_disk_at_fsync, real_make_durable = {}, run_state.make_durable
 
     def recording_make_durable(path: Path) -> None:
         on_disk_at_fsync[path.name] = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("step_"))
         real_make_durable(path)
 
-    monkeypatch.setattr(run_checkpoint, "make_durable", recording_make_durable)
+    monkeypatch.setattr(run_state, "make_durable", recording_make_durable)
     recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2},
                    checkpoint={"async_save": async_save})
     _train(recipe, tmp_path)

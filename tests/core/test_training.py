@@ -9,14 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from wmtp_core.config import PhaseGates
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.manifest import latest_valid_checkpoint, list_checkpoints
-from wmtp_core.run_parts import TrainState, batch_stream, build_run_parts
-from wmtp_core.training import train, train_step
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.training.loop import train, train_step
 
 
 def _plan(recipe):
-    return plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    return plan_run_devices(recipe, probe_environment())
 
 
 def _train(recipe, run_dir, **kwargs):
@@ -96,7 +97,7 @@ def test_metrics_reach_the_callback(tiny_recipe, tmp_path):
 
 
 def test_legacy_checkpoint_gate_fails_the_run_at_the_first_save(tiny_recipe, tmp_path):
-    from wmtp_core.state_dicts import CheckpointSaveError
+    from wmtp_core.checkpoint.state_dicts import CheckpointSaveError
 
     recipe = tiny_recipe.model_copy(update={"phases": PhaseGates(checkpoint=False)})
     with pytest.warns(FutureWarning), pytest.raises(CheckpointSaveError, match=r"KeyError\(None\)"):

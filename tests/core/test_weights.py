@@ -1,4 +1,4 @@
-"""wmtp_core.weights: hand-computed examples for each weight rule, and hypothesis properties over random batches.
+"""wmtp_core.algorithms.weights: hand-computed examples for each weight rule, and hypothesis properties over random batches.
 
 Shapes: B batch, T time, K heads; masks are built like the collator (head k at t is valid iff t + k + 1 < length).
 """
@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wmtp_core.data import IGNORE_INDEX, mtp_labels
-from wmtp_core.losses import valid_mask
-from wmtp_core.weights import (
+from wmtp_core.data.sequences import IGNORE_INDEX, mtp_labels
+from wmtp_core.algorithms.losses import valid_mask
+from wmtp_core.algorithms.weights import (
     _aligned_reference_ce,
     _mean_one,
     critic_head_scores,

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY_OVERRIDES
 from tasks.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, torchrun_command
-from wmtp_core.manifest import latest_valid_checkpoint
+from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
 pytestmark = pytest.mark.distributed
@@ -44,9 +44,9 @@ def processes() -> list[tuple[int, list[bytes], dict[bytes, bytes]]]:
 
 
 def worker_pids(run_dir: Path) -> dict[int, int]:
-    """rank -> pid of every wmtp_core.worker rank training in run_dir now (other jobs on the machine are ignored)."""
+    """rank -> pid of every wmtp_core.training.worker rank training in run_dir now (other jobs on the machine are ignored)."""
     return {int(env[b"RANK"]): pid for pid, argv, env in processes()
-            if b"wmtp_core.worker" in argv and b"RANK" in env and b"torch.distributed.run" not in argv
+            if b"wmtp_core.training.worker" in argv and b"RANK" in env and b"torch.distributed.run" not in argv
             and str(run_dir).encode() in argv}
 
 

@@ -15,10 +15,11 @@ from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from wmtp_core.device import plan_devices, probe_environment
-from wmtp_core.hf_model import HF_EXPORT_DIR, load_hf_mtp_model
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
-from wmtp_core.training import train
+from wmtp_core.training.loop import train
 
 pytestmark = pytest.mark.distributed
 
@@ -38,7 +39,7 @@ def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tm
         torch.testing.assert_close(exported_BTV, trained(tokens_BT)[:, :, 0])
 
     one_process = load_recipe(None, [*common, "data.batch_size=2", "train.grad_accumulation_steps=2"])
-    plan = plan_devices(one_process.devices, one_process.data, one_process.phases, probe_environment())
+    plan = plan_run_devices(one_process, probe_environment())
     resumed = train(one_process, tmp_path / "fsdp", plan=plan, resume_from=checkpoint)
     straight = train(one_process, tmp_path / "straight", plan=plan)
     assert resumed.resumed_from_step == 4 and resumed.steps == straight.steps == 6
@@ -52,7 +53,7 @@ def _torchrun(recipe, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
+               "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
                "--result", str(run_dir / "result.json")]
     out = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

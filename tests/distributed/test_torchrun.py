@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, full_model_state
-from wmtp_core.device import plan_devices, probe_environment
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
-from wmtp_core.training import train
-from wmtp_core.worker import METRICS_PREFIX
+from wmtp_core.training.loop import train
+from wmtp_core.training.worker import METRICS_PREFIX
 
 pytestmark = pytest.mark.distributed
 STEPS = ["train.max_steps=6", "train.save_every=2", "train.keep_last=10", "train.eval_every=100", "train.log_every=1"]
@@ -53,7 +54,7 @@ def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tup
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "wmtp_core.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
+               "-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
                "--result", str(run_dir / "result.json")] + (["--resume", resume] if resume else [])
     # faulthandler: a rank that dies of a signal prints every thread's Python stack into the failure message.
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
@@ -135,7 +136,7 @@ def test_resume_on_one_process_matches_the_uninterrupted_run(straight_runs, layo
     recipe = two_process_recipe(layout, "devices.strategy=single", "devices.nproc_per_node=1",
                                 "train.grad_accumulation_steps=2")
     losses = {}
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     result = train(recipe, tmp_path, plan=plan, resume_from=tmp_path / "checkpoints" / "step_00000004",
                    on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None)
     assert result.resumed_from_step == 4 and result.steps == 6
@@ -158,7 +159,7 @@ def test_one_process_with_accumulation_matches_two_process_ddp_and_fsdp(straight
     fsdp_dir, fsdp_losses = straight_runs("fsdp")
     recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, "train.grad_accumulation_steps=2"])
     losses = {}
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     train(recipe, tmp_path, plan=plan,
           on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None)
     assert losses == pytest.approx(ddp_losses, rel=1e-5) and losses == pytest.approx(fsdp_losses, rel=1e-5)
@@ -173,7 +174,7 @@ def test_critic_on_two_processes_matches_one_process_with_accumulation(tmp_path)
     """Stage 1 (the value head alone, the trunk frozen) and Stage 2 on DDP and FSDP2: the value pretraining loss,
     the loss trajectory and the final weights, value head included, equal one process's with the same global batch."""
     recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, *CRITIC, "train.grad_accumulation_steps=2"])
-    plan = plan_devices(recipe.devices, recipe.data, recipe.phases, probe_environment())
+    plan = plan_run_devices(recipe, probe_environment())
     expected = []
     train(recipe, tmp_path / "single", plan=plan,
           on_metrics=lambda step, metrics: expected.append({"step": step, "metrics": metrics}))

@@ -119,7 +119,7 @@ def test_served_training_and_scheduled_resume_through_a_real_prefect_server(serv
         assert expected in summary_md
     # The library's own log, at INFO, in the flow run log.
     _log_line_where(client, train.id,
-                    lambda line: line[:2] == ("wmtp_core.training", 20) and line[2].startswith("step 4/4 loss"))
+                    lambda line: line[:2] == ("wmtp_core.training.loop", 20) and line[2].startswith("step 4/4 loss"))
 
     resume = _deployment(client, "wmtp-resume/scheduled")
     [schedule] = resume.schedules

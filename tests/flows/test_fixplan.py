@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import WMTP, wmtp_environment
-from flows.cli import app
-from wmtp_core.verification import passed
+from deployments.cli import app
+from wmtp_core.fixplan.verification import passed
 
 ROW_KEYS = {"stage", "model", "checkpoint_save_success", "resume_success", "warnings", "leaked_semaphores", "step_time_s"}
 

@@ -13,7 +13,7 @@ from flows.resume import wmtp_resume
 from flows.train import wmtp_train
 from tasks.progress import TrainingProgress
 from tasks.run_setup import start_checkpoint
-from wmtp_core.manifest import CheckpointError, MANIFEST_FILE, describe_files, step_dir_name
+from wmtp_core.checkpoint.manifest import CheckpointError, MANIFEST_FILE, describe_files, step_dir_name
 
 
 def _train_4_steps(recipe, name):
@@ -156,4 +156,4 @@ def test_a_training_failure_is_retried_from_the_last_save_and_reaches_the_same_s
     messages = [(log.name, log.level, log.message) for log in logs]
     assert any(m.startswith("resuming from") and m.endswith("step_00000006 (step 6)") for _, _, m in messages)
     # the core library's own progress lines reach the run log at INFO
-    assert ("wmtp_core.training", 20) in {(name, level) for name, level, m in messages if m.startswith("step 8/8 loss")}
+    assert ("wmtp_core.training.loop", 20) in {(name, level) for name, level, m in messages if m.startswith("step 8/8 loss")}

@@ -12,7 +12,7 @@ import tasks.training
 from flows.train import wmtp_train
 from tasks.tracking import PENDING_UPLOADS_FILE, MetricsSink, tracking_uri
 from wmtp_core.config import PhaseGates
-from wmtp_core.manifest import list_checkpoints
+from wmtp_core.checkpoint.manifest import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import WMTP, wmtp_environment
 from wmtp_core.config import Recipe
-from wmtp_core.final_model import load_final_model
+from wmtp_core.checkpoint.final_model import load_final_model
 
 # The default-size model (about 0.2 s a step on two cores), so training outlives a server restart.
 OUTAGE_TRAIN = dict(max_steps=240, log_every=2, save_every=60, eval_every=60, warmup_steps=10)

@@ -1,0 +1,271 @@
+"""The `wmtp` command: train, resume, checkpoints, upload, probe, serve. Input is validated before anything is written.
+
+Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from flows.temporary_server import start_temporary_server
+from tasks.locations import run_dir, wmtp_home
+from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
+from wmtp_core.recipes import load_recipe
+from wmtp_core.data.records import builtin_dataset_path, load_records
+from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weighted multi-token-prediction training pipeline.")
+INVALID_INPUT, FAILURE = 2, 1
+
+RecipeOption = typer.Option(None, "--recipe", help="YAML recipe file (flat and complete; see configs/).")
+SetOption = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
+JsonOption = typer.Option(False, "--json", help="Print one JSON summary object as the last stdout line.")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+@app.command()
+def train(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption, as_json: bool = JsonOption) -> None:
+    """Train a new run (the embedded defaults when no recipe is given)."""
+    loaded = _invalid_input_guard(lambda: _new_run_recipe(recipe, overrides))
+    _run_flow(loaded, resume=False, as_json=as_json)
+
+
+@app.command()
+def resume(run: str, overrides: list[str] = SetOption, as_json: bool = JsonOption) -> None:
+    """Continue RUN from its newest valid checkpoint, e.g. with --set train.max_steps=600."""
+    loaded = _invalid_input_guard(lambda: _resume_recipe(run, overrides))
+    _run_flow(loaded, resume=True, as_json=as_json)
+
+
+@app.command()
+def checkpoints(
+    run: str,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    convert: int | None = typer.Option(None, "--convert", help="Rewrite this step's sharded checkpoint in the full format."),
+) -> None:
+    """List RUN's checkpoints, each verified against its manifest (sha256 of every file)."""
+    directory = _invalid_input_guard(lambda: _existing_run_dir(run))
+    if convert is not None:
+        _convert_checkpoint(directory, convert)
+    infos = list_checkpoints(directory)
+    if as_json:
+        rows = [{"step": i.step, "path": str(i.path), "valid": i.valid, "problem": i.problem} for i in infos]
+        print(json.dumps(rows))
+        return
+    for info in infos:
+        print(f"{info.step:>10}  {'valid  ' if info.valid else 'INVALID'}  {info.path}  {info.problem or ''}")
+    if not infos:
+        print(f"run {run} has no checkpoints yet")
+
+
+def _convert_checkpoint(directory: Path, step: int) -> None:
+    from wmtp_core.checkpoint.storage import convert_to_full  # torch loads here, not for a plain listing
+    from wmtp_core.checkpoint.manifest import CheckpointError, step_dir_name
+
+    path = directory / "checkpoints" / step_dir_name(step)
+    if not path.is_dir():
+        print(f"error: run {directory.name} has no checkpoint at step {step} (see `wmtp checkpoints {directory.name}`)",
+              file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    try:
+        converted = convert_to_full(path, directory)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT) from None
+    print(f"converted {converted} to the full format (model.safetensors + optimizer in train_state.pt)", file=sys.stderr)
+
+
+@app.command()
+def upload(run: str) -> None:
+    """Upload what RUN still owes MLflow (checkpoints, pending metrics, summary) and close its MLflow run."""
+    directory = _invalid_input_guard(lambda: _existing_run_dir(run))
+    recorded = directory / "tracking.json"
+    if not recorded.is_file():
+        print(f"error: run {run!r} has no MLflow run (was tracking.enabled false?)", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    from tasks.tracking import tracking_uri, upload_run
+
+    summary_file = directory / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    run_id = json.loads(recorded.read_text())["mlflow_run_id"]
+    uploaded = upload_run(run_id, directory, succeeded=summary.get("status") == "completed",
+                          finished=summary.get("status") != "stopped")
+    if summary:
+        summary_file.write_text(json.dumps({**summary, "uploads": "done", "uploads_reason": None}, indent=2))
+    print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")
+
+
+@app.command()
+def verify(
+    as_json: bool = JsonOption,
+    stages: list[str] = typer.Option([], "--stage", help="Rollout stage to run (repeatable; default all, in order)."),
+    models: list[str] = typer.Option([], "--model", help="plain or fsdp (repeatable; default both)."),
+) -> None:
+    """Measure the fix plan's success metrics for each rollout stage; exit 1 when the last stage misses a target."""
+    from wmtp_core.fixplan.verification import MODELS, STAGES
+
+    unknown = [s for s in stages if s not in STAGES] + [m for m in models if m not in MODELS]
+    if unknown:
+        print(f"error: unknown --stage/--model {unknown}; stages are {list(STAGES)}, models {list(MODELS)}", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    _default_prefect_environment()
+    server_ready = start_temporary_server()
+    from flows.fixplan import wmtp_fixplan
+
+    _wait_for_server(server_ready)
+    state = wmtp_fixplan(stages=stages or list(STAGES), models=models or list(MODELS), return_state=True)
+    report = state.result(raise_on_failure=False)
+    if not isinstance(report, dict):
+        print(f"error: wmtp-fixplan ended {state.name}: {state.message}", file=sys.stderr)
+        raise typer.Exit(FAILURE)
+    for row in report["stages"]:
+        print(f"{row['stage']:>9} {row['model']:>5}  save {row['checkpoint_save_success']:.0%}  resume "
+              f"{row['resume_success']:.0%}  warnings {row['warnings']:>3}  leaked semaphores {row['leaked_semaphores']:>3}"
+              f"  step {row['step_time_s']} s", file=sys.stderr if as_json else sys.stdout)
+    print(f"report: {report['report']}; {'PASSED' if report['passed'] else 'FAILED'}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"stages": report["stages"], "passed": report["passed"]}), flush=True)
+    if not report["passed"]:
+        raise typer.Exit(FAILURE)
+
+
+@app.command()
+def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) -> None:
+    """Show what this machine offers and the device plan the recipe would get."""
+    from wmtp_core.fixplan.gates import plan_run_devices
+    from wmtp_core.runtime.devices import probe_environment
+
+    loaded = _invalid_input_guard(lambda: load_recipe(recipe, overrides))
+    found = probe_environment()
+    plan = _invalid_input_guard(lambda: plan_run_devices(loaded, found))
+    print(json.dumps({"environment": found.to_dict(), "device_plan": plan.__dict__}, indent=2))
+
+
+@app.command()
+def serve(
+    resume_cron: str | None = typer.Option(None, "--resume-cron", envvar="WMTP_RESUME_CRON",
+                                           help="When wmtp-resume/scheduled runs (cron, UTC); default every 6 hours."),
+    resume_run: str | None = typer.Option(None, "--resume-run", envvar="WMTP_RESUME_RUN",
+                                          help="The run the schedule continues; without it the schedule starts paused."),
+    resume_budget: float | None = typer.Option(None, "--resume-budget-minutes", envvar="WMTP_RESUME_BUDGET_MINUTES",
+                                               help="Wall-clock minutes each scheduled resume may train."),
+) -> None:
+    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the Prefect server at PREFECT_API_URL."""
+    if not os.environ.get("PREFECT_API_URL"):
+        print("error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT)
+    _default_prefect_environment()
+    from deployments.served import serve_deployments, served_deployments
+
+    deployments = _invalid_input_guard(lambda: served_deployments(
+        resume_cron=resume_cron, resume_run=resume_run and check_run_name(resume_run), resume_budget_minutes=resume_budget))
+    serve_deployments(deployments)
+
+
+def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
+    loaded = load_recipe(recipe, overrides)
+    loaded = with_run_name(loaded, loaded.run.name or generate_run_name(loaded))
+    if latest_valid_checkpoint(run_dir(loaded.run.name)) is not None:
+        raise RecipeError(f"run.name: run {loaded.run.name!r} already has checkpoints; use `wmtp resume {loaded.run.name}`")
+    _check_data_file(loaded)
+    return loaded
+
+
+def _resume_recipe(run: str, overrides: list[str]) -> Recipe:
+    directory = _existing_run_dir(run)
+    if latest_valid_checkpoint(directory) is None:
+        raise RecipeError(f"run {run!r} has no valid checkpoint to resume from (see `wmtp checkpoints {run}`)")
+    loaded = load_recipe(directory / "recipe.yaml", overrides)
+    if loaded.run.name != run:
+        raise RecipeError(f"run.name cannot change on resume (got {loaded.run.name!r} for run {run!r})")
+    _check_data_file(loaded)
+    return loaded
+
+
+def _existing_run_dir(run: str) -> Path:
+    directory = run_dir(run)
+    if not directory.is_dir():
+        raise RecipeError(f"run {run!r} does not exist under {directory.parent}")
+    return directory
+
+
+def _check_data_file(recipe: Recipe) -> None:
+    load_records(Path(recipe.data.path) if recipe.data.path else builtin_dataset_path())
+
+
+def _invalid_input_guard(build):
+    """Run a validation step; a ValueError (RecipeError, DataError, bad run name) exits 2 with one line."""
+    try:
+        return build()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT) from None
+
+
+def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
+    _default_prefect_environment()  # before prefect is first imported: it reads its settings then
+    server_ready = start_temporary_server()
+    from flows.train import wmtp_train
+    from tasks.torchrun import needs_torchrun
+
+    if not needs_torchrun(recipe):
+        import wmtp_core.training.loop  # noqa: F401  (torch: the in-process training task loads it; now, while the server starts)
+    _wait_for_server(server_ready)
+    state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
+    summary_file = run_dir(recipe.run.name) / "summary.json"
+    if not summary_file.is_file():
+        print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
+        raise typer.Exit(FAILURE)
+    summary = json.loads(summary_file.read_text())
+    _print_summary(summary, as_json=as_json)
+    if summary["status"] != "completed":
+        raise typer.Exit(FAILURE)
+
+
+def _wait_for_server(server_ready: Callable[[], None]) -> None:
+    try:
+        server_ready()
+    except Exception as error:
+        print(f"error: Prefect's temporary server did not start ({error}); set PREFECT_API_URL to use a running "
+              "server instead (`uv run prefect server start`)", file=sys.stderr)
+        raise typer.Exit(FAILURE) from None
+
+
+def _print_summary(summary: dict, *, as_json: bool) -> None:
+    from tasks.tracking import ui_command
+
+    if summary["status"] != "completed":
+        print(f"error: run {summary['run_name']} failed: {summary['reason']}", file=sys.stderr)
+    else:
+        print(
+            f"run {summary['run_name']} completed {summary['steps']} steps: eval loss "
+            f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
+            f"checkpoint: {summary['latest_checkpoint']}\nMLflow UI: {ui_command()}",
+            file=sys.stderr if as_json else sys.stdout,
+        )
+    if as_json:
+        print(json.dumps(summary), flush=True)
+
+
+def _default_prefect_environment() -> None:
+    """Local-run defaults, each only when the user has not set it: a Prefect home under $WMTP_HOME, a
+    temporary-server start-up timeout that survives a slow first start, and core logs in the run log."""
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        prefect_home = wmtp_home() / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+        os.environ["PREFECT_HOME"] = str(prefect_home)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wmtp_core,tasks")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

@@ -1,0 +1,127 @@
+"""One micro-batch's loss for each WMTP algorithm: baseline-mtp (uniform), rho1-wmtp (excess loss against a
+reference model) and critic-wmtp (value-head TD weights plus an auxiliary value loss).
+
+Weights are constants for the gradient of the weighted CE (wmtp_core.algorithms.weights detaches them).
+Shapes: B batch, T time, D width, K heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from wmtp_core.config import Recipe
+from wmtp_core.runtime.devices import DevicePlan, autocast_context
+from wmtp_core.algorithms.losses import head_cross_entropy, mean_ce_per_head, token_weighted_loss, valid_mask, weighted_mtp_loss
+from wmtp_core.algorithms.weights import (
+    critic_head_scores,
+    gae_returns,
+    normalize_weights,
+    reference_next_token_ce,
+    rho1_excess,
+    spread_rewards,
+    token_skip_selection,
+    weight_stats,
+)
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    tokens_BT: torch.Tensor
+    labels_BTK: torch.Tensor
+    rewards_B: torch.Tensor
+    valid_BT: torch.Tensor  # 1.0 on real tokens, 0.0 on padding
+    mask_BTK: torch.Tensor  # 1.0 where a head has a target
+
+    @staticmethod
+    def from_batch(batch: dict[str, torch.Tensor], *, device: str, pad_id: int) -> MicroBatch:
+        tokens_BT = batch["tokens"].to(device, non_blocking=True)
+        labels_BTK = batch["labels"].to(device, non_blocking=True)
+        return MicroBatch(
+            tokens_BT=tokens_BT,
+            labels_BTK=labels_BTK,
+            rewards_B=batch["rewards"].to(device, non_blocking=True),
+            valid_BT=(tokens_BT != pad_id).float(),
+            mask_BTK=valid_mask(labels_BTK),
+        )
+
+
+def algorithm_loss(
+    model: torch.nn.Module, mb: MicroBatch, *, recipe: Recipe, plan: DevicePlan, reference: torch.nn.Module | None
+) -> tuple[torch.Tensor, Metrics]:
+    """The scaled weighted MTP loss (+ the critic's value loss) and its metrics as 0-dim tensors."""
+    critic = recipe.train.algorithm == "critic-wmtp"
+    with autocast_context(plan):
+        outputs = model(mb.tokens_BT, return_values=critic)
+    logits_BTKV, values_BT = outputs if critic else (outputs, None)
+    ce_BTK = head_cross_entropy(logits_BTKV, mb.labels_BTK)
+    metrics: Metrics = {}
+    extra_loss = torch.zeros((), device=ce_BTK.device)
+    match recipe.train.algorithm:
+        case "baseline-mtp":
+            weights_BTK = _normalized(torch.zeros_like(ce_BTK), mb, recipe)
+        case "rho1-wmtp":
+            weights_BTK, metrics = rho1_weights(ce_BTK, mb, recipe=recipe, plan=plan, reference=reference)
+        case "critic-wmtp":
+            weights_BTK, extra_loss, metrics = critic_weights(values_BT, mb, recipe=recipe)
+    wmtp_loss = _combine(ce_BTK, weights_BTK, mb, recipe)
+    metrics.update(weight_stats(weights_BTK, mb.mask_BTK), wmtp_loss=wmtp_loss.detach())
+    head_ce_K = mean_ce_per_head(ce_BTK.detach(), mb.mask_BTK)
+    metrics.update({f"ce_head_{k}": head_ce_K[k] for k in range(head_ce_K.numel())})
+    return recipe.loss.scale * wmtp_loss + extra_loss, metrics
+
+
+def rho1_weights(
+    ce_BTK: torch.Tensor, mb: MicroBatch, *, recipe: Recipe, plan: DevicePlan, reference: torch.nn.Module | None
+) -> tuple[torch.Tensor, Metrics]:
+    """Weights from the excess loss |CE_head_k(t) - CE_ref(t+k)| (both predict token t+k+1)."""
+    if reference is None:
+        raise ValueError("rho1-wmtp needs a reference model; set rho1.reference_checkpoint or leave it null")
+    with torch.no_grad(), autocast_context(plan):
+        ref_logits_BTV = reference(mb.tokens_BT)[:, :, 0]  # the reference's next-token head
+    ref_ce_BT = reference_next_token_ce(ref_logits_BTV, mb.labels_BTK)
+    excess_BTK = rho1_excess(ce_BTK, ref_ce_BT, mb.mask_BTK, min_ce_diff=recipe.rho1.min_ce_diff)
+    if recipe.rho1.selection_mode == "weighted":
+        return _normalized(excess_BTK, mb, recipe), {"excess_mean": _masked_mean(excess_BTK, mb.mask_BTK)}
+    selected_BTK = token_skip_selection(excess_BTK, mb.mask_BTK, percentile=recipe.rho1.skip_threshold_percentile)
+    skipped = 1.0 - selected_BTK.sum() / mb.mask_BTK.sum().clamp_min(1.0)
+    return selected_BTK, {"skipped_token_ratio": skipped, "excess_mean": _masked_mean(excess_BTK, mb.mask_BTK)}
+
+
+def critic_weights(
+    values_BT: torch.Tensor, mb: MicroBatch, *, recipe: Recipe
+) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+    """TD-difference weights softmaxed over heads, and c_aux * MSE(V, GAE returns) as the auxiliary loss; values_BT
+    from the model's value head (forward with return_values)."""
+    critic = recipe.critic
+    scores_BTK = critic_head_scores(
+        values_BT, mb.valid_BT, discount_lambda=critic.discount_lambda, horizon=mb.labels_BTK.shape[-1]
+    )
+    rewards_BT = spread_rewards(mb.rewards_B, mb.valid_BT)
+    returns_BT = gae_returns(values_BT, rewards_BT, mb.valid_BT, gamma=critic.gamma, gae_lambda=critic.gae_lambda)
+    value_loss = _masked_mean((values_BT - returns_BT) ** 2, mb.valid_BT)
+    metrics = {"value_loss": value_loss.detach(), "value_mean": _masked_mean(values_BT.detach(), mb.valid_BT)}
+    return _normalized(scores_BTK, mb, recipe), critic.auxiliary_loss_coef * value_loss, metrics
+
+
+def _normalized(scores_BTK: torch.Tensor, mb: MicroBatch, recipe: Recipe) -> torch.Tensor:
+    loss = recipe.loss
+    return normalize_weights(
+        scores_BTK, mb.mask_BTK, mode=loss.weight_norm, temperature=loss.weight_temperature, max_weight=loss.max_weight
+    )
+
+
+def _combine(ce_BTK: torch.Tensor, weights_BTK: torch.Tensor, mb: MicroBatch, recipe: Recipe) -> torch.Tensor:
+    # token_mean1_clip weights move mass between tokens, so they need a loss that does not renormalise per token;
+    # token_skip's 0/1 selection keeps the original per-token average over the selected heads.
+    token_level = recipe.loss.weight_norm == "token_mean1_clip"
+    if token_level and not (recipe.train.algorithm == "rho1-wmtp" and recipe.rho1.selection_mode == "token_skip"):
+        return token_weighted_loss(ce_BTK, weights_BTK, mb.mask_BTK)
+    return weighted_mtp_loss(ce_BTK, weights_BTK, mb.mask_BTK)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)

@@ -1,0 +1,72 @@
+"""The trained model a run hands over (its MLflow run's `final_model/` artifact): weights and a small config, no
+pickle, written from the run's newest checkpoint of either format and either model source.
+
+- builtin model: model.safetensors (the MTPTransformer's state dict, the value head of a critic run included)
+  + model_config.json.
+- hf model: the trunk as save_pretrained writes it (AutoModelForCausalLM.from_pretrained loads it, and
+  model.path=<that directory> trains on), its tokenizer, the extra heads in mtp_heads.safetensors
+  + model_config.json. A critic run's value head is training-only and is not exported.
+
+A sharded checkpoint has neither file: its model shards (not the optimizer's) are read into a model built from the
+checkpoint's recipe, so this needs memory for one full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from wmtp_core.checkpoint.storage import MODEL_FILE, load_sharded
+from wmtp_core.config import ModelConfig
+from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model, save_mtp_pretrained
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, verify_checkpoint
+from wmtp_core.models.transformer import MTPTransformer
+from wmtp_core.models.build import build_model, build_tokenizer
+from wmtp_core.models.tokenizer import ByteTokenizer
+
+
+def write_final_model(checkpoint: Path, out: Path) -> None:
+    """Fill the empty directory out with the final model of a verified checkpoint directory (layout above)."""
+    manifest = verify_checkpoint(checkpoint)
+    recipe = manifest["recipe"]
+    model_cfg = ModelConfig(**recipe["model"])
+    config = {"model": recipe["model"], "step": manifest["step"], "algorithm": recipe["train"]["algorithm"]}
+    if model_cfg.source == "builtin":
+        config["vocab_size"] = ByteTokenizer().vocab_size
+    if manifest.get("format", "full") == "sharded":
+        _write_from_shards(checkpoint, out, model_cfg, with_value_head=config["algorithm"] == "critic-wmtp")
+    elif model_cfg.source == "hf":
+        shutil.copytree(checkpoint / HF_EXPORT_DIR, out, dirs_exist_ok=True)
+    else:
+        shutil.copy2(checkpoint / MODEL_FILE, out / MODEL_FILE)
+    (out / FINAL_MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_final_model(directory: Path) -> torch.nn.Module:
+    """The model in a directory written by write_final_model, in eval mode: an MTPTransformer, or an HFMTPModel
+    with every head for an hf trunk."""
+    directory = Path(directory)
+    config = json.loads((directory / FINAL_MODEL_CONFIG).read_text())
+    model_cfg = ModelConfig(**config["model"])
+    if model_cfg.source == "hf":
+        return load_hf_mtp_model(str(directory), horizon=model_cfg.horizon, max_seq_len=model_cfg.max_seq_len).eval()
+    weights = load_file(directory / MODEL_FILE)
+    with_value_head = any(name.startswith("value_head.") for name in weights)
+    model = MTPTransformer(model_cfg, vocab_size=config["vocab_size"], with_value_head=with_value_head)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def _write_from_shards(checkpoint: Path, out: Path, model_cfg: ModelConfig, *, with_value_head: bool) -> None:
+    tokenizer = build_tokenizer(model_cfg)
+    model = build_model(model_cfg, tokenizer, with_value_head=with_value_head)
+    model_state = model.state_dict()  # shares the parameters' memory: loading fills the model
+    load_sharded(checkpoint, {"model": model_state})  # only the keys asked for are read: the optimizer stays on disk
+    if model_cfg.source == "hf":
+        save_mtp_pretrained(model, tokenizer, out, model_state)
+    else:
+        save_file({name: tensor.contiguous() for name, tensor in model_state.items()}, out / MODEL_FILE)

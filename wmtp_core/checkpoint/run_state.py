@@ -1,0 +1,200 @@
+"""A training run's checkpoints: what goes in one (model, optimizer, scheduler, scaler, every rank's RNG, the
+loop's progress), in which format (full or sharded), and how a run resumes. Checkpointing is handed the pieces it
+saves (RunPieces) and the progress as plain values; it knows nothing of the loop.
+
+Under torchrun every rank calls save_run_checkpoint and restore_run_checkpoint (they hold collectives); rank 0 writes
+the full format, every rank writes its shards of the sharded one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from wmtp_core.checkpoint.hashed_files import torch_save_hashed
+from wmtp_core.checkpoint.manifest import prune_checkpoints
+from wmtp_core.checkpoint.state_dicts import (
+    StateDictAPI,
+    gather_sharded_state,
+    restore_sharded_state,
+)
+from wmtp_core.checkpoint.storage import (
+    STATE_FILE,
+    check_shapes_match,
+    load_checkpoint,
+    load_sharded,
+    make_durable,
+    publish_checkpoint,
+    save_checkpoint,
+    staging_dir,
+    write_sharded,
+)
+from wmtp_core.checkpoint.writer import CheckpointWriter
+from wmtp_core.config import Recipe
+from wmtp_core.runtime.distributed import DistContext, background_group, barrier, broadcast_object, gather_objects, unwrap
+
+
+@dataclass(frozen=True)
+class RunPieces:
+    """What a run checkpoint saves and restores: the model as trained (wrapped or not) and what steps it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None
+    """Writes a transformers-loadable copy of the trunk into a checkpoint being built, from the full model state
+    (hf models; wmtp_core.models.hf.export_pretrained)."""
+
+
+@dataclass(frozen=True)
+class SaveSettings:
+    """Where and how a run saves: the same for every save of the run."""
+
+    run_dir: Path
+    recipe: Recipe
+    ctx: DistContext
+    state_dicts: StateDictAPI
+    writer: CheckpointWriter
+    manifest_extra: dict
+
+
+log = logging.getLogger(__name__)
+
+
+def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, settings: SaveSettings) -> None:
+    """Snapshot the pieces and the loop's progress (plain values) at this step (collectives on every rank) and hand
+    the write to settings.writer."""
+    ctx, recipe, writer, run_dir = settings.ctx, settings.recipe, settings.writer, settings.run_dir
+    train_state = {
+        "scheduler": pieces.scheduler.state_dict(),
+        "scaler": pieces.scaler.state_dict(),
+        "rng_per_rank": gather_objects(capture_rng(), ctx),
+        "progress": progress,
+    }
+    manifest = {"recipe": recipe.model_dump(mode="json"), "torch_version": torch.__version__,
+                "world_size": ctx.world_size, **settings.manifest_extra}
+    settle = (lambda path: _settle(path, run_dir, recipe.train.keep_last)) if ctx.is_main else None
+    if recipe.checkpoint.format == "sharded":
+        _submit_sharded(pieces, run_dir, step, train_state, manifest, ctx=ctx, writer=writer, settle=settle,
+                        timeout_s=recipe.devices.timeout_s)
+        return
+    model_state, optim_state = settings.state_dicts.gather(pieces.model, pieces.optimizer, ctx)
+    if writer.background:
+        # The gathered tensors (already on CPU) may be the live ones, which training changes while the write runs.
+        # A clone beats refilling kept buffers through the shards' stager here: 21 ms vs 34 ms for 215 MB, 2 cores.
+        model_state, optim_state = _copy_tensors(model_state), _copy_tensors(optim_state)
+    if ctx.is_main:
+        train_state["optimizer"] = optim_state
+        writer.submit(lambda: _save_full(run_dir, step, model_state, train_state, manifest, pieces.export), settle)
+
+
+def _save_full(run_dir: Path, step: int, model_state: dict, train_state: dict, manifest: dict,
+               export: Callable | None = None) -> Path:
+    path = save_checkpoint(run_dir, step=step, model_state=model_state, train_state=train_state, manifest_extra=manifest,
+                           export=export, durable=False)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def _settle(path: Path, run_dir: Path, keep_last: int) -> None:
+    """Make the new checkpoint durable, and only then prune older ones: a crash at any point leaves one to resume."""
+    make_durable(path)
+    prune_checkpoints(run_dir, keep_last=keep_last)
+
+
+def _submit_sharded(pieces: RunPieces, run_dir: Path, step: int, train_state: dict, manifest: dict, *,
+                    ctx: DistContext, writer: CheckpointWriter, settle: Callable[[Path], None] | None,
+                    timeout_s: int) -> None:
+    """Every rank writes its own shards, then rank 0 publishes. In the background (async_save) the shards are
+    first copied to CPU (the live ones keep training), and the write's collectives run on a process group of their
+    own, apart from training's."""
+    staging = staging_dir(run_dir, step, owner="job") if ctx.is_main else None
+    barrier(ctx)  # the staging directory exists (and is empty) before any rank writes into it
+    staging = broadcast_object(staging, ctx)
+    shards, group = gather_sharded_state(pieces.model, pieces.optimizer), None
+    if writer.background:
+        on_gpu = next(pieces.model.parameters()).is_cuda
+        shards = writer.snapshot_shards(shards, pin_memory=on_gpu)
+        group = background_group(ctx, timeout_s=timeout_s)
+
+    def write() -> Path:
+        write_sharded(staging, shards, process_group=group)
+        return _publish_sharded(staging, run_dir, step, train_state, manifest, ctx=ctx, group=group)
+
+    writer.submit(write, settle)
+
+
+def _publish_sharded(staging: Path, run_dir: Path, step: int, train_state: dict, manifest: dict, *,
+                     ctx: DistContext, group: dist.ProcessGroup | None = None) -> Path:
+    """Rank 0 adds train_state.pt and the manifest to the shards every rank has written, and publishes."""
+    path = None
+    if ctx.is_main:
+        described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE)}
+        path = publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "sharded", **manifest},
+                                  described=described, durable=False)
+        log.info("saved sharded checkpoint %s", path)
+    barrier(ctx, group)  # no rank moves on (or exits) before the checkpoint is published
+    return broadcast_object(path, ctx, group)
+
+
+def restore_run_checkpoint(pieces: RunPieces, path: Path, *, ctx: DistContext, state_dicts: StateDictAPI) -> dict:
+    """Load model, optimizer, scheduler, scaler and this rank's RNG from a checkpoint; return the saved progress."""
+    model_state, train_state, manifest = load_checkpoint(path)
+    if model_state is None:
+        template = gather_sharded_state(pieces.model, pieces.optimizer)
+        load_sharded(path, template)
+        restore_sharded_state(pieces.model, pieces.optimizer, template)
+    else:
+        check_shapes_match(model_state, unwrap(pieces.model).state_dict(), source=path)
+        full_here = ctx.is_main or not state_dicts.reads_on_rank0_only
+        state_dicts.restore(pieces.model, pieces.optimizer, model_state if full_here else {},
+                            train_state["optimizer"] if full_here else {}, ctx)
+    pieces.scheduler.load_state_dict(train_state["scheduler"])
+    if train_state["scaler"]:
+        pieces.scaler.load_state_dict(train_state["scaler"])
+    restore_rng(_rng_for_rank(train_state["rng_per_rank"], ctx, saved_world=manifest["world_size"]))
+    progress = train_state["progress"]
+    log.info("resumed from %s at step %d (saved by %d processes, now %d)", path, progress["step"],
+             manifest["world_size"], ctx.world_size)
+    return progress
+
+
+def capture_rng() -> dict:
+    """Every RNG the run uses, as values torch.load(weights_only=True) accepts."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _rng_for_rank(per_rank: list[dict], ctx: DistContext, *, saved_world: int) -> dict:
+    if ctx.rank < len(per_rank):
+        return per_rank[ctx.rank]
+    # More ranks than when saved: a rank without its own state derives a distinct one from rank 0's.
+    log.warning("checkpoint saved by %d processes has no RNG state for rank %d; deriving one", saved_world, ctx.rank)
+    derived = dict(per_rank[0])
+    generator = torch.Generator().manual_seed(int(per_rank[0]["torch"][:8].sum()) + ctx.rank)
+    derived["torch"] = generator.get_state()
+    return derived
+
+
+def _copy_tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {key: _copy_tensors(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_copy_tensors(value) for value in tree)
+    return tree

@@ -1,0 +1,193 @@
+"""The one place that writes and loads checkpoints (wmtp_core.checkpoint.manifest verifies, lists and prunes them).
+
+Layout: <run_dir>/checkpoints/step_<8 digits>/ holding model.safetensors (full weights), train_state.pt
+(everything else, loadable with torch.load(weights_only=True)) and manifest.json (sha256 and size per file),
+written last. The sharded format (checkpoint.format=sharded) has a torch.distributed.checkpoint directory
+`sharded/` with model and optimizer shards instead of model.safetensors and the optimizer. The directory is built
+under a temporary name and appears by an atomic rename, and only directories whose manifest verifies count; it is
+fsynced on publishing or, for a run's saves, just after (make_durable), before anything older is pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from wmtp_core.checkpoint.hashed_files import save_safetensors_hashed, torch_save_hashed
+from wmtp_core.checkpoint.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    CheckpointError,
+    checkpoints_dir,
+    describe_files,
+    step_dir_name,
+    verify_checkpoint,
+)
+
+MODEL_FILE, STATE_FILE, SHARDED_DIR = "model.safetensors", "train_state.pt", "sharded"
+
+
+def save_checkpoint(
+    run_dir: Path, *, step: int, model_state: dict[str, torch.Tensor], train_state: dict, manifest_extra: dict,
+    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None, durable: bool = True,
+) -> Path:
+    """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced.
+
+    The two files are written at the same time, each hashed while it is written (wmtp_core.checkpoint.hashed_files): the sha256
+    is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its hash, the
+    model file hashes in its own writing thread). export(staging, model_state) may add files (an hf
+    run's save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint.
+    """
+    staging = staging_dir(run_dir, step, owner=str(os.getpid()))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
+        model_file = pool.submit(save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False)
+        described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE), MODEL_FILE: model_file.result()}
+    if export is not None:
+        export(staging, model_state)
+    return publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "full", **manifest_extra},
+                              described=described, durable=durable)
+
+
+def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
+    """An empty directory to build a checkpoint in; every rank of a job passes the same owner to share it."""
+    staging = checkpoints_dir(run_dir) / f".tmp-{step_dir_name(step)}-{owner}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_sharded(staging: Path, shards: dict, *, process_group: dist.ProcessGroup | None = None) -> None:
+    """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory); the
+    write's collectives run on process_group (None: the default group)."""
+    with _single_process_is_intended():
+        dcp.save(shards, checkpoint_id=staging / SHARDED_DIR, process_group=process_group,
+                 no_dist=not dist.is_initialized())
+
+
+def publish_checkpoint(
+    staging: Path, run_dir: Path, *, step: int, manifest_extra: dict, described: dict | None = None,
+    durable: bool = True,
+) -> Path:
+    """Write the manifest last and rename staging to step_<step> atomically; files not in `described` (manifest
+    entries already computed) are hashed here.
+
+    durable=False returns before the disk has the bytes: the caller must run make_durable(path) before it prunes
+    anything older (a run does so in the background while training goes on). Until then a machine crash may tear
+    this checkpoint, which its checksums reveal; loading then falls back to the older one, still on disk.
+    """
+    described = described or {}
+    files = {**describe_files(staging, skip=set(described)), **described}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, **manifest_extra}
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    parent = checkpoints_dir(run_dir)
+    final = parent / step_dir_name(step)
+    if final.exists():
+        # A retried step: the new copy is made durable and the old one set aside before the swap, so a valid
+        # checkpoint for this step exists at every instant, whatever happens to the machine.
+        make_durable(staging)
+        stale = parent / f".old-{step_dir_name(step)}-{os.getpid()}"
+        final.rename(stale)
+        shutil.rmtree(stale)
+    staging.rename(final)
+    if durable:
+        make_durable(final)
+    return final
+
+
+def make_durable(path: Path) -> None:
+    """fsync every file of a checkpoint directory, the directory and its parent: after this a power loss cannot
+    take the checkpoint. The files are flushed in parallel threads (os.fsync releases the GIL)."""
+    written = sorted(p for p in path.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(written)))) as pool:
+        list(pool.map(fsync_file, written))
+    for directory in sorted({p.parent for p in written} | {path}, reverse=True):
+        _fsync_dir(directory)
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
+    """(model_state, train_state, manifest) of a verified checkpoint; model_state is None for the sharded format
+    (load_sharded reads it). Nothing is unpickled beyond plain data."""
+    manifest = verify_checkpoint(path)
+    model_state = load_file(path / MODEL_FILE) if manifest.get("format", "full") == "full" else None
+    return model_state, load_train_state(path / STATE_FILE), manifest
+
+
+def load_train_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        raise CheckpointError(f"{path} holds objects that are not plain data; refusing it ({error})".splitlines()[0]) from None
+
+
+def load_sharded(path: Path, template: dict) -> None:
+    """Fill template (this rank's current state dicts, giving shapes and sharding) from path/sharded, in place;
+    the saving job's world size does not matter (torch.distributed.checkpoint reshards)."""
+    with _single_process_is_intended():
+        dcp.load(template, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.is_initialized())
+
+
+def convert_to_full(path: Path, run_dir: Path) -> Path:
+    """Rewrite a sharded checkpoint as the full format (model.safetensors + optimizer in train_state.pt), in place."""
+    manifest = verify_checkpoint(path)
+    if manifest.get("format") != "sharded":
+        raise CheckpointError(f"{path} is already in the full format")
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        gathered = Path(scratch) / "gathered.pt"
+        dcp_to_torch_save(path / SHARDED_DIR, gathered)
+        full = torch.load(gathered, map_location="cpu", weights_only=True)
+    train_state = {**load_train_state(path / STATE_FILE), "optimizer": full["optimizer"]}
+    extra = {k: v for k, v in manifest.items() if k not in ("format_version", "step", "files", "format")}
+    return save_checkpoint(run_dir, step=manifest["step"], model_state=full["model"], train_state=train_state,
+                           manifest_extra=extra)
+
+
+def check_shapes_match(model_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, source: Path) -> None:
+    """Refuse a checkpoint from a differently shaped model, naming the tensors that do not fit."""
+    missing = sorted(set(expected) - set(model_state))
+    unexpected = sorted(set(model_state) - set(expected))
+    mismatched = [
+        f"{name} {tuple(model_state[name].shape)} vs model {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in model_state and model_state[name].shape != tensor.shape
+    ]
+    problems = [f"missing {missing[:5]}"] * bool(missing) + [f"unexpected {unexpected[:5]}"] * bool(unexpected)
+    problems += mismatched[:5]
+    if problems:
+        raise CheckpointError(f"{source} does not fit this model (check the model.* recipe keys): {'; '.join(problems)}")
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """torch.distributed.checkpoint warns on every single-process save/load, even with no_dist=True; here one
+    process is a supported way to save or read a sharded checkpoint, so that warning says nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def fsync_file(path: Path) -> None:
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

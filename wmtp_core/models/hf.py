@@ -1,0 +1,202 @@
+"""A Hugging Face causal LM as the WMTP trunk, with multi-token heads attached Meta-style (Gloeckle et al. 2024,
+"Better & Faster LLMs via Multi-token Prediction").
+
+The LM's decoder layers but the last are the shared trunk. Head 0 is the LM itself from there on (its last layer,
+final norm and unembedding), so head 0 is exactly the model's own next-token prediction. Heads 1..K-1 are extra
+decoder layers of the same class that read the trunk's output and share the final norm and unembedding. They start
+as copies of the last layer, or, for a model that already has them, are loaded as they are from
+`mtp_heads.safetensors` beside its weights (what export_pretrained writes).
+
+The extra heads are called with the very arguments the LM passes its last layer (attention mask, rotary position
+embeddings, ...), recorded by a forward pre-hook, so no architecture's forward is re-implemented here.
+transformers is imported only when a model is loaded: the built-in model never needs it.
+Shapes: B batch, T time, D hidden size, K heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from wmtp_core.models.hf_tokenizer import HFTokenizer, import_transformers
+from wmtp_core.models.transformer import ValueHead, frozen_trunk_values
+
+log = logging.getLogger(__name__)
+MTP_HEADS_FILE = "mtp_heads.safetensors"
+HF_EXPORT_DIR = "hf"  # inside a checkpoint directory: the trunk as save_pretrained writes it
+
+
+class HFMTPModel(nn.Module):
+    """forward(tokens_BT) -> logits_BTKV like MTPTransformer: head k at position t predicts token t + k + 1.
+
+    `lm` is the AutoModelForCausalLM (its state-dict keys under `lm.` are the exported trunk's), `extra_heads` the
+    decoder layers of heads 1..K-1, `value_head` critic-wmtp's value estimate from the trunk's hidden state.
+    """
+
+    def __init__(self, lm: nn.Module, *, extra_heads: nn.ModuleList, with_value_head: bool, max_seq_len: int):
+        super().__init__()
+        self.lm = lm
+        self.extra_heads = extra_heads
+        hidden_size = lm.get_input_embeddings().embedding_dim
+        self.value_head = ValueHead(hidden_size) if with_value_head else None
+        self.max_seq_len = max_seq_len
+        # Paths, not module attributes: a second reference would put the same weights in the state dict twice.
+        self._layers_path = _decoder_layers_path(lm)
+        self._final_norm_path = _final_norm_path(lm)
+
+    @property
+    def horizon(self) -> int:
+        return 1 + len(self.extra_heads)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.lm.get_submodule(self._layers_path)
+
+    def fsdp_unit_classes(self) -> set[type[nn.Module]]:
+        """What FSDP shards one by one (wmtp_core.runtime.distributed asks the model): see decoder_layer_classes."""
+        return decoder_layer_classes(self)
+
+    def forward(self, tokens_BT: torch.Tensor, *, return_values: bool = False, values_only: bool = False):
+        """logits_BTKV; (logits_BTKV, values_BT) with return_values; values_only: values_BT alone, the trunk run
+        without gradient (critic-wmtp's Stage 1). The values read the trunk's output, the heads' input."""
+        if values_only:
+            return frozen_trunk_values(self, tokens_BT)
+        self._check_length(tokens_BT)
+        with _LayerCall(self.decoder_layers()[-1]) as last_layer:
+            head0_BTV = self.lm(input_ids=tokens_BT, use_cache=False).logits
+        logits = [head0_BTV] + [self._head_logits(head, last_layer) for head in self.extra_heads]
+        logits_BTKV = torch.stack(logits, dim=2)
+        return (logits_BTKV, self.value_head(last_layer.hidden_BTD)) if return_values else logits_BTKV
+
+    def trunk_hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """The shared trunk's last hidden state h_BTD (the input of every head)."""
+        self._check_length(tokens_BT)
+        with _LayerCall(self.decoder_layers()[-1]) as last_layer:
+            self.lm.base_model(input_ids=tokens_BT, use_cache=False)
+        return last_layer.hidden_BTD
+
+    def _head_logits(self, head: nn.Module, last_layer: _LayerCall) -> torch.Tensor:
+        h_BTD = last_layer.call(head, last_layer.hidden_BTD)
+        final_norm = self.lm.get_submodule(self._final_norm_path)
+        return self.lm.get_output_embeddings()(final_norm(h_BTD))
+
+    def _check_length(self, tokens_BT: torch.Tensor) -> None:
+        if tokens_BT.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence of {tokens_BT.shape[1]} tokens exceeds model.max_seq_len={self.max_seq_len}")
+
+
+class _LayerCall:
+    """Records the positional and keyword arguments a layer is called with, to call other layers the same way."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+
+    def __enter__(self) -> _LayerCall:
+        # First of the layer's pre-hooks: it records the arguments as the model passes them, before FSDP2's own
+        # pre-forward hook turns them into autograd views (returned from the root, FSDP2 warns about those).
+        self._handle = self.layer.register_forward_pre_hook(self._record, with_kwargs=True, prepend=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    @property
+    def hidden_BTD(self) -> torch.Tensor:
+        """The layer's input hidden state."""
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def call(self, layer: nn.Module, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        if self.args:
+            out = layer(hidden_BTD, *self.args[1:], **self.kwargs)
+        else:
+            out = layer(**{**self.kwargs, "hidden_states": hidden_BTD})
+        return out[0] if isinstance(out, tuple) else out  # older layers return (hidden, attention weights, ...)
+
+
+def decoder_layer_classes(model: HFMTPModel) -> set[type[nn.Module]]:
+    """The decoder-layer class(es) of the model (LlamaDecoderLayer, GPT2Block, ...): FSDP shards each such layer,
+    the extra heads included, then the root holds the embeddings, final norm, unembedding and value head."""
+    return {type(layer) for layer in model.decoder_layers()} | {type(head) for head in model.extra_heads}
+
+
+def load_hf_mtp_model(
+    path: str, *, horizon: int, max_seq_len: int, with_value_head: bool = False, dtype: torch.dtype = torch.float32
+) -> HFMTPModel:
+    """The causal LM at path (local directory or hub id) with horizon - 1 extra heads, weights in dtype.
+
+    Trained models load in fp32 (the master weights; autocast computes in the plan's dtype); a frozen reference
+    can load in the compute dtype to halve its memory.
+    """
+    transformers = import_transformers()
+    lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    positions = getattr(lm.config, "max_position_embeddings", None)
+    if positions is not None and max_seq_len > positions:
+        raise ValueError(f"model.max_seq_len={max_seq_len} exceeds the {positions} positions of {path}; lower it")
+    extra_heads = _extra_heads(lm, path, count=horizon - 1)
+    return HFMTPModel(lm, extra_heads=extra_heads.to(dtype), with_value_head=with_value_head, max_seq_len=max_seq_len)
+
+
+def _extra_heads(lm: nn.Module, path: str, *, count: int) -> nn.ModuleList:
+    last = lm.get_submodule(_decoder_layers_path(lm))[-1]
+    heads = nn.ModuleList(copy.deepcopy(last) for _ in range(count))
+    saved_file = Path(path) / MTP_HEADS_FILE
+    if count == 0 or not saved_file.is_file():
+        if count:
+            log.info("%s: %d extra MTP heads initialised as copies of its last decoder layer", path, count)
+        return heads
+    saved = load_file(saved_file)
+    available = len({name.split(".", 1)[0] for name in saved})
+    if count > available:
+        raise ValueError(f"{saved_file} holds {available} extra heads, so model.horizon can be at most {available + 1}")
+    state = {name: tensor for name, tensor in saved.items() if int(name.split(".", 1)[0]) < count}
+    heads.load_state_dict(state)
+    log.info("%s: %d extra MTP heads loaded from %s", path, count, MTP_HEADS_FILE)
+    return heads
+
+
+def export_pretrained(model: HFMTPModel, tokenizer: HFTokenizer, checkpoint_dir: Path, model_state: dict) -> None:
+    """Write checkpoint_dir/hf/ from the full model state (see save_mtp_pretrained)."""
+    save_mtp_pretrained(model, tokenizer, Path(checkpoint_dir) / HF_EXPORT_DIR, model_state)
+
+
+def save_mtp_pretrained(model: HFMTPModel, tokenizer: HFTokenizer, out: Path, model_state: dict) -> None:
+    """Write into out, from the full model state: the trunk with its next-token head as save_pretrained writes it
+    (AutoModelForCausalLM.from_pretrained loads it), its tokenizer, and the extra heads in mtp_heads.safetensors
+    (so model.path=<out> trains on with every head)."""
+    lm_state = {name.removeprefix("lm."): t for name, t in model_state.items() if name.startswith("lm.")}
+    heads_state = {name.removeprefix("extra_heads."): t.contiguous()
+                   for name, t in model_state.items() if name.startswith("extra_heads.")}
+    model.lm.save_pretrained(out, state_dict=lm_state)
+    tokenizer.tokenizer.save_pretrained(out)
+    if heads_state:
+        save_file(heads_state, out / MTP_HEADS_FILE)
+
+
+def _decoder_layers_path(lm: nn.Module) -> str:
+    """Where the LM keeps its decoder layers: the ModuleList of config.num_hidden_layers no-split blocks."""
+    count = lm.config.num_hidden_layers
+    block_names = set(getattr(lm, "_no_split_modules", None) or ())
+    for name, module in lm.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and count > 0:
+            if not block_names or type(module[0]).__name__ in block_names:
+                return name
+    raise ValueError(f"no list of {count} decoder layers found in {type(lm).__name__}; WMTP attaches heads to "
+                     "decoder-only causal LMs (Llama, Mistral, Qwen, GPT-2, ...)")
+
+
+def _final_norm_path(lm: nn.Module) -> str:
+    """The norm the base model applies after its last layer (Llama's `norm`, GPT-2's `ln_f`, ...)."""
+    norms = [name for name, child in lm.base_model.named_children() if "norm" in type(child).__name__.lower()]
+    if len(norms) != 1:
+        raise ValueError(f"{type(lm).__name__}: expected one final norm module beside the decoder layers, found "
+                         f"{norms or 'none'}; this architecture is not supported as a WMTP trunk")
+    return f"{lm.base_model_prefix}.{norms[0]}"
