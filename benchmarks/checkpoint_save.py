@@ -32,7 +32,12 @@ from wmtp_core.checkpoint.storage import fsync_file
 from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.recipes import load_recipe
-from wmtp_core.checkpoint.run_state import CheckpointWriter, restore_checkpoint, save_run_checkpoint
+from dataclasses import asdict
+
+from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint, save_run_checkpoint
+from wmtp_core.checkpoint.state_dicts import DISTRIBUTED_CHECKPOINT
+from wmtp_core.checkpoint.writer import CheckpointWriter
+from wmtp_core.runtime.distributed import SINGLE
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 from wmtp_core.training.loop import train_step
 
@@ -54,10 +59,10 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
     contenders = {
         "bare": lambda: torch.save({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()},
                                    bare_file),
-        "full": lambda: save_run_checkpoint(parts, state, run_dir / "sync", recipe=recipe, manifest_extra={},
-                                            writer=sync_writer),
-        "async": lambda: save_run_checkpoint(parts, state, run_dir / "async", recipe=async_recipe, manifest_extra={},
-                                             writer=async_writer),
+        "full": lambda: save(parts, state, SaveSettings(run_dir / "sync", recipe, SINGLE, DISTRIBUTED_CHECKPOINT,
+                                                        sync_writer, {})),
+        "async": lambda: save(parts, state, SaveSettings(run_dir / "async", async_recipe, SINGLE,
+                                                         DISTRIBUTED_CHECKPOINT, async_writer, {})),
     }
     order = list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]
     seconds = {}
@@ -78,9 +83,16 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
     return seconds
 
 
+def save(parts, state, settings: SaveSettings) -> None:
+    save_run_checkpoint(parts.pieces(), asdict(state), step=state.step, settings=settings)
+
+
 def first_step(recipe, plan, *, resume_from: Path | None) -> None:
     parts = build_run_parts(recipe, plan)
-    state = restore_checkpoint(parts, resume_from, recipe) if resume_from else TrainState()
+    state = TrainState()
+    if resume_from:
+        pieces = parts.pieces()
+        state = TrainState(**restore_run_checkpoint(pieces, resume_from, ctx=SINGLE, state_dicts=DISTRIBUTED_CHECKPOINT))
     batches = batch_stream(parts, state)
     train_step(parts, batches, state=state, recipe=recipe, plan=plan)
     batches.close()

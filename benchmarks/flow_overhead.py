@@ -45,7 +45,7 @@ def run_direct(recipe, name: str) -> tuple[float, float]:
     from tasks.locations import run_dir
     from wmtp_core.config import with_run_name
     from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
+    from wmtp_core.runtime.devices import probe_environment
     from wmtp_core.training.loop import train
 
     start = time.perf_counter()

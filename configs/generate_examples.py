@@ -3,16 +3,13 @@
 Run after adding or changing a recipe key: uv run python configs/generate_examples.py
 """
 import json
-import sys
 from pathlib import Path
 
 from pydantic import BaseModel
 from wmtp_core.config import Recipe
-from wmtp_core.recipes import load_recipe
+from wmtp_core.recipes import TINY_MODEL, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny-model overrides
-from conftest import TINY_OVERRIDES  # noqa: E402
 
 def scalar(value):
     """JSON text that YAML reads back as the same value: YAML 1.1 takes 2e-05 for a string, 2.0e-05 for a float."""
@@ -39,7 +36,7 @@ def write(path, overrides, header):
 
 write(ROOT / "configs" / "baseline-mtp.yaml", [], ["The default recipe (what `wmtp train` runs with no --recipe), written out flat and complete.",
       "Run: uv run wmtp train --recipe configs/baseline-mtp.yaml"])
-write(ROOT / "configs" / "tiny.yaml", TINY_OVERRIDES + ["train.max_steps=20", "train.save_every=10", "train.eval_every=10", "train.log_every=5"],
+write(ROOT / "configs" / "tiny.yaml", TINY_MODEL + ["seed=7", "train.warmup_steps=1", "train.eval_batches=2", "train.max_steps=20", "train.save_every=10", "train.eval_every=10", "train.log_every=5"],
       ["A seconds-long smoke run on CPU: the tests' tiny model (2 layers, d_model 32, horizon 2).", "Run: uv run wmtp train --recipe configs/tiny.yaml"])
 write(ROOT / "configs" / "critic-wmtp.yaml", ["train.algorithm=critic-wmtp"],
       ["critic-wmtp on the built-in model and data (CPU, under a minute): Stage 1 pretrains the value head with the trunk",

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ class WorkerInterrupted(RuntimeError):
     """The job was stopped by SIGTERM after saving a checkpoint."""
 
 
+_ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")  # torchrun's "Root Cause" block
 _NOT_RETRIABLE = {"ValueError", "RecipeError", "DataError", "CheckpointError", "CheckpointSaveError", "FileNotFoundError"}
 
 
@@ -64,7 +66,8 @@ def torchrun_command(recipe: Recipe, run_dir: Path, *, resume: Path | None, resu
 def run_torchrun(command: list[str], *, result_file: Path, silence_timeout_s: float, log: logging.Logger,
                  on_metrics: Callable[[int, dict], None] | None) -> dict:
     """Run the job to its end and return rank 0's TrainResult as a dict; raise a typed error otherwise."""
-    result_file.unlink(missing_ok=True)
+    for stale in [result_file, *result_file.parent.glob(f"{result_file.stem}.rank*{result_file.suffix}")]:
+        stale.unlink(missing_ok=True)
     log.info("launching: %s", " ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: queue.Queue[str | None] = queue.Queue()
@@ -78,7 +81,8 @@ def run_torchrun(command: list[str], *, result_file: Path, silence_timeout_s: fl
                     on_metrics(report["step"], report["metrics"])
                 continue
             log.info("%s", line)
-            tail = (tail + [line])[-20:]
+            if line.strip():
+                tail = (tail + [line])[-60:]
         status = process.wait()
     return _outcome(status, result_file, tail)
 
@@ -130,11 +134,39 @@ def _outcome(status: int, result_file: Path, tail: list[str]) -> dict:
     outcome = json.loads(result_file.read_text()) if result_file.is_file() else {"ok": False}
     if status == 0 and outcome.get("ok"):
         return outcome["result"]
+    failed_rank = _root_cause_rank(tail)
+    if failed_rank not in (None, 0):
+        outcome = _rank_outcome(result_file, failed_rank) or outcome
     error_type, message = outcome.get("error_type"), outcome.get("message")
     if status == EXIT_TERMINATED or error_type == "TrainingInterrupted":
         raise WorkerInterrupted(message or f"torchrun exited {status} after SIGTERM")
     if error_type in _NOT_RETRIABLE:
         raise WorkerInputError(f"{error_type}: {message}")
-    last = "\n".join(tail[-5:])
-    raise RuntimeError(f"torchrun exited with status {status} ({error_type or 'a rank died'}: {message or ''}); "
-                       f"last lines:\n{last}")
+    who = f"rank {failed_rank}" if failed_rank is not None else "a rank"
+    cause = f"{error_type}: {message}" if error_type else "died without reporting an error (killed?)"
+    last = "\n".join(_before_torchrun_summary(tail)[-12:])
+    raise RuntimeError(f"torchrun exited with status {status}: {who} failed first, {cause}; last lines:\n{last}")
+
+
+def rank_result_file(result_file: Path, rank: int) -> Path:
+    """Where rank `rank` (not 0) writes its outcome when it fails; rank 0 writes result_file itself."""
+    return result_file.with_name(f"{result_file.stem}.rank{rank}{result_file.suffix}")
+
+
+def _rank_outcome(result_file: Path, rank: int) -> dict | None:
+    path = rank_result_file(result_file, rank)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _root_cause_rank(tail: list[str]) -> int | None:
+    """The rank torchrun names as the first observed failure, if it printed its summary."""
+    ranks = [int(match.group(1)) for line in tail if (match := _ROOT_CAUSE_RANK.match(line))]
+    return ranks[-1] if ranks else None
+
+
+def _before_torchrun_summary(tail: list[str]) -> list[str]:
+    """The job's own last lines: torchrun's closing ChildFailedError report (and its banner) cut off."""
+    for index, line in enumerate(tail):
+        if "ChildFailedError" in line or "elastic.multiprocessing.errors" in line:
+            return tail[:index] or tail
+    return tail

@@ -26,11 +26,9 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from servers import MlflowServer  # noqa: E402
 from wmtp_core.config import Recipe  # noqa: E402  (after the Prefect environment above)
-from wmtp_core.recipes import load_recipe  # noqa: E402
+from wmtp_core.recipes import TINY_MODEL, load_recipe  # noqa: E402
 
 TINY_RUN = [
-    "model.max_seq_len=64",
-    "data.batch_size=4",
     "train.max_steps=4",
     "train.warmup_steps=1",
     "train.save_every=2",
@@ -39,8 +37,8 @@ TINY_RUN = [
     "train.eval_batches=2",
     "seed=7",
 ]
-"""The tiny run every test model shares: 64 tokens, batches of 4, 4 steps, saves and evals every 2."""
-TINY_OVERRIDES = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.horizon=2", *TINY_RUN]
+"""The tiny run every test shares: 4 steps, saves and evals every 2."""
+TINY_OVERRIDES = [*TINY_MODEL, *TINY_RUN]
 
 
 def full_model_state(checkpoint: Path) -> dict:

@@ -65,5 +65,5 @@ def _save(auto_class, config, tokenizer, directory: Path, seed: int) -> Path:
     return directory
 
 
-HF_OVERRIDES = ["model.source=hf", "model.horizon=3", *TINY_RUN]
+HF_OVERRIDES = ["model.source=hf", "model.horizon=3", "model.max_seq_len=64", "data.batch_size=4", *TINY_RUN]
 """A tiny hf recipe (model.path still to be set): 3 heads, 64 tokens, 4 steps."""

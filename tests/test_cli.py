@@ -87,7 +87,7 @@ def test_checkpoints_convert_turns_a_sharded_checkpoint_into_the_full_format(wmt
     from safetensors.torch import load_file
 
     from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
+    from wmtp_core.runtime.devices import probe_environment
     from wmtp_core.checkpoint.storage import load_checkpoint
     from wmtp_core.training.loop import train
 

@@ -14,6 +14,18 @@ from pydantic import BaseModel, ValidationError
 from wmtp_core.config import Recipe, RecipeError
 
 
+TINY_MODEL = [
+    "model.num_layers=2",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.horizon=2",
+    "model.max_seq_len=64",
+    "data.batch_size=4",
+]
+"""The tiny CPU model of the tests, the smoke recipe (configs/tiny.yaml) and the fix-plan stages: 2 layers, d_model
+32, 2 attention heads, horizon 2, 64 tokens, batches of 4. Each adds its own step counts."""
+
+
 def load_recipe(path: Path | str | None = None, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe (or the defaults when path is None), apply `key=value` overrides and validate."""
     data: dict[str, Any] = {}

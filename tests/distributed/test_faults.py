@@ -71,8 +71,11 @@ def test_a_dead_rank_fails_the_job_cleanly_without_a_hang(tmp_path):
     command, result = prepared(tmp_path)
     when_checkpoint_exists(tmp_path, 20, lambda: os.kill(worker_pids(tmp_path)[1], signal.SIGKILL))
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match="torchrun exited with status"):
+    with pytest.raises(RuntimeError, match="torchrun exited with status") as failed:
         run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
+    message = str(failed.value)
+    assert "rank 1 failed first" in message  # the rank killed, not the rank that lost its peer after it
+    assert message.split("last lines:\n")[1].strip()  # the job's own last lines, not an empty list
     assert time.monotonic() - started < 100  # well inside devices.timeout_s plus torchrun's own shutdown grace
     assert worker_pids(tmp_path) == {}  # no orphaned rank left behind
     assert latest_valid_checkpoint(tmp_path).step >= 20  # the work saved before the death is intact

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from wmtp_core.config import PhaseGates, Recipe
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
-from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.recipes import TINY_MODEL, load_recipe, recipe_to_yaml
 
 STAGES = {
     "legacy": PhaseGates(checkpoint=False, mps=False, api=False),
@@ -33,8 +33,7 @@ STAGES = {
 MODELS = ("plain", "fsdp")
 TARGETS = {"checkpoint_save_success": 1.0, "resume_success": 1.0, "warnings": 0, "leaked_semaphores": 0}
 MAX_STEPS, SAVE_EVERY, CANCEL_AT = 12, 4, 6  # cancel well before the end: a fast child must not finish first
-TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.horizon=2", "model.max_seq_len=64",
-        "data.batch_size=4", "train.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
+TINY = [*TINY_MODEL, "train.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
         f"train.max_steps={MAX_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=1000",
         "data.num_workers=2", "data.worker_start=spawn", "devices.timeout_s=120"]
 _WARNING = re.compile(r"^\S.*?:\d+: (\w+Warning): ")

@@ -4,7 +4,8 @@
 
 Rank 0 prints progress lines and one `WMTP_METRICS {json}` line per report on stdout (the Prefect task that
 launched torchrun turns them into the run log and MLflow metrics) and writes the outcome to --result:
-{"ok": true, "result": TrainResult} or {"ok": false, "error_type": ..., "message": ...}.
+{"ok": true, "result": TrainResult} or {"ok": false, "error_type": ..., "message": ...}; another rank that fails
+writes its own to <result>.rank<N>.json, so the launcher can name the rank that failed first.
 Exit status: 0 done, 1 failed, 143 stopped by SIGTERM after saving a checkpoint.
 """
 
@@ -53,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).exception("rank %d failed", ctx.rank)
         outcome = _failure(error)
     finally:
-        if ctx.is_main and args.result:
-            args.result.write_text(json.dumps(outcome))
+        if args.result and (ctx.is_main or not outcome["ok"]):
+            _result_file(args.result, ctx.rank).write_text(json.dumps(outcome))
         shutdown_distributed()
     if launched_by_torchrun() and gates.explicit_cleanup:
         exit_without_interpreter_teardown(status)
     return status
+
+
+def _result_file(result: Path, rank: int) -> Path:
+    # tasks.torchrun.rank_result_file reads these (that module is the launcher side; this one imports torch).
+    return result if rank == 0 else result.with_name(f"{result.stem}.rank{rank}{result.suffix}")
 
 
 def print_metrics(step: int, metrics: dict[str, float]) -> None:
