@@ -2,8 +2,9 @@
 
 Measured side by side in one process on the default recipe (CPU here): for each algorithm a full optimizer step
 (`wmtp_core.training.loop.train_step`) over the same pre-collated batches; the weight computation alone (the
-`wmtp_core.algorithms.weights` calls of each algorithm on tensors of a real step); and one reference forward (rho1's extra
-model call). Contenders are interleaved, each figure is the median over --repeats of --steps steps.
+`wmtp_core.algorithms.weights` calls of each algorithm on tensors of a real step); and one reference
+forward (rho1's extra model call). Contenders are interleaved, each figure is the median over --repeats of
+--steps steps.
 Targets: weight computation <= 10% of a baseline step; rho1's extra cost close to one reference forward.
 
 Run: uv run python benchmarks/algorithm_step_time.py [--repeats 5 --steps 10]
@@ -18,15 +19,8 @@ import time
 
 import torch
 
-from wmtp_core.algorithms.objective import MicroBatch
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.algorithms.losses import head_cross_entropy
-from wmtp_core.models.transformer import MTPTransformer
-from wmtp_core.recipes import load_recipe
-from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
-from wmtp_core.models.tokenizer import ByteTokenizer
-from wmtp_core.training.loop import train_step
+from wmtp_core.algorithms.objective import MicroBatch
 from wmtp_core.algorithms.weights import (
     critic_head_scores,
     gae_returns,
@@ -35,6 +29,13 @@ from wmtp_core.algorithms.weights import (
     rho1_excess,
     spread_rewards,
 )
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.models.tokenizer import ByteTokenizer
+from wmtp_core.models.transformer import MTPTransformer
+from wmtp_core.recipes import load_recipe
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.training.loop import train_step
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
 ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-wmtp")
 
@@ -75,11 +76,15 @@ def time_weights(recipe, parts, batches) -> dict[str, float]:
     norm = dict(mode=loss.weight_norm, temperature=loss.weight_temperature, max_weight=loss.max_weight)
 
     def rho1():
-        excess = rho1_excess(ce_BTK, reference_next_token_ce(ref_logits_BTV, mb.labels_BTK), mb.mask_BTK, min_ce_diff=0.01)
+        excess = rho1_excess(
+            ce_BTK, reference_next_token_ce(ref_logits_BTV, mb.labels_BTK), mb.mask_BTK, min_ce_diff=0.01
+        )
         normalize_weights(excess, mb.mask_BTK, **norm)
 
     def critic_weights():
-        scores = critic_head_scores(values_BT, mb.valid_BT, discount_lambda=critic.discount_lambda, horizon=ce_BTK.shape[-1])
+        scores = critic_head_scores(
+            values_BT, mb.valid_BT, discount_lambda=critic.discount_lambda, horizon=ce_BTK.shape[-1]
+        )
         gae_returns(values_BT, spread_rewards(mb.rewards_B, mb.valid_BT), mb.valid_BT, gamma=0.99, gae_lambda=0.95)
         normalize_weights(scores, mb.mask_BTK, **norm)
 
@@ -88,8 +93,14 @@ def time_weights(recipe, parts, batches) -> dict[str, float]:
             parts.model.eval()(mb.tokens_BT)
         parts.model.train()
 
-    return {name: _per_call(fn) for name, fn in
-            {"rho1_weights": rho1, "critic_weights": critic_weights, "reference_forward": reference_forward}.items()}
+    return {
+        name: _per_call(fn)
+        for name, fn in {
+            "rho1_weights": rho1,
+            "critic_weights": critic_weights,
+            "reference_forward": reference_forward,
+        }.items()
+    }
 
 
 def _per_call(fn, calls: int = 20) -> float:
@@ -116,8 +127,10 @@ def main() -> None:
             step_times[algorithm].append(time_steps(*setups[algorithm]))
     median = {algorithm: statistics.median(times) for algorithm, times in step_times.items()}
     recipe, _, parts, batches = setups["baseline-mtp"]
-    parts_times = {name: statistics.median(_samples) for name, _samples in
-                   _repeat(lambda: time_weights(recipe, parts, batches), args.repeats).items()}
+    parts_times = {
+        name: statistics.median(_samples)
+        for name, _samples in _repeat(lambda: time_weights(recipe, parts, batches), args.repeats).items()
+    }
     report(median, parts_times, args)
 
 

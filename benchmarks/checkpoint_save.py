@@ -24,25 +24,30 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from wmtp_core.checkpoint.storage import fsync_file
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.recipes import load_recipe
-from dataclasses import asdict
-
 from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint, save_run_checkpoint
 from wmtp_core.checkpoint.state_dicts import DISTRIBUTED_CHECKPOINT
+from wmtp_core.checkpoint.storage import fsync_file
 from wmtp_core.checkpoint.writer import CheckpointWriter
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.recipes import load_recipe
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.runtime.distributed import SINGLE
-from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 from wmtp_core.training.loop import train_step
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
-MODEL = ["model.d_model=384", "model.num_layers=6", "model.num_heads=6", "model.horizon=4", "data.batch_size=4",
-         "model.max_seq_len=128"]
+MODEL = [
+    "model.d_model=384",
+    "model.num_layers=6",
+    "model.num_heads=6",
+    "model.horizon=4",
+    "data.batch_size=4",
+    "model.max_seq_len=128",
+]
 
 
 def timed(action) -> float:
@@ -57,12 +62,17 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
     async_recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"async_save": True})})
     bare_file = scratch / f"bare-{repeat}.pt"
     contenders = {
-        "bare": lambda: torch.save({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()},
-                                   bare_file),
-        "full": lambda: save(parts, state, SaveSettings(run_dir / "sync", recipe, SINGLE, DISTRIBUTED_CHECKPOINT,
-                                                        sync_writer, {})),
-        "async": lambda: save(parts, state, SaveSettings(run_dir / "async", async_recipe, SINGLE,
-                                                         DISTRIBUTED_CHECKPOINT, async_writer, {})),
+        "bare": lambda: torch.save(
+            {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()}, bare_file
+        ),
+        "full": lambda: save(
+            parts, state, SaveSettings(run_dir / "sync", recipe, SINGLE, DISTRIBUTED_CHECKPOINT, sync_writer, {})
+        ),
+        "async": lambda: save(
+            parts,
+            state,
+            SaveSettings(run_dir / "async", async_recipe, SINGLE, DISTRIBUTED_CHECKPOINT, async_writer, {}),
+        ),
     }
     order = list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]
     seconds = {}
@@ -92,7 +102,9 @@ def first_step(recipe, plan, *, resume_from: Path | None) -> None:
     state = TrainState()
     if resume_from:
         pieces = parts.pieces()
-        state = TrainState(**restore_run_checkpoint(pieces, resume_from, ctx=SINGLE, state_dicts=DISTRIBUTED_CHECKPOINT))
+        state = TrainState(
+            **restore_run_checkpoint(pieces, resume_from, ctx=SINGLE, state_dicts=DISTRIBUTED_CHECKPOINT)
+        )
     batches = batch_stream(parts, state)
     train_step(parts, batches, state=state, recipe=recipe, plan=plan)
     batches.close()
@@ -120,9 +132,17 @@ def main() -> None:
     }
     for r in rows:
         print("  ".join(f"{k} {v * 1000:7.1f} ms" for k, v in r.items()))
-    print(json.dumps({"benchmark": "checkpoint_save", "parameters": params, "repeats": args.repeats,
-                      "median_ms": {k: round(statistics.median(r[k] for r in rows) * 1000, 1) for k in rows[0]},
-                      **{k: round(v, 3) for k, v in ratios.items()}}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "checkpoint_save",
+                "parameters": params,
+                "repeats": args.repeats,
+                "median_ms": {k: round(statistics.median(r[k] for r in rows) * 1000, 1) for k in rows[0]},
+                **{k: round(v, 3) for k, v in ratios.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -94,11 +94,17 @@ def summarise(rows: list[dict], args) -> dict:
     for r, ratio, loop_ratio in zip(rows, ratios, loop):
         print(f"{r['repeat']:>6} {r['direct']:>9.1f} {r['flow']:>8.1f} {ratio:>12.3f} {loop_ratio:>23.3f}")
     median = statistics.median(ratios)
-    print(f"median flow/direct {median:.3f} over {len(rows)} repeats (target <= 1.05): "
-          f"{'OK' if median <= 1.05 else 'ABOVE TARGET'}; median extra {statistics.median(extra):.1f} s per run")
+    print(
+        f"median flow/direct {median:.3f} over {len(rows)} repeats (target <= 1.05): "
+        f"{'OK' if median <= 1.05 else 'ABOVE TARGET'}; median extra {statistics.median(extra):.1f} s per run"
+    )
     return {
-        "benchmark": "flow_overhead", "repeats": args.repeats, "steps": args.steps, "overrides": args.overrides,
-        "ratio_flow_over_direct": round(median, 4), "ratios": [round(x, 4) for x in ratios],
+        "benchmark": "flow_overhead",
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "overrides": args.overrides,
+        "ratio_flow_over_direct": round(median, 4),
+        "ratios": [round(x, 4) for x in ratios],
         "median_extra_s": round(statistics.median(extra), 2),
         "median_direct_s": round(statistics.median(r["direct"] for r in rows), 2),
         "median_flow_s": round(statistics.median(r["flow"] for r in rows), 2),

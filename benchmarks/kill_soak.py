@@ -30,8 +30,11 @@ def main() -> None:
             for trial in range(args.trials):
                 result = run_trial(Path(scratch) / f"{moment}-{trial}", reference, moment=moment, rng=rng)
                 results.append(result)
-                print(f"{moment:>8} trial {trial}: killed with step {result.killed_at_step} saved, "
-                      f"mid-save={result.during_save}, resumes={result.resumes}, identical={result.identical}", flush=True)
+                print(
+                    f"{moment:>8} trial {trial}: killed with step {result.killed_at_step} saved, "
+                    f"mid-save={result.during_save}, resumes={result.resumes}, identical={result.identical}",
+                    flush=True,
+                )
     summary = {
         moment: {
             "trials": sum(r.moment == moment for r in results),

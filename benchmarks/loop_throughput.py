@@ -30,14 +30,14 @@ import time
 
 import torch
 
-from wmtp_core.recipes import load_recipe
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.algorithms.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
-from wmtp_core.models.transformer import MTPTransformer
-from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.tokenizer import ByteTokenizer
+from wmtp_core.models.transformer import MTPTransformer
+from wmtp_core.recipes import load_recipe
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import log_progress, train_step
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
 
 def precollate(parts, recipe, count: int) -> list[dict[str, torch.Tensor]]:
@@ -127,7 +127,10 @@ def measure(recipe, plan, *, repeats: int, steps: int, chunk: int, warmup: int, 
                 spent[name] += time.perf_counter() - started
         for name in names:
             times[name].append(spent[name])
-        print(f"repeat {r}: " + ", ".join(f"{n}/bare {spent['bare'] / spent[n]:.3f}" for n in names if n != "bare"), flush=True)
+        print(
+            f"repeat {r}: " + ", ".join(f"{n}/bare {spent['bare'] / spent[n]:.3f}" for n in names if n != "bare"),
+            flush=True,
+        )
     return {"times": times, "tokens": tokens, "same_init": same_init}
 
 
@@ -135,18 +138,29 @@ def summarise(result: dict, args, plan) -> dict:
     times, tokens = result["times"], result["tokens"]
     tps = {name: [tok / t for tok, t in zip(tokens, ts)] for name, ts in times.items()}
     ratios = {name: [a / b for a, b in zip(tps[name], tps["bare"])] for name in tps if name != "bare"}
-    print(f"device {plan.device}, {args.repeats} repeats x {args.steps} steps in slices of {args.chunk} (warmup {args.warmup}), "
-          f"{statistics.median(tokens)} tokens/measurement, identical init: {result['same_init']}")
+    print(
+        f"device {plan.device}, {args.repeats} repeats x {args.steps} steps in slices of {args.chunk} "
+        f"(warmup {args.warmup}), "
+        f"{statistics.median(tokens)} tokens/measurement, identical init: {result['same_init']}"
+    )
     print(f"{'contender':<9} {'median tok/s':>13} {'median ms/step':>15} {'ratio vs bare (median)':>23}")
     for name in tps:
         ratio = statistics.median(ratios[name]) if name in ratios else 1.0
         ms = 1000 * statistics.median(times[name]) / args.steps
         print(f"{name:<9} {statistics.median(tps[name]):>13.0f} {ms:>15.2f} {ratio:>23.3f}")
     core_ratio = statistics.median(ratios["core"])
-    print(f"core/bare tokens/s ratio {core_ratio:.3f} (target >= 0.95): {'OK' if core_ratio >= 0.95 else 'BELOW TARGET'}")
+    print(
+        f"core/bare tokens/s ratio {core_ratio:.3f} (target >= 0.95): {'OK' if core_ratio >= 0.95 else 'BELOW TARGET'}"
+    )
     return {
-        "benchmark": "loop_throughput", "device": plan.device, "repeats": args.repeats, "steps": args.steps, "chunk": args.chunk,
-        "warmup": args.warmup, "threads": torch.get_num_threads(), "identical_init": result["same_init"],
+        "benchmark": "loop_throughput",
+        "device": plan.device,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "chunk": args.chunk,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "identical_init": result["same_init"],
         "median_tokens_per_s": {n: round(statistics.median(v), 1) for n, v in tps.items()},
         "ratio_core_over_bare": round(core_ratio, 4),
         "ratios_core_over_bare": [round(x, 4) for x in ratios["core"]],
@@ -161,13 +175,25 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=10, help="steps per timed slice; contenders alternate slices")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per contender first")
     parser.add_argument("--backend", default="cpu", help="devices.backend of the recipe (default cpu)")
-    parser.add_argument("--with-loader", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time train_step fed by the DataLoader (batch_stream), for information")
+    parser.add_argument(
+        "--with-loader",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time train_step fed by the DataLoader (batch_stream), for information",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override key=value")
     args = parser.parse_args()
     recipe = load_recipe(None, [f"devices.backend={args.backend}", *args.overrides])
     plan = plan_run_devices(recipe, probe_environment())
-    result = measure(recipe, plan, repeats=args.repeats, steps=args.steps, chunk=args.chunk, warmup=args.warmup, with_loader=args.with_loader)
+    result = measure(
+        recipe,
+        plan,
+        repeats=args.repeats,
+        steps=args.steps,
+        chunk=args.chunk,
+        warmup=args.warmup,
+        with_loader=args.with_loader,
+    )
     print(json.dumps(summarise(result, args, plan)))
 
 

@@ -28,14 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test suite's real-server helper
 
-from servers import MlflowServer  # noqa: E402
-
 from mlflow import MlflowClient  # noqa: E402
+from servers import MlflowServer  # noqa: E402
 
 from tasks.metrics_buffer import BufferedMetrics  # noqa: E402
 from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment  # noqa: E402
 from wmtp_core.recipes import load_recipe  # noqa: E402
+from wmtp_core.runtime.devices import probe_environment  # noqa: E402
 from wmtp_core.training.loop import train  # noqa: E402
 
 
@@ -102,8 +101,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
-    recipe = load_recipe(None, [f"train.max_steps={args.steps}", f"train.save_every={args.steps}",
-                                f"train.eval_every={args.steps}", "train.warmup_steps=5"])
+    recipe = load_recipe(
+        None,
+        [
+            f"train.max_steps={args.steps}",
+            f"train.save_every={args.steps}",
+            f"train.eval_every={args.steps}",
+            "train.warmup_steps=5",
+        ],
+    )
     plan = plan_run_devices(recipe, probe_environment())
     with tempfile.TemporaryDirectory() as scratch:
         server = MlflowServer(Path(scratch) / "server")
@@ -140,13 +146,19 @@ def measure(recipe, plan, server: MlflowServer, scratch: Path, repeats: int) -> 
         senders.append(sender)
         cpu = callback.seconds + sender.cpu_s + server_cpu["tracked"]
         cpu_shares.append(cpu / wall["tracked"])
-        print(f"repeat {repeat}: wall overhead {ratios[-1]:+.2%}; tracking CPU {cpu:.3f} s of a {wall['tracked']:.1f} s run "
-              f"= {cpu_shares[-1]:.2%} (callback {callback.seconds:.4f} s, sender {sender.cpu_s:.3f} s, "
-              f"server {server_cpu['tracked']:.2f} s); {sender.requests} requests for {sender.points} points", flush=True)
+        print(
+            f"repeat {repeat}: wall overhead {ratios[-1]:+.2%}; tracking CPU {cpu:.3f} s of a "
+            f"{wall['tracked']:.1f} s run "
+            f"= {cpu_shares[-1]:.2%} (callback {callback.seconds:.4f} s, sender {sender.cpu_s:.3f} s, "
+            f"server {server_cpu['tracked']:.2f} s); {sender.requests} requests for {sender.points} points",
+            flush=True,
+        )
     reports = recipe.train.max_steps // recipe.train.log_every + 2  # log steps plus the evals at 0 and the end
-    return {"wall_overhead_median": round(statistics.median(ratios), 4),
-            "tracking_cpu_share_median": round(statistics.median(cpu_shares), 4),
-            "requests_per_report": round(statistics.median(s.requests for s in senders) / reports, 3)}
+    return {
+        "wall_overhead_median": round(statistics.median(ratios), 4),
+        "tracking_cpu_share_median": round(statistics.median(cpu_shares), 4),
+        "requests_per_report": round(statistics.median(s.requests for s in senders) / reports, 3),
+    }
 
 
 if __name__ == "__main__":

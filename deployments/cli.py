@@ -15,10 +15,10 @@ import typer
 
 from flows.temporary_server import start_temporary_server
 from tasks.locations import run_dir, wmtp_home
-from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
-from wmtp_core.recipes import load_recipe
-from wmtp_core.data.records import builtin_dataset_path, load_records
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
+from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
+from wmtp_core.data.records import builtin_dataset_path, load_records
+from wmtp_core.recipes import load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weighted multi-token-prediction training pipeline.")
 INVALID_INPUT, FAILURE = 2, 1
@@ -51,7 +51,9 @@ def resume(run: str, overrides: list[str] = SetOption, as_json: bool = JsonOptio
 def checkpoints(
     run: str,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
-    convert: int | None = typer.Option(None, "--convert", help="Rewrite this step's sharded checkpoint in the full format."),
+    convert: int | None = typer.Option(
+        None, "--convert", help="Rewrite this step's sharded checkpoint in the full format."
+    ),
 ) -> None:
     """List RUN's checkpoints, each verified against its manifest (sha256 of every file)."""
     directory = _invalid_input_guard(lambda: _existing_run_dir(run))
@@ -69,20 +71,24 @@ def checkpoints(
 
 
 def _convert_checkpoint(directory: Path, step: int) -> None:
-    from wmtp_core.checkpoint.storage import convert_to_full  # torch loads here, not for a plain listing
     from wmtp_core.checkpoint.manifest import CheckpointError, step_dir_name
+    from wmtp_core.checkpoint.storage import convert_to_full  # torch loads here, not for a plain listing
 
     path = directory / "checkpoints" / step_dir_name(step)
     if not path.is_dir():
-        print(f"error: run {directory.name} has no checkpoint at step {step} (see `wmtp checkpoints {directory.name}`)",
-              file=sys.stderr)
+        print(
+            f"error: run {directory.name} has no checkpoint at step {step} (see `wmtp checkpoints {directory.name}`)",
+            file=sys.stderr,
+        )
         raise typer.Exit(INVALID_INPUT)
     try:
         converted = convert_to_full(path, directory)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(INVALID_INPUT) from None
-    print(f"converted {converted} to the full format (model.safetensors + optimizer in train_state.pt)", file=sys.stderr)
+    print(
+        f"converted {converted} to the full format (model.safetensors + optimizer in train_state.pt)", file=sys.stderr
+    )
 
 
 @app.command()
@@ -98,8 +104,9 @@ def upload(run: str) -> None:
     summary_file = directory / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     run_id = json.loads(recorded.read_text())["mlflow_run_id"]
-    uploaded = upload_run(run_id, directory, succeeded=summary.get("status") == "completed",
-                          finished=summary.get("status") != "stopped")
+    uploaded = upload_run(
+        run_id, directory, succeeded=summary.get("status") == "completed", finished=summary.get("status") != "stopped"
+    )
     if summary:
         summary_file.write_text(json.dumps({**summary, "uploads": "done", "uploads_reason": None}, indent=2))
     print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")
@@ -116,7 +123,10 @@ def verify(
 
     unknown = [s for s in stages if s not in STAGES] + [m for m in models if m not in MODELS]
     if unknown:
-        print(f"error: unknown --stage/--model {unknown}; stages are {list(STAGES)}, models {list(MODELS)}", file=sys.stderr)
+        print(
+            f"error: unknown --stage/--model {unknown}; stages are {list(STAGES)}, models {list(MODELS)}",
+            file=sys.stderr,
+        )
         raise typer.Exit(INVALID_INPUT)
     _default_prefect_environment()
     server_ready = start_temporary_server()
@@ -129,9 +139,13 @@ def verify(
         print(f"error: wmtp-fixplan ended {state.name}: {state.message}", file=sys.stderr)
         raise typer.Exit(FAILURE)
     for row in report["stages"]:
-        print(f"{row['stage']:>9} {row['model']:>5}  save {row['checkpoint_save_success']:.0%}  resume "
-              f"{row['resume_success']:.0%}  warnings {row['warnings']:>3}  leaked semaphores {row['leaked_semaphores']:>3}"
-              f"  step {row['step_time_s']} s", file=sys.stderr if as_json else sys.stdout)
+        print(
+            f"{row['stage']:>9} {row['model']:>5}  save {row['checkpoint_save_success']:.0%}  resume "
+            f"{row['resume_success']:.0%}  warnings {row['warnings']:>3}  leaked semaphores "
+            f"{row['leaked_semaphores']:>3}"
+            f"  step {row['step_time_s']} s",
+            file=sys.stderr if as_json else sys.stdout,
+        )
     print(f"report: {report['report']}; {'PASSED' if report['passed'] else 'FAILED'}", file=sys.stderr)
     if as_json:
         print(json.dumps({"stages": report["stages"], "passed": report["passed"]}), flush=True)
@@ -153,23 +167,44 @@ def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) 
 
 @app.command()
 def serve(
-    resume_cron: str | None = typer.Option(None, "--resume-cron", envvar="WMTP_RESUME_CRON",
-                                           help="When wmtp-resume/scheduled runs (cron, UTC); default every 6 hours."),
-    resume_run: str | None = typer.Option(None, "--resume-run", envvar="WMTP_RESUME_RUN",
-                                          help="The run the schedule continues; without it the schedule starts paused."),
-    resume_budget: float | None = typer.Option(None, "--resume-budget-minutes", envvar="WMTP_RESUME_BUDGET_MINUTES",
-                                               help="Wall-clock minutes each scheduled resume may train."),
+    resume_cron: str | None = typer.Option(
+        None,
+        "--resume-cron",
+        envvar="WMTP_RESUME_CRON",
+        help="When wmtp-resume/scheduled runs (cron, UTC); default every 6 hours.",
+    ),
+    resume_run: str | None = typer.Option(
+        None,
+        "--resume-run",
+        envvar="WMTP_RESUME_RUN",
+        help="The run the schedule continues; without it the schedule starts paused.",
+    ),
+    resume_budget: float | None = typer.Option(
+        None,
+        "--resume-budget-minutes",
+        envvar="WMTP_RESUME_BUDGET_MINUTES",
+        help="Wall-clock minutes each scheduled resume may train.",
+    ),
 ) -> None:
-    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the Prefect server at PREFECT_API_URL."""
+    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the Prefect server "
+    "at PREFECT_API_URL."""
     if not os.environ.get("PREFECT_API_URL"):
-        print("error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and set "
-              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        print(
+            "error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api",
+            file=sys.stderr,
+        )
         raise typer.Exit(INVALID_INPUT)
     _default_prefect_environment()
     from deployments.served import serve_deployments, served_deployments
 
-    deployments = _invalid_input_guard(lambda: served_deployments(
-        resume_cron=resume_cron, resume_run=resume_run and check_run_name(resume_run), resume_budget_minutes=resume_budget))
+    deployments = _invalid_input_guard(
+        lambda: served_deployments(
+            resume_cron=resume_cron,
+            resume_run=resume_run and check_run_name(resume_run),
+            resume_budget_minutes=resume_budget,
+        )
+    )
     serve_deployments(deployments)
 
 
@@ -177,7 +212,9 @@ def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
     loaded = load_recipe(recipe, overrides)
     loaded = with_run_name(loaded, loaded.run.name or generate_run_name(loaded))
     if latest_valid_checkpoint(run_dir(loaded.run.name)) is not None:
-        raise RecipeError(f"run.name: run {loaded.run.name!r} already has checkpoints; use `wmtp resume {loaded.run.name}`")
+        raise RecipeError(
+            f"run.name: run {loaded.run.name!r} already has checkpoints; use `wmtp resume {loaded.run.name}`"
+        )
     _check_data_file(loaded)
     return loaded
 
@@ -237,8 +274,11 @@ def _wait_for_server(server_ready: Callable[[], None]) -> None:
     try:
         server_ready()
     except Exception as error:
-        print(f"error: Prefect's temporary server did not start ({error}); set PREFECT_API_URL to use a running "
-              "server instead (`uv run prefect server start`)", file=sys.stderr)
+        print(
+            f"error: Prefect's temporary server did not start ({error}); set PREFECT_API_URL to use a running "
+            "server instead (`uv run prefect server start`)",
+            file=sys.stderr,
+        )
         raise typer.Exit(FAILURE) from None
 
 

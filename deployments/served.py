@@ -28,8 +28,9 @@ def resume_schedule(cron: str, *, run_name: str | None, budget_minutes: float | 
     parameters = {"run_name": run_name} if run_name else {}
     if budget_minutes is not None:
         if budget_minutes <= 0:
-            raise ValueError(f"resume budget {budget_minutes} minutes: give a positive number, or none to train to "
-                             "the target")
+            raise ValueError(
+                f"resume budget {budget_minutes} minutes: give a positive number, or none to train to the target"
+            )
         parameters["budget_minutes"] = budget_minutes
     try:
         return Cron(cron, timezone="UTC", active=run_name is not None, parameters=parameters)
@@ -37,17 +38,28 @@ def resume_schedule(cron: str, *, run_name: str | None, budget_minutes: float | 
         raise ValueError(f"resume cron {cron!r}: {error} (e.g. {DEFAULT_RESUME_CRON!r}, every 6 hours)") from None
 
 
-def served_deployments(*, resume_cron: str | None = None, resume_run: str | None = None,
-                       resume_budget_minutes: float | None = None) -> list[RunnerDeployment]:
+def served_deployments(
+    *, resume_cron: str | None = None, resume_run: str | None = None, resume_budget_minutes: float | None = None
+) -> list[RunnerDeployment]:
     """The three deployments (the resume schedule every 6 hours unless resume_cron says otherwise)."""
-    schedule = resume_schedule(resume_cron or DEFAULT_RESUME_CRON, run_name=resume_run, budget_minutes=resume_budget_minutes)
+    schedule = resume_schedule(
+        resume_cron or DEFAULT_RESUME_CRON, run_name=resume_run, budget_minutes=resume_budget_minutes
+    )
     deployments = [
         wmtp_train.to_deployment("manual", description="Train a run from the parameter form.", tags=["wmtp"]),
-        wmtp_resume.to_deployment("scheduled", schedules=[schedule], concurrency_limit=ONE_ACTIVE_RUN, tags=["wmtp"],
-                                  description="Continue a run from its newest valid checkpoint (covers crashed runs)."),
+        wmtp_resume.to_deployment(
+            "scheduled",
+            schedules=[schedule],
+            concurrency_limit=ONE_ACTIVE_RUN,
+            tags=["wmtp"],
+            description="Continue a run from its newest valid checkpoint (covers crashed runs).",
+        ),
     ]
-    deployments.append(wmtp_fixplan.to_deployment(
-        "verify", tags=["wmtp"], description="Measure the fix plan's acceptance figures for each rollout stage."))
+    deployments.append(
+        wmtp_fixplan.to_deployment(
+            "verify", tags=["wmtp"], description="Measure the fix plan's acceptance figures for each rollout stage."
+        )
+    )
     if resume_run is None:
         log.warning("wmtp-resume/scheduled: schedule created paused; name the run with --resume-run or WMTP_RESUME_RUN")
     return deployments

@@ -17,8 +17,9 @@ from wmtp_core.recipes import load_recipe
 
 
 @flow(name="wmtp-resume")
-def wmtp_resume(run_name: RunName, target_steps: TargetSteps | None = None,
-                budget_minutes: BudgetMinutes | None = None) -> dict | State:
+def wmtp_resume(
+    run_name: RunName, target_steps: TargetSteps | None = None, budget_minutes: BudgetMinutes | None = None
+) -> dict | State:
     """Continue a WMTP run from its newest valid checkpoint, then upload to MLflow like wmtp-train.
 
     Args:
@@ -30,12 +31,16 @@ def wmtp_resume(run_name: RunName, target_steps: TargetSteps | None = None,
     directory = run_dir(run_name)
     latest = latest_valid_checkpoint(directory)
     if latest is None:
-        return Failed(message=f"run {run_name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from; "
-                              "start it with wmtp-train (`wmtp checkpoints RUN` shows what is there)")
+        return Failed(
+            message=f"run {run_name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from; "
+            "start it with wmtp-train (`wmtp checkpoints RUN` shows what is there)"
+        )
     overrides = [f"train.max_steps={target_steps}"] if target_steps is not None else []
     recipe = load_recipe(directory / "recipe.yaml", overrides)
     if latest.step >= recipe.train.max_steps:
-        message = f"run {run_name!r} is already complete: step {latest.step} of {recipe.train.max_steps}; nothing to train"
+        message = (
+            f"run {run_name!r} is already complete: step {latest.step} of {recipe.train.max_steps}; nothing to train"
+        )
         get_run_logger().info(message)
         return Completed(message=message)
     get_run_logger().info("run %s: step %d -> %d", run_name, latest.step, recipe.train.max_steps)

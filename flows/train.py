@@ -16,9 +16,9 @@ from tasks.run_setup import prepare_run
 from tasks.tracking import run_link
 from tasks.training import train_model, train_reference
 from tasks.upload import open_tracking_run, record_pending_uploads, upload_artifacts
-from wmtp_core.config import PhaseGates, Recipe, with_run_name
 from wmtp_core.algorithms.brief_reference import needs_brief_reference
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+from wmtp_core.config import PhaseGates, Recipe, with_run_name
 from wmtp_core.fixplan.gates import tracking_policy
 
 
@@ -44,13 +44,22 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
     probe = probe_environment()
     run = prepare_run(recipe, resume=resume)
     recipe = with_run_name(recipe, run["run_name"])
-    mlflow_run_id = open_tracking_run(recipe, run["run_dir"], run_name=run["run_name"], flow_run_id=flow_run.id, probe=probe)
+    mlflow_run_id = open_tracking_run(
+        recipe, run["run_dir"], run_name=run["run_name"], flow_run_id=flow_run.id, probe=probe
+    )
     training = None
     if needs_brief_reference(recipe):
         training = train_reference(recipe, run["run_dir"], probe=probe, return_state=True)
     if training is None or training.is_completed():
-        training = train_model(recipe, run["run_dir"], probe=probe, mlflow_run_id=mlflow_run_id,
-                               time_budget_s=time_budget_s, start_from=run["start_checkpoint"], return_state=True)
+        training = train_model(
+            recipe,
+            run["run_dir"],
+            probe=probe,
+            mlflow_run_id=mlflow_run_id,
+            time_budget_s=time_budget_s,
+            start_from=run["start_checkpoint"],
+            return_state=True,
+        )
     summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id)
     upload = upload_artifacts(run["run_dir"], summary, mlflow_run_id=mlflow_run_id, return_state=True)
     if upload.is_failed():
@@ -60,8 +69,11 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
     publish_summary(summary)
     publish_checkpoints(run["run_name"], run["run_dir"])
     if summary["status"] == "stopped":
-        return Completed(message=f"stopped by the {summary['stop_reason']} at step {summary['steps']} of "
-                                 f"{recipe.train.max_steps}; checkpoint {summary['latest_checkpoint']}", data=summary)
+        return Completed(
+            message=f"stopped by the {summary['stop_reason']} at step {summary['steps']} of "
+            f"{recipe.train.max_steps}; checkpoint {summary['latest_checkpoint']}",
+            data=summary,
+        )
     if summary["status"] != "completed":
         return Failed(message=summary["reason"])
     return summary
@@ -70,8 +82,12 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
 def build_summary(recipe: Recipe, run: dict, training: State, *, mlflow_run_id: str | None) -> dict:
     """The run summary: training figures when training returned (status completed, or stopped early by a time budget),
     a one-line reason and the newest checkpoint on failure."""
-    summary = {"run_name": run["run_name"], "run_dir": run["run_dir"], "mlflow_run_id": mlflow_run_id,
-               "mlflow_link": run_link(Path(run["run_dir"])) if mlflow_run_id else None}
+    summary = {
+        "run_name": run["run_name"],
+        "run_dir": run["run_dir"],
+        "mlflow_run_id": mlflow_run_id,
+        "mlflow_link": run_link(Path(run["run_dir"])) if mlflow_run_id else None,
+    }
     if training.is_completed():
         result = training.result()
         summary.update(status="stopped" if result.get("stop_reason") else "completed", reason=None, **result)

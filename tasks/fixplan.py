@@ -13,7 +13,15 @@ from prefect.cache_policies import NO_CACHE
 from tasks.locations import wmtp_home
 from wmtp_core.fixplan.verification import TARGETS, verify_stage
 
-COLUMNS = ("stage", "model", "checkpoint_save_success", "resume_success", "warnings", "leaked_semaphores", "step_time_s")
+COLUMNS = (
+    "stage",
+    "model",
+    "checkpoint_save_success",
+    "resume_success",
+    "warnings",
+    "leaked_semaphores",
+    "step_time_s",
+)
 
 
 @task(name="verify_stage", cache_policy=NO_CACHE)
@@ -31,18 +39,29 @@ def write_report(rows: list[dict], *, passed: bool) -> str:
     path = wmtp_home() / "reports" / f"fixplan-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
-    create_table_artifact([{name: row[name] for name in COLUMNS} for row in rows], key="wmtp-fixplan",
-                          description="Fix-plan success metrics per rollout stage and model kind")
-    create_markdown_artifact(report_markdown(rows, passed=passed, path=path), key="wmtp-fixplan-summary",
-                             description="Fix-plan verification verdict")
+    create_table_artifact(
+        [{name: row[name] for name in COLUMNS} for row in rows],
+        key="wmtp-fixplan",
+        description="Fix-plan success metrics per rollout stage and model kind",
+    )
+    create_markdown_artifact(
+        report_markdown(rows, passed=passed, path=path),
+        key="wmtp-fixplan-summary",
+        description="Fix-plan verification verdict",
+    )
     return str(path)
 
 
 def report_markdown(rows: list[dict], *, passed: bool, path: Path) -> str:
     header = "| " + " | ".join(COLUMNS) + " | warnings by category |"
-    lines = [f"# Fix-plan verification: {'PASSED' if passed else 'FAILED'}", "",
-             "Targets at the last stage: checkpoint save success 100%, resume 100%, warnings 0, leaked semaphores 0.",
-             "", header, "|" + "---|" * (len(COLUMNS) + 1)]
+    lines = [
+        f"# Fix-plan verification: {'PASSED' if passed else 'FAILED'}",
+        "",
+        "Targets at the last stage: checkpoint save success 100%, resume 100%, warnings 0, leaked semaphores 0.",
+        "",
+        header,
+        "|" + "---|" * (len(COLUMNS) + 1),
+    ]
     for row in rows:
         cells = [str(row[name]) for name in COLUMNS] + [json.dumps(row["warnings_by_category"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,7 +1,8 @@
 """A metrics callback whose failures never stop training (Phase 3's safe tracker).
 
 The training thread only appends to a buffer; a background thread sends it in batches every few seconds and,
-while the tracking server is unreachable, keeps the points and retries with backoff. What is still unsent when the run closes is
+while the tracking server is unreachable, keeps the points and retries with backoff. What is still unsent when the run
+closes is
 written to a pending file, which the next flow run or `wmtp upload RUN` sends.
 """
 
@@ -23,8 +24,13 @@ class BufferedMetrics:
     """Call it with (step, metrics) from the training loop; call close() once training ends."""
 
     def __init__(
-        self, send: Callable[[list[Point]], None], *, pending_path: Path, batch_size: int = 500,
-        min_delay_s: float = 5.0, max_delay_s: float = 30.0,
+        self,
+        send: Callable[[list[Point]], None],
+        *,
+        pending_path: Path,
+        batch_size: int = 500,
+        min_delay_s: float = 5.0,
+        max_delay_s: float = 30.0,
     ):
         self._send, self._pending_path, self._batch_size = send, pending_path, batch_size
         self._min_delay, self._max_delay, self._delay = min_delay_s, max_delay_s, min_delay_s
@@ -53,7 +59,11 @@ class BufferedMetrics:
             left, self._points = self._points, []
         if left:
             append_pending(self._pending_path, left)
-            log.warning("tracking server unreachable: %d metric points kept in %s for `wmtp upload`", len(left), self._pending_path)
+            log.warning(
+                "tracking server unreachable: %d metric points kept in %s for `wmtp upload`",
+                len(left),
+                self._pending_path,
+            )
         return len(left)
 
     def _run(self) -> None:
@@ -86,8 +96,11 @@ class BufferedMetrics:
         except Exception as error:  # any tracking failure: keep the points and back off, never raise into training
             self.failed_sends += 1
             if self._delay == self._min_delay:  # once per outage, not once per retry
-                log.warning("metrics not sent (%s: %s); buffering and retrying with backoff",
-                            type(error).__name__, str(error).splitlines()[0][:200])
+                log.warning(
+                    "metrics not sent (%s: %s); buffering and retrying with backoff",
+                    type(error).__name__,
+                    str(error).splitlines()[0][:200],
+                )
             self._delay = min(self._delay * 2, self._max_delay)
             return False
         if self._delay > self._min_delay:

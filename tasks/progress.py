@@ -26,7 +26,8 @@ class TrainingProgress:
         self.max_steps, self.min_interval_s = max_steps, min_interval_s
         self.step, self.last_loss, self.last_update = start_step, None, time.monotonic()
         self.artifact_id = create_progress_artifact(
-            self.percent(), key=artifact_key("wmtp-progress", run_name), description=self.describe())
+            self.percent(), key=artifact_key("wmtp-progress", run_name), description=self.describe()
+        )
 
     def percent(self) -> float:
         return round(100.0 * min(self.step, self.max_steps) / self.max_steps, 1)

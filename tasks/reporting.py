@@ -55,8 +55,9 @@ def _number(value: float | None, spec: str = ".4f") -> str | None:
 @task(name="publish_summary", cache_policy=NO_CACHE)
 def publish_summary(summary: dict) -> None:
     """Create the run-summary markdown artifact (key: wmtp-summary-<run>)."""
-    create_markdown_artifact(summary_markdown(summary), key=artifact_key("wmtp-summary", summary["run_name"]),
-                             description="WMTP run summary")
+    create_markdown_artifact(
+        summary_markdown(summary), key=artifact_key("wmtp-summary", summary["run_name"]), description="WMTP run summary"
+    )
 
 
 def checkpoint_rows(run_dir: Path) -> list[dict]:
@@ -64,13 +65,23 @@ def checkpoint_rows(run_dir: Path) -> list[dict]:
     rows = []
     for info in list_checkpoints(run_dir, checksums=False):
         size_mb = sum(f.stat().st_size for f in info.path.rglob("*") if f.is_file()) / 2**20
-        rows.append({"step": info.step, "complete": info.valid, "size_mb": round(size_mb, 2), "path": str(info.path),
-                     "problem": info.problem or ""})
+        rows.append(
+            {
+                "step": info.step,
+                "complete": info.valid,
+                "size_mb": round(size_mb, 2),
+                "path": str(info.path),
+                "problem": info.problem or "",
+            }
+        )
     return rows
 
 
 @task(name="publish_checkpoints", cache_policy=NO_CACHE)
 def publish_checkpoints(run_name: str, run_dir: str) -> None:
     """Create the table artifact of the run's checkpoints (key: wmtp-checkpoints-<run>)."""
-    create_table_artifact(checkpoint_rows(Path(run_dir)), key=artifact_key("wmtp-checkpoints", run_name),
-                          description=f"Checkpoints of run {run_name} (step, complete, size, path)")
+    create_table_artifact(
+        checkpoint_rows(Path(run_dir)),
+        key=artifact_key("wmtp-checkpoints", run_name),
+        description=f"Checkpoints of run {run_name} (step, complete, size, path)",
+    )

@@ -8,10 +8,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.locations import run_dir
-from wmtp_core.config import Recipe, generate_run_name, with_run_name
-from wmtp_core.recipes import recipe_to_yaml
-from wmtp_core.data.records import builtin_dataset_path, load_records
 from wmtp_core.checkpoint.manifest import checkpoints_dir, latest_valid_checkpoint, step_dir_name, verify_checkpoint
+from wmtp_core.config import Recipe, generate_run_name, with_run_name
+from wmtp_core.data.records import builtin_dataset_path, load_records
+from wmtp_core.recipes import recipe_to_yaml
 
 
 @task(name="prepare_run", cache_policy=NO_CACHE)
@@ -39,18 +39,24 @@ def start_checkpoint(name: str, directory: Path, resume: str | int | Path | None
     latest = latest_valid_checkpoint(directory)
     if resume is None:
         if latest is not None:
-            raise FileExistsError(f"run {name!r} already has checkpoints; resume it (resume=latest, `wmtp resume {name}`) "
-                                  "or pick another run.name")
+            raise FileExistsError(
+                f"run {name!r} already has checkpoints; resume it (resume=latest, `wmtp resume {name}`) "
+                "or pick another run.name"
+            )
         return None
     if resume == "latest":
         if latest is None:
-            raise FileNotFoundError(f"run {name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from")
+            raise FileNotFoundError(
+                f"run {name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from"
+            )
         return latest.path
     path = checkpoints_dir(directory) / step_dir_name(resume) if isinstance(resume, int) else Path(resume).resolve()
     verify_checkpoint(path)
     if latest is not None and latest.path != path:
-        raise FileExistsError(f"run {name!r} already has checkpoints up to step {latest.step}, so it continues only from "
-                              f"the newest (resume=latest); to branch from {path}, pass it as resume with a new run.name")
+        raise FileExistsError(
+            f"run {name!r} already has checkpoints up to step {latest.step}, so it continues only from "
+            f"the newest (resume=latest); to branch from {path}, pass it as resume with a new run.name"
+        )
     return path
 
 

@@ -1,7 +1,7 @@
 """Launching a multi-process training job with torchrun from the training task, and reading it back.
 
-torchrun runs `wmtp_core.training.worker` on every rank. Rank 0's stdout is streamed here line by line: progress lines go
-to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. The job is bounded by its own silence
+torchrun runs `wmtp_core.training.worker` on every rank. Rank 0's stdout is streamed here line by line: progress
+lines go to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. The job is bounded by its own silence
 timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM to this process is passed on, so the
 ranks save a checkpoint before exiting; when any rank dies, torchrun stops the others and exits non-zero.
 """
@@ -36,15 +36,29 @@ class WorkerInterrupted(RuntimeError):
 
 
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")  # torchrun's "Root Cause" block
-_NOT_RETRIABLE = {"ValueError", "RecipeError", "DataError", "CheckpointError", "CheckpointSaveError", "FileNotFoundError"}
+_NOT_RETRIABLE = {
+    "ValueError",
+    "RecipeError",
+    "DataError",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "FileNotFoundError",
+}
 
 
 def needs_torchrun(recipe: Recipe) -> bool:
     return recipe.devices.nproc_per_node * recipe.devices.nnodes > 1
 
 
-def torchrun_command(recipe: Recipe, run_dir: Path, *, resume: Path | None, result_file: Path,
-                     manifest_extra: dict, time_budget_s: float | None) -> list[str]:
+def torchrun_command(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    resume: Path | None,
+    result_file: Path,
+    manifest_extra: dict,
+    time_budget_s: float | None,
+) -> list[str]:
     devices = recipe.devices
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(devices.nproc_per_node)]
     if devices.nnodes == 1:
@@ -52,19 +66,45 @@ def torchrun_command(recipe: Recipe, run_dir: Path, *, resume: Path | None, resu
     else:
         endpoint = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
         if endpoint == ":":
-            raise WorkerInputError(f"devices.nnodes={devices.nnodes} needs MASTER_ADDR and MASTER_PORT in the environment "
-                                   "(the rendezvous host every node can reach)")
-        launcher += ["--nnodes", str(devices.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
-                     "--rdzv_id", recipe.run.name or "wmtp"]
-    worker = ["-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
-              "--result", str(result_file), "--manifest-extra", json.dumps(manifest_extra)]
+            raise WorkerInputError(
+                f"devices.nnodes={devices.nnodes} needs MASTER_ADDR and MASTER_PORT in the environment "
+                "(the rendezvous host every node can reach)"
+            )
+        launcher += [
+            "--nnodes",
+            str(devices.nnodes),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            endpoint,
+            "--rdzv_id",
+            recipe.run.name or "wmtp",
+        ]
+    worker = [
+        "-m",
+        "wmtp_core.training.worker",
+        "--recipe",
+        str(run_dir / "recipe.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--result",
+        str(result_file),
+        "--manifest-extra",
+        json.dumps(manifest_extra),
+    ]
     worker += ["--resume", str(resume)] if resume else []
     worker += ["--time-budget-s", str(time_budget_s)] if time_budget_s is not None else []
     return launcher + worker
 
 
-def run_torchrun(command: list[str], *, result_file: Path, silence_timeout_s: float, log: logging.Logger,
-                 on_metrics: Callable[[int, dict], None] | None) -> dict:
+def run_torchrun(
+    command: list[str],
+    *,
+    result_file: Path,
+    silence_timeout_s: float,
+    log: logging.Logger,
+    on_metrics: Callable[[int, dict], None] | None,
+) -> dict:
     """Run the job to its end and return rank 0's TrainResult as a dict; raise a typed error otherwise."""
     for stale in [result_file, *result_file.parent.glob(f"{result_file.stem}.rank*{result_file.suffix}")]:
         stale.unlink(missing_ok=True)
@@ -76,7 +116,7 @@ def run_torchrun(command: list[str], *, result_file: Path, silence_timeout_s: fl
     with _forward_sigterm(process):
         while (line := _next_line(lines, process, silence_timeout_s)) is not None:
             if line.startswith(METRICS_PREFIX):
-                report = json.loads(line[len(METRICS_PREFIX):])
+                report = json.loads(line[len(METRICS_PREFIX) :])
                 if on_metrics is not None:
                     on_metrics(report["step"], report["metrics"])
                 continue
@@ -98,8 +138,10 @@ def _next_line(lines: queue.Queue, process: subprocess.Popen, silence_timeout_s:
         return lines.get(timeout=silence_timeout_s)
     except queue.Empty:
         _stop(process)
-        raise TimeoutError(f"torchrun printed nothing for {silence_timeout_s:.0f} s (devices.timeout_s): stopped it; "
-                           "a rank is probably stuck; resume continues from the newest checkpoint") from None
+        raise TimeoutError(
+            f"torchrun printed nothing for {silence_timeout_s:.0f} s (devices.timeout_s): stopped it; "
+            "a rank is probably stuck; resume continues from the newest checkpoint"
+        ) from None
 
 
 def _stop(process: subprocess.Popen) -> None:

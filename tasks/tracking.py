@@ -18,8 +18,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
-from wmtp_core.config import Recipe
 from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
+from wmtp_core.config import Recipe
 from wmtp_core.recipes import flatten_recipe
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,16 @@ def open_tracking_run(recipe: Recipe, run_dir: Path, *, run_name: str, extra_tag
         experiment_id = _experiment_id(mlflow, recipe.tracking.experiment)
         tags = {"wmtp.run_name": run_name, **{f"tag.{t}": "true" for t in recipe.run.tags}, **extra_tags}
         run_id = mlflow.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        recorded.write_text(json.dumps({"mlflow_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri()}))
+        recorded.write_text(
+            json.dumps({"mlflow_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri()})
+        )
     log_recipe_params(mlflow, run_id, recipe)
     return run_id
 
 
 def log_recipe_params(mlflow: MlflowClient, run_id: str, recipe: Recipe) -> None:
-    """The flattened recipe as params; keys already logged with the same value are skipped (MLflow params are immutable)."""
+    """The flattened recipe as params; keys already logged with the same value are skipped (MLflow params are
+    immutable)."""
     existing = mlflow.get_run(run_id).data.params
     params = [Param(k, v) for k, v in flatten_recipe(recipe).items() if existing.get(k) != v]
     changed = [p.key for p in params if p.key in existing]
@@ -139,12 +142,14 @@ def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
 
 
 def upload_final_model(run_id: str, run_dir: Path) -> bool:
-    """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a config, no
-    pickle; an hf trunk as save_pretrained writes it), unless it is there already for that step. A resume that
-    trains on replaces it. Load it with
+    """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a
+    config, no pickle; an hf trunk as save_pretrained writes it), unless it is there already for that
+    step. A resume that trains on replaces it. Load it with
     `wmtp_core.checkpoint.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
     """
-    from wmtp_core.checkpoint.final_model import write_final_model  # torch loads here, not when a flow module is imported
+    from wmtp_core.checkpoint.final_model import (
+        write_final_model,
+    )  # torch loads here, not when a flow module is imported
 
     mlflow = client()
     latest = latest_valid_checkpoint(run_dir)
@@ -163,7 +168,9 @@ def upload_final_model(run_id: str, run_dir: Path) -> bool:
 
 def _final_model_step(mlflow: MlflowClient, run_id: str) -> int | None:
     """The step of the run's uploaded final model, None if it has none."""
-    if f"final_model/{FINAL_MODEL_CONFIG}" not in {artifact.path for artifact in mlflow.list_artifacts(run_id, "final_model")}:
+    if f"final_model/{FINAL_MODEL_CONFIG}" not in {
+        artifact.path for artifact in mlflow.list_artifacts(run_id, "final_model")
+    }:
         return None
     with tempfile.TemporaryDirectory() as scratch:
         config = mlflow.download_artifacts(run_id, f"final_model/{FINAL_MODEL_CONFIG}", scratch)

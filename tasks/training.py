@@ -92,8 +92,13 @@ def train_model(
     """Train to recipe.train.max_steps; an attempt (or retry) resumes from the newest valid checkpoint of the run,
     or from start_from (another run's checkpoint) while the run has none of its own."""
     return train_in_run_dir(
-        recipe, Path(run_dir), probe=probe, mlflow_run_id=mlflow_run_id, time_budget_s=time_budget_s,
-        start_from=Path(start_from) if start_from else None, progress_name=Path(run_dir).name,
+        recipe,
+        Path(run_dir),
+        probe=probe,
+        mlflow_run_id=mlflow_run_id,
+        time_budget_s=time_budget_s,
+        start_from=Path(start_from) if start_from else None,
+        progress_name=Path(run_dir).name,
     )
 
 
@@ -150,10 +155,16 @@ def _with_device_profile(recipe: Recipe, probe: dict) -> Recipe:
 
 def _train_under_torchrun(recipe, directory, resume, report, extra, time_budget_s) -> dict:
     result_file = directory / "torchrun_result.json"
-    command = torchrun_command(recipe, directory, resume=resume, result_file=result_file, manifest_extra=extra,
-                               time_budget_s=time_budget_s)
-    return run_torchrun(command, result_file=result_file, silence_timeout_s=recipe.devices.timeout_s,
-                        log=get_run_logger(), on_metrics=report)
+    command = torchrun_command(
+        recipe, directory, resume=resume, result_file=result_file, manifest_extra=extra, time_budget_s=time_budget_s
+    )
+    return run_torchrun(
+        command,
+        result_file=result_file,
+        silence_timeout_s=recipe.devices.timeout_s,
+        log=get_run_logger(),
+        on_metrics=report,
+    )
 
 
 def _train_here(recipe, directory, probe, resume, report, extra, time_budget_s) -> dict:
@@ -162,6 +173,13 @@ def _train_here(recipe, directory, probe, resume, report, extra, time_budget_s) 
     from wmtp_core.training.loop import train
 
     plan = plan_run_devices(recipe, EnvironmentProbe(**probe))
-    result = train(recipe, directory, plan=plan, resume_from=resume, on_metrics=report, manifest_extra=extra,
-                   time_budget_s=time_budget_s)
+    result = train(
+        recipe,
+        directory,
+        plan=plan,
+        resume_from=resume,
+        on_metrics=report,
+        manifest_extra=extra,
+        time_budget_s=time_budget_s,
+    )
     return asdict(result)

@@ -13,8 +13,15 @@ from tasks import tracking
 from wmtp_core.config import Recipe
 
 
-@task(name="open_tracking_run", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
-def open_tracking_run(recipe: Recipe, run_dir: str, *, run_name: str, flow_run_id: str | None, probe: dict) -> str | None:
+@task(
+    name="open_tracking_run",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    cache_policy=NO_CACHE,
+)
+def open_tracking_run(
+    recipe: Recipe, run_dir: str, *, run_name: str, flow_run_id: str | None, probe: dict
+) -> str | None:
     """The MLflow run for this WMTP run (created once, reused by every resume); None when tracking is off."""
     if not recipe.tracking.enabled:
         return None
@@ -25,21 +32,30 @@ def open_tracking_run(recipe: Recipe, run_dir: str, *, run_name: str, flow_run_i
     return run_id
 
 
-@task(name="upload_artifacts", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+@task(
+    name="upload_artifacts", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE
+)
 def upload_artifacts(run_dir: str, summary: dict, *, mlflow_run_id: str | None) -> list[str]:
     """Write summary.json, then upload it, every checkpoint and any pending metrics not yet uploaded (idempotent)."""
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     if mlflow_run_id is None:
         return []
-    return tracking.upload_run(mlflow_run_id, Path(run_dir), succeeded=summary["status"] == "completed",
-                               finished=summary["status"] != "stopped")
+    return tracking.upload_run(
+        mlflow_run_id,
+        Path(run_dir),
+        succeeded=summary["status"] == "completed",
+        finished=summary["status"] != "stopped",
+    )
 
 
 @task(name="record_pending_uploads", cache_policy=NO_CACHE)
 def record_pending_uploads(run_dir: str, summary: dict, *, reason: str) -> dict:
-    """Phase 3: uploads that failed after their retries are owed, not fatal; note them for the next run or `wmtp upload`."""
+    """Phase 3: uploads that failed after their retries are owed, not fatal; note them for the next run or `wmtp
+    upload`."""
     tracking.record_pending_uploads(Path(run_dir), reason)
     summary = {**summary, "uploads": "pending", "uploads_reason": reason}
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    get_run_logger().warning("uploads to MLflow failed (%s); they are pending: run `wmtp upload %s`", reason, summary["run_name"])
+    get_run_logger().warning(
+        "uploads to MLflow failed (%s); they are pending: run `wmtp upload %s`", reason, summary["run_name"]
+    )
     return summary

@@ -25,6 +25,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from servers import MlflowServer  # noqa: E402
+
 from wmtp_core.config import Recipe  # noqa: E402  (after the Prefect environment above)
 from wmtp_core.recipes import TINY_MODEL, load_recipe  # noqa: E402
 
@@ -88,8 +89,9 @@ def run_wmtp():
     With api_url the run uses that Prefect server instead of starting a temporary one (~20 s saved per call).
     """
 
-    def run(args: list[str], *, home: Path, api_url: str | None = None, mlflow_uri: str | None = None,
-            timeout: int = 600) -> dict:
+    def run(
+        args: list[str], *, home: Path, api_url: str | None = None, mlflow_uri: str | None = None, timeout: int = 600
+    ) -> dict:
         env = wmtp_environment(home, api_url=api_url, mlflow_uri=mlflow_uri)
         out = subprocess.run([WMTP, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -1,6 +1,7 @@
 """SIGKILL trials (shared by tests/core/test_kill_resume.py and benchmarks/kill_soak.py).
 
-A trial trains the tiny model in a subprocess (`python -m wmtp_core.training.worker`), SIGKILLs it at a random moment during
+A trial trains the tiny model in a subprocess (`python -m wmtp_core.training.worker`), SIGKILLs it at a random moment
+during
 training or while a checkpoint is being written, then resumes from the newest valid checkpoint until the run
 completes, and compares the final weights with an uninterrupted run's, bit for bit.
 """
@@ -16,14 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from conftest import TINY_OVERRIDES
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES
 from wmtp_core.checkpoint.manifest import checkpoints_dir, latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
-KILL_RUN = ["train.max_steps=60", "train.save_every=5", "train.keep_last=2", "train.log_every=1",
-            "train.eval_every=1000", "train.lr_decay_steps=60"]
+KILL_RUN = [
+    "train.max_steps=60",
+    "train.save_every=5",
+    "train.keep_last=2",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.lr_decay_steps=60",
+]
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,21 @@ def start(run_dir: Path, *, resume: bool) -> subprocess.Popen:
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.exists():
         recipe_file.write_text(recipe_to_yaml(kill_recipe()))
-    command = [sys.executable, "-m", "wmtp_core.training.worker", "--recipe", str(recipe_file), "--run-dir", str(run_dir)]
-    return subprocess.Popen(command + (["--resume", "latest"] if resume else []), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "wmtp_core.training.worker",
+        "--recipe",
+        str(recipe_file),
+        "--run-dir",
+        str(run_dir),
+    ]
+    return subprocess.Popen(
+        command + (["--resume", "latest"] if resume else []),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -25,12 +25,15 @@ class LoopbackServer:
         self.root, self.port, self.process = root, free_port(), None
         root.mkdir(parents=True, exist_ok=True)
 
-    def launch(self, command: list[str], *, health_url: str, timeout_s: float, env: dict[str, str] | None = None) -> None:
+    def launch(
+        self, command: list[str], *, health_url: str, timeout_s: float, env: dict[str, str] | None = None
+    ) -> None:
         """Start command and wait until health_url answers; a server that never does is stopped before raising."""
         log = self.root / "server.log"
         # Its own session, so stop() can end the server and its worker processes together.
-        self.process = subprocess.Popen(command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             wait_for_http(health_url, self.process, timeout_s=timeout_s, log=log)
         except RuntimeError:
@@ -42,7 +45,8 @@ class LoopbackServer:
 
 
 class MlflowServer(LoopbackServer):
-    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port that tests can stop and restart."""
+    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port that tests "
+    "can stop and restart."""
 
     @property
     def uri(self) -> str:
@@ -50,9 +54,20 @@ class MlflowServer(LoopbackServer):
 
     def start(self, timeout_s: float = 180) -> None:
         mlflow = str(Path(sys.executable).parent / "mlflow")
-        command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                   "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.root / "artifacts")]
+        command = [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         # MLflow 3's server also starts a job runner (about ten huey consumer processes, for GenAI jobs) that
         # takes two cores for a minute after every start; tracking needs none of it.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -72,8 +87,12 @@ class PrefectServer(LoopbackServer):
     def start(self, timeout_s: float = 180) -> None:
         prefect = str(Path(sys.executable).parent / "prefect")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(PREFECT_HOME=str(self.root), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+        env.update(
+            PREFECT_HOME=str(self.root),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_ENABLED="false",
+            PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        )
         command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         self.launch(command, health_url=f"{self.api_url}/health", timeout_s=timeout_s, env=env)
 

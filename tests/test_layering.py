@@ -78,15 +78,23 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def layer_of(module: str) -> int:
     """The index of the most specific layer prefix that contains module."""
-    matches = [(len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), index)
+        for index, layer in enumerate(LAYERS)
+        for prefix in layer
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     assert matches, f"{module} is in no layer: add it to LAYERS"
     return max(matches)[1]
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{module} -> {imported}" for module, imported_set in graph.items() for imported in imported_set
-                  if layer_of(imported) > layer_of(module))
+    return sorted(
+        f"{module} -> {imported}"
+        for module, imported_set in graph.items()
+        for imported in imported_set
+        if layer_of(imported) > layer_of(module)
+    )
 
 
 def _roots(path: Path, *, module_level_only: bool = False) -> set[str]:
@@ -109,8 +117,11 @@ def test_every_import_points_down_the_layers():
 
 
 def test_the_cycle_and_direction_checks_catch_what_they_are_for():
-    graph = {"wmtp_core.training.loop": {"wmtp_core.models.build"}, "wmtp_core.models.build": {"wmtp_core.config"},
-             "wmtp_core.config": set()}
+    graph = {
+        "wmtp_core.training.loop": {"wmtp_core.models.build"},
+        "wmtp_core.models.build": {"wmtp_core.config"},
+        "wmtp_core.config": set(),
+    }
     assert find_cycle(graph) is None and upward_imports(graph) == []
     graph["wmtp_core.models.build"].add("wmtp_core.training.loop")  # models learning about training
     assert find_cycle(graph) == ["wmtp_core.models.build", "wmtp_core.training.loop", "wmtp_core.models.build"]
@@ -127,7 +138,9 @@ def test_the_legacy_implementations_are_reached_only_through_the_gates():
 
 
 def test_wmtp_core_never_imports_prefect_or_mlflow():
-    offenders = [str(p) for p in product_modules().values() if "wmtp_core" in p.parts and _roots(p) & {"prefect", "mlflow"}]
+    offenders = [
+        str(p) for p in product_modules().values() if "wmtp_core" in p.parts and _roots(p) & {"prefect", "mlflow"}
+    ]
     assert offenders == []
 
 
@@ -137,12 +150,17 @@ def test_only_the_tracking_module_imports_mlflow():
 
 
 def test_flow_modules_import_no_torch_at_module_level():
-    offenders = [m for m, p in product_modules().items() if m.startswith("flows")
-                 and "torch" in _roots(p, module_level_only=True)]
+    offenders = [
+        m
+        for m, p in product_modules().items()
+        if m.startswith("flows") and "torch" in _roots(p, module_level_only=True)
+    ]
     assert offenders == []
 
 
 def test_importing_the_flows_and_cli_does_not_load_torch():
     code = "import sys, flows.train, flows.resume, deployments.cli; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "False"

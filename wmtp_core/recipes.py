@@ -13,7 +13,6 @@ from pydantic import BaseModel, ValidationError
 
 from wmtp_core.config import Recipe, RecipeError
 
-
 TINY_MODEL = [
     "model.num_layers=2",
     "model.d_model=32",
@@ -104,7 +103,9 @@ def _check_key_exists(parts: list[str]) -> None:
         fields = model.model_fields if model is not None else {}
         if part not in fields:
             where = ".".join(parts[:depth]) or "the recipe"
-            raise RecipeError(f"unknown recipe key {'.'.join(parts)!r}: {where} has {', '.join(fields) or 'no sections'}")
+            raise RecipeError(
+                f"unknown recipe key {'.'.join(parts)!r}: {where} has {', '.join(fields) or 'no sections'}"
+            )
         annotation = fields[part].annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 

@@ -1,4 +1,5 @@
-"""Each algorithm's training step on the tiny model: finite losses, the right parameters learn, Stage 1 is checkpointed."""
+"""Each algorithm's training step on the tiny model: finite losses, the right parameters learn, "
+"Stage 1 is checkpointed."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from wmtp_core.algorithms.brief_reference import brief_reference_dir, brief_reference_recipe, finished_brief_reference
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
+from wmtp_core.algorithms.reference import load_reference_model, reference_checkpoint
+from wmtp_core.checkpoint.manifest import CheckpointError, list_checkpoints
 from wmtp_core.checkpoint.storage import load_checkpoint
 from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.checkpoint.manifest import list_checkpoints
-from wmtp_core.algorithms.brief_reference import brief_reference_dir, brief_reference_recipe, finished_brief_reference
-from wmtp_core.algorithms.reference import load_reference_model, reference_checkpoint
-from wmtp_core.checkpoint.manifest import CheckpointError
-from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 from wmtp_core.training.loop import train
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
 
 def _with(recipe, **sections):
@@ -44,7 +44,9 @@ def rho1_recipe(tiny_recipe):
 def test_critic_loss_trains_policy_and_value_head(tiny_recipe, weight_norm):
     recipe = _with(tiny_recipe, train={"algorithm": "critic-wmtp"}, loss={"weight_norm": weight_norm})
     parts = build_run_parts(recipe, _plan(recipe))
-    loss, metrics = algorithm_loss(parts.model, _first_micro_batch(parts), recipe=recipe, plan=_plan(recipe), reference=None)
+    loss, metrics = algorithm_loss(
+        parts.model, _first_micro_batch(parts), recipe=recipe, plan=_plan(recipe), reference=None
+    )
     loss.backward()
     assert torch.isfinite(loss)
     assert parts.model.value_head.net[0].weight.grad.abs().sum() > 0
@@ -65,7 +67,9 @@ def test_rho1_loss_uses_a_frozen_reference(rho1_recipe, tmp_path, mode):
     recipe = _with(rho1_recipe, rho1={"selection_mode": mode})
     plan = _plan(recipe)
     parts = build_run_parts(recipe, plan, reference_checkpoint=_train_brief_reference(recipe, tmp_path))
-    loss, metrics = algorithm_loss(parts.model, _first_micro_batch(parts), recipe=recipe, plan=plan, reference=parts.reference)
+    loss, metrics = algorithm_loss(
+        parts.model, _first_micro_batch(parts), recipe=recipe, plan=plan, reference=parts.reference
+    )
     loss.backward()
     assert torch.isfinite(loss) and not parts.reference.training
     assert all(p.grad is None and not p.requires_grad for p in parts.reference.parameters())
@@ -98,8 +102,11 @@ def test_the_brief_reference_is_a_full_format_baseline_run_found_once_finished(r
 
 
 def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"algorithm": "critic-wmtp", "max_steps": 2, "save_every": 10},
-                   critic={"pretrain_steps": 5, "pretrain_patience": 100})
+    recipe = _with(
+        tiny_recipe,
+        train={"algorithm": "critic-wmtp", "max_steps": 2, "save_every": 10},
+        critic={"pretrain_steps": 5, "pretrain_patience": 100},
+    )
     reports = []
     train(recipe, tmp_path, plan=_plan(recipe), on_metrics=lambda step, m: reports.append(m))
     assert [m["value_pretrain_steps"] for m in reports if "value_pretrain_steps" in m] == [5.0]
@@ -110,14 +117,22 @@ def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
     assert train_state["progress"]["value_head_pretrained"] is True
     reports.clear()
     longer = _with(recipe, train={"max_steps": 4})
-    result = train(longer, tmp_path, plan=_plan(longer), resume_from=list_checkpoints(tmp_path)[-1].path,
-                   on_metrics=lambda step, m: reports.append(m))
+    result = train(
+        longer,
+        tmp_path,
+        plan=_plan(longer),
+        resume_from=list_checkpoints(tmp_path)[-1].path,
+        on_metrics=lambda step, m: reports.append(m),
+    )
     assert result.steps == 4 and not any("value_pretrain_steps" in m for m in reports)
 
 
 def test_critic_stage1_early_stopping_ends_the_stage(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"algorithm": "critic-wmtp", "max_steps": 1},
-                   critic={"pretrain_steps": 200, "pretrain_patience": 1, "pretrain_min_delta": 1e9})
+    recipe = _with(
+        tiny_recipe,
+        train={"algorithm": "critic-wmtp", "max_steps": 1},
+        critic={"pretrain_steps": 200, "pretrain_patience": 1, "pretrain_min_delta": 1e9},
+    )
     reports = []
     train(recipe, tmp_path, plan=_plan(recipe), on_metrics=lambda step, m: reports.append(m))
     # Step 1 sets the best loss; step 2 cannot beat it by 1e9, and patience 1 ends the stage there.
@@ -128,7 +143,11 @@ def test_critic_stage1_early_stopping_ends_the_stage(tiny_recipe, tmp_path):
     "sections",
     [
         {"train": {"algorithm": "rho1-wmtp"}, "rho1": {"reference_steps": 20, "selection_mode": "token_skip"}},
-        {"train": {"algorithm": "critic-wmtp"}, "critic": {"pretrain_steps": 20}, "loss": {"weight_norm": "token_mean1_clip"}},
+        {
+            "train": {"algorithm": "critic-wmtp"},
+            "critic": {"pretrain_steps": 20},
+            "loss": {"weight_norm": "token_mean1_clip"},
+        },
     ],
     ids=["rho1-token-skip", "critic-token-mean1-clip"],
 )

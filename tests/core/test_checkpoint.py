@@ -9,15 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wmtp_core.checkpoint.storage import (
-    MODEL_FILE,
-    STATE_FILE,
-    check_shapes_match,
-    load_checkpoint,
-    make_durable,
-    save_checkpoint,
-)
-from wmtp_core.config import PhaseGates, Recipe
 from wmtp_core.checkpoint.manifest import (
     MANIFEST_FILE,
     CheckpointError,
@@ -28,6 +19,15 @@ from wmtp_core.checkpoint.manifest import (
     verify_checkpoint,
 )
 from wmtp_core.checkpoint.state_dicts import CheckpointSaveError
+from wmtp_core.checkpoint.storage import (
+    MODEL_FILE,
+    STATE_FILE,
+    check_shapes_match,
+    load_checkpoint,
+    make_durable,
+    save_checkpoint,
+)
+from wmtp_core.config import PhaseGates, Recipe
 from wmtp_core.fixplan.gates import resolve_gates
 from wmtp_core.runtime.distributed import SINGLE
 
@@ -35,7 +35,9 @@ from wmtp_core.runtime.distributed import SINGLE
 def _save(run_dir, step, value=1.0):
     model_state = {"w": torch.full((2, 3), value)}
     train_state = {"progress": {"step": step}, "rng": torch.get_rng_state()}
-    return save_checkpoint(run_dir, step=step, model_state=model_state, train_state=train_state, manifest_extra={"recipe": {}})
+    return save_checkpoint(
+        run_dir, step=step, model_state=model_state, train_state=train_state, manifest_extra={"recipe": {}}
+    )
 
 
 def _trained_linear():
@@ -65,8 +67,14 @@ def test_no_temporary_directory_is_left_behind(tmp_path):
 
 
 def test_checkpoint_published_before_its_fsync_is_complete_and_valid(tmp_path):
-    path = save_checkpoint(tmp_path, step=3, model_state={"w": torch.ones(2)}, train_state={"progress": {"step": 3}},
-                           manifest_extra={}, durable=False)
+    path = save_checkpoint(
+        tmp_path,
+        step=3,
+        model_state={"w": torch.ones(2)},
+        train_state={"progress": {"step": 3}},
+        manifest_extra={},
+        durable=False,
+    )
     assert verify_checkpoint(path)["step"] == 3  # visible and verified at once; durability follows
     make_durable(path)
     assert latest_valid_checkpoint(tmp_path).path == path

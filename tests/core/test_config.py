@@ -11,9 +11,23 @@ from wmtp_core.config import Recipe, RecipeError, check_run_name, with_run_name
 from wmtp_core.recipes import flatten_recipe, load_recipe, recipe_to_yaml
 
 PUBLIC_KEYS = [
-    "run.name", "seed", "train.algorithm", "train.max_steps", "train.save_every", "train.keep_last", "train.log_every",
-    "train.eval_every", "train.lr", "train.grad_accumulation_steps", "data.batch_size", "data.path",
-    "data.num_workers", "model.horizon", "phases.checkpoint", "phases.mps", "phases.api",
+    "run.name",
+    "seed",
+    "train.algorithm",
+    "train.max_steps",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.eval_every",
+    "train.lr",
+    "train.grad_accumulation_steps",
+    "data.batch_size",
+    "data.path",
+    "data.num_workers",
+    "model.horizon",
+    "phases.checkpoint",
+    "phases.mps",
+    "phases.api",
 ]
 
 
@@ -191,12 +205,17 @@ def _sections(schema: dict) -> dict[str, dict]:
 def test_schema_has_a_description_for_every_field_of_every_section():
     sections = _sections(Recipe.model_json_schema())
     expected = {"Recipe"} | {
-        f.annotation.__name__ for f in Recipe.model_fields.values()
+        f.annotation.__name__
+        for f in Recipe.model_fields.values()
         if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
     }
     assert expected <= set(sections)
-    missing = [f"{name}.{field}" for name, section in sections.items()
-               for field, prop in section["properties"].items() if not prop.get("description", "").strip()]
+    missing = [
+        f"{name}.{field}"
+        for name, section in sections.items()
+        for field, prop in section["properties"].items()
+        if not prop.get("description", "").strip()
+    ]
     assert missing == []
 
 

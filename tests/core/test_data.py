@@ -1,4 +1,5 @@
-"""wmtp_core.data.sequences and wmtp_core.models.tokenizer: records, training text, splits, batch order and MTP labels."""
+"""wmtp_core.data.sequences and wmtp_core.models.tokenizer: records, training text, splits, batch "
+"order and MTP labels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wmtp_core.data.records import DataError, Record, builtin_dataset_path, format_example, load_records, split_records
 from wmtp_core.data.sequences import (
     IGNORE_INDEX,
     MTPCollator,
@@ -18,7 +20,6 @@ from wmtp_core.data.sequences import (
     make_loader,
     mtp_labels,
 )
-from wmtp_core.data.records import DataError, Record, builtin_dataset_path, format_example, load_records, split_records
 from wmtp_core.models.tokenizer import ByteTokenizer
 
 GOOD = {"text": "Add two numbers.", "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3"]}
@@ -31,7 +32,9 @@ def _jsonl(tmp_path: Path, lines: list[str]) -> Path:
 
 
 def _records(n: int) -> list[Record]:
-    return [Record(text=f"problem {i}", code=f"def f{i}(): pass", test_list=(f"assert f{i}() is None",)) for i in range(n)]
+    return [
+        Record(text=f"problem {i}", code=f"def f{i}(): pass", test_list=(f"assert f{i}() is None",)) for i in range(n)
+    ]
 
 
 def test_byte_tokenizer_round_trips_unicode_text():
@@ -92,7 +95,9 @@ def test_missing_and_empty_data_files_raise_data_error(tmp_path):
 
 
 def test_format_example_contains_problem_tests_and_code_solution():
-    record = Record(text="Reverse a string.", code="def rev(s):\n    return s[::-1]", test_list=("assert rev('ab') == 'ba'",))
+    record = Record(
+        text="Reverse a string.", code="def rev(s):\n    return s[::-1]", test_list=("assert rev('ab') == 'ba'",)
+    )
     text = format_example(record)
     assert record.text in text
     assert record.code in text
@@ -149,7 +154,10 @@ def test_epoch_batches_with_fewer_examples_than_a_batch_raise_data_error():
 
 
 def test_collator_labels_match_hand_computed_example():
-    items = [{"tokens": torch.tensor([10, 11, 12, 13]), "reward": 1.0}, {"tokens": torch.tensor([20, 21]), "reward": 0.0}]
+    items = [
+        {"tokens": torch.tensor([10, 11, 12, 13]), "reward": 1.0},
+        {"tokens": torch.tensor([20, 21]), "reward": 0.0},
+    ]
     batch = MTPCollator(horizon=2, pad_id=99)(items)
     I = IGNORE_INDEX  # noqa: E741
     assert batch["tokens"].tolist() == [[10, 11, 12, 13], [20, 21, 99, 99]]

@@ -14,9 +14,15 @@ from wmtp_core.runtime.devices import DevicePlan, EnvironmentProbe, autocast_con
 
 def _probe(*, cuda: bool = False, bf16: bool = False, mps: bool = False) -> EnvironmentProbe:
     return EnvironmentProbe(
-        torch_version="2.x", python_version="3.12", platform="test", cpu_count=8,
-        cuda_available=cuda, cuda_device_count=int(cuda), cuda_device_name="Fake GPU" if cuda else None,
-        cuda_bf16_supported=bf16, mps_available=mps,
+        torch_version="2.x",
+        python_version="3.12",
+        platform="test",
+        cpu_count=8,
+        cuda_available=cuda,
+        cuda_device_count=int(cuda),
+        cuda_device_name="Fake GPU" if cuda else None,
+        cuda_bf16_supported=bf16,
+        mps_available=mps,
     )
 
 
@@ -30,7 +36,9 @@ PROBES = {
 
 
 def _plan(probe: EnvironmentProbe, *, backend="auto", precision="auto", workers=2, mps_gate=True) -> DevicePlan:
-    return _policy(mps_gate)(DevicesConfig(backend=backend, precision=precision), DataConfig(num_workers=workers), probe)
+    return _policy(mps_gate)(
+        DevicesConfig(backend=backend, precision=precision), DataConfig(num_workers=workers), probe
+    )
 
 
 def _policy(mps_gate: bool):
@@ -54,7 +62,9 @@ def test_mps_with_gate_on_runs_fp32_without_autocast_and_no_workers(precision):
     assert any("workers 0" in reason for reason in plan.reasons)
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")])
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")]
+)
 def test_mps_with_gate_off_uses_configured_autocast_and_workers(precision, dtype):
     plan = _plan(PROBES["mps"], precision=precision, workers=3, mps_gate=False)
     assert (plan.device, plan.autocast_dtype, plan.num_workers) == ("mps", dtype, 3)

@@ -7,26 +7,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES, full_model_state
 from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2, save_llama
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_OVERRIDES, full_model_state
+from wmtp_core.checkpoint.final_model import load_final_model, write_final_model
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
 from wmtp_core.checkpoint.storage import MODEL_FILE
 from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.checkpoint.final_model import load_final_model, write_final_model
 from wmtp_core.models.hf import load_hf_mtp_model
-from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
 from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.recipes import load_recipe
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf-models")
-    return {"llama": save_llama(root / "llama", build_tokenizer()),
-            "gpt2": save_gpt2(root / "gpt2", build_tokenizer(with_pad=False))}
+    return {
+        "llama": save_llama(root / "llama", build_tokenizer()),
+        "gpt2": save_gpt2(root / "gpt2", build_tokenizer(with_pad=False)),
+    }
 
 
 def _train(overrides: list[str], run_dir: Path) -> Path:
@@ -41,10 +43,14 @@ def _written(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("overrides", [
-    ["checkpoint.format=full", "train.algorithm=critic-wmtp", "critic.pretrain_steps=1"],
-    ["checkpoint.format=sharded", "train.algorithm=baseline-mtp"],
-], ids=["full-critic", "sharded"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["checkpoint.format=full", "train.algorithm=critic-wmtp", "critic.pretrain_steps=1"],
+        ["checkpoint.format=sharded", "train.algorithm=baseline-mtp"],
+    ],
+    ids=["full-critic", "sharded"],
+)
 def test_builtin_final_model_loads_with_the_trained_weights(tmp_path, overrides):
     checkpoint = _train([*TINY_OVERRIDES, *overrides], tmp_path / "run")
     out = _written(checkpoint, tmp_path / "final")
@@ -62,8 +68,9 @@ def test_hf_final_model_is_a_pretrained_directory_that_predicts_as_the_trained_m
     tmp_path, model_dirs, kind, checkpoint_format
 ):
     original = model_dirs[kind]
-    checkpoint = _train([*HF_OVERRIDES, f"model.path={original}", f"checkpoint.format={checkpoint_format}"],
-                        tmp_path / "run")
+    checkpoint = _train(
+        [*HF_OVERRIDES, f"model.path={original}", f"checkpoint.format={checkpoint_format}"], tmp_path / "run"
+    )
     out = _written(checkpoint, tmp_path / "final")
     trained = load_hf_mtp_model(str(original), horizon=3, max_seq_len=64).eval()
     trained.load_state_dict(full_model_state(checkpoint))

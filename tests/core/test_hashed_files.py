@@ -34,8 +34,10 @@ def test_safetensors_file_is_byte_identical_to_save_file(tmp_path):
     entry = save_safetensors_hashed(tensors, tmp_path / "ours.safetensors")
     save_file({name: t.contiguous() for name, t in tensors.items()}, tmp_path / "reference.safetensors")
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
-    assert entry == {"sha256": _sha256_of(tmp_path / "ours.safetensors"),
-                     "size": (tmp_path / "ours.safetensors").stat().st_size}
+    assert entry == {
+        "sha256": _sha256_of(tmp_path / "ours.safetensors"),
+        "size": (tmp_path / "ours.safetensors").stat().st_size,
+    }
 
 
 def test_safetensors_file_loads_back_every_tensor_exactly(tmp_path):
@@ -72,8 +74,7 @@ def test_hashing_file_digest_matches_the_bytes_on_disk_for_small_and_large_chunk
 
 
 def test_torch_state_loads_back_and_its_entry_matches_the_file(tmp_path):
-    state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(300, 300)}}, "param_groups": [{"lr": 0.1}]},
-             "step": 7}
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(300, 300)}}, "param_groups": [{"lr": 0.1}]}, "step": 7}
     entry = torch_save_hashed(state, tmp_path / "s.pt")
     loaded = torch.load(tmp_path / "s.pt", weights_only=True)
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])

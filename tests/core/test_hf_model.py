@@ -14,16 +14,22 @@ from hf_models import HF_OVERRIDES, MAX_POSITIONS, build_tokenizer, save_gpt2, s
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from wmtp_core.data.sequences import MTPCollator, TokenSequences
-from wmtp_core.data.records import builtin_dataset_path, load_records
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.models.hf import HF_EXPORT_DIR, MTP_HEADS_FILE, decoder_layer_classes, export_pretrained, load_hf_mtp_model
-from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
-from wmtp_core.checkpoint.manifest import CheckpointError, verify_checkpoint
-from wmtp_core.recipes import load_recipe
 from wmtp_core.algorithms.reference import load_reference
+from wmtp_core.checkpoint.manifest import CheckpointError, verify_checkpoint
+from wmtp_core.data.records import builtin_dataset_path, load_records
+from wmtp_core.data.sequences import MTPCollator, TokenSequences
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.models.hf import (
+    HF_EXPORT_DIR,
+    MTP_HEADS_FILE,
+    decoder_layer_classes,
+    export_pretrained,
+    load_hf_mtp_model,
+)
+from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
 from wmtp_core.models.tokenizer import ByteTokenizer, check_tokenizers_agree
+from wmtp_core.recipes import load_recipe
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
 
@@ -84,7 +90,9 @@ def test_fsdp_shards_by_the_model_decoder_layer_class(model_dirs):
 
 
 def test_a_sequence_longer_than_the_model_positions_is_refused(model_dirs):
-    with pytest.raises(ValueError, match=f"model.max_seq_len={MAX_POSITIONS + 1} exceeds the {MAX_POSITIONS} positions"):
+    with pytest.raises(
+        ValueError, match=f"model.max_seq_len={MAX_POSITIONS + 1} exceeds the {MAX_POSITIONS} positions"
+    ):
         load_hf_mtp_model(str(model_dirs["gpt2"]), horizon=2, max_seq_len=MAX_POSITIONS + 1)
 
 
@@ -126,23 +134,36 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_and_says_so(model_dirs, cap
 
 def test_tokenizers_that_differ_are_refused_naming_both(model_dirs):
     llama, gpt2 = load_hf_tokenizer(str(model_dirs["llama"])), load_hf_tokenizer(str(model_dirs["gpt2"]))
-    check_tokenizers_agree(llama, load_hf_tokenizer(str(model_dirs["llama-other-weights"])), trunk_source="a",
-                           reference_source="b")
-    with pytest.raises(ValueError, match=r"reference's tokenizer \(ref-gpt2\) does not match the trunk's \(trunk-llama\)"):
+    check_tokenizers_agree(
+        llama, load_hf_tokenizer(str(model_dirs["llama-other-weights"])), trunk_source="a", reference_source="b"
+    )
+    with pytest.raises(
+        ValueError, match=r"reference's tokenizer \(ref-gpt2\) does not match the trunk's \(trunk-llama\)"
+    ):
         check_tokenizers_agree(llama, gpt2, trunk_source="trunk-llama", reference_source="ref-gpt2")
     with pytest.raises(ValueError, match="vocab_size 320 vs 259"):
         check_tokenizers_agree(llama, ByteTokenizer(), trunk_source="trunk", reference_source="builtin")
 
 
 def test_an_hf_reference_with_another_tokenizer_is_refused_before_training(model_dirs):
-    recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={model_dirs['llama']}", "train.algorithm=rho1-wmtp",
-                                f"rho1.reference_hf_model={model_dirs['gpt2']}"])
+    recipe = load_recipe(
+        None,
+        [
+            *HF_OVERRIDES,
+            f"model.path={model_dirs['llama']}",
+            "train.algorithm=rho1-wmtp",
+            f"rho1.reference_hf_model={model_dirs['gpt2']}",
+        ],
+    )
     plan = plan_run_devices(recipe, probe_environment())
     trunk_tokenizer = load_hf_tokenizer(str(model_dirs["llama"]))
-    with pytest.raises(ValueError, match=f"rho1.reference_hf_model={model_dirs['gpt2']}.*model.path={model_dirs['llama']}"):
+    with pytest.raises(
+        ValueError, match=f"rho1.reference_hf_model={model_dirs['gpt2']}.*model.path={model_dirs['llama']}"
+    ):
         load_reference(recipe, None, plan, trunk_tokenizer=trunk_tokenizer)
-    matching = recipe.model_copy(update={"rho1": recipe.rho1.model_copy(
-        update={"reference_hf_model": str(model_dirs["llama-other-weights"])})})
+    matching = recipe.model_copy(
+        update={"rho1": recipe.rho1.model_copy(update={"reference_hf_model": str(model_dirs["llama-other-weights"])})}
+    )
     reference = load_reference(matching, None, plan, trunk_tokenizer=trunk_tokenizer)
     assert reference.horizon == 1 and not reference.training
     assert not any(p.requires_grad for p in reference.parameters())
@@ -153,8 +174,10 @@ def test_an_hf_reference_with_another_tokenizer_is_refused_before_training(model
     [
         (["model.source=hf"], "model.source=hf needs model.path"),
         (["model.path=/models/llama"], "model.path='/models/llama' is only read with model.source=hf"),
-        (["rho1.reference_checkpoint=/c", "rho1.reference_hf_model=/m"],
-         "either rho1.reference_checkpoint or rho1.reference_hf_model"),
+        (
+            ["rho1.reference_checkpoint=/c", "rho1.reference_hf_model=/m"],
+            "either rho1.reference_checkpoint or rho1.reference_hf_model",
+        ),
     ],
 )
 def test_recipe_refuses_inconsistent_model_and_reference_keys(overrides, message):
@@ -167,7 +190,11 @@ def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(model_dir
     plan = plan_run_devices(recipe, probe_environment())
     checkpoint = Path(train(recipe, tmp_path / "run", plan=plan).latest_checkpoint)
     listed = verify_checkpoint(checkpoint)["files"]
-    assert {f"{HF_EXPORT_DIR}/model.safetensors", f"{HF_EXPORT_DIR}/{MTP_HEADS_FILE}", f"{HF_EXPORT_DIR}/tokenizer.json"} <= set(listed)
+    assert {
+        f"{HF_EXPORT_DIR}/model.safetensors",
+        f"{HF_EXPORT_DIR}/{MTP_HEADS_FILE}",
+        f"{HF_EXPORT_DIR}/tokenizer.json",
+    } <= set(listed)
     assert AutoModelForCausalLM.from_pretrained(checkpoint / HF_EXPORT_DIR).config.n_layer == 2
     with (checkpoint / HF_EXPORT_DIR / MTP_HEADS_FILE).open("r+b") as f:
         f.seek(-1, 2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from kill_trials import run_trial, uninterrupted
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
-"""wmtp_core.algorithms.losses against naive per-head, per-position Python loops, plus gradient and empty-batch behaviour."""
+"""wmtp_core.algorithms.losses against naive per-head, per-position Python loops, plus gradient and empty-batch
+behaviour."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wmtp_core.data.sequences import IGNORE_INDEX, mtp_labels
 from wmtp_core.algorithms.losses import (
     head_cross_entropy,
     mean_ce_per_head,
@@ -17,6 +17,7 @@ from wmtp_core.algorithms.losses import (
     valid_mask,
     weighted_mtp_loss,
 )
+from wmtp_core.data.sequences import IGNORE_INDEX, mtp_labels
 
 
 def _batch(lengths: list[int], *, T: int, K: int, V: int, seed: int = 0):
@@ -117,7 +118,9 @@ def test_logits_gradient_is_the_weighted_softmax_minus_one_hot():
 def test_all_ignored_batch_gives_zero_loss_and_backward_works():
     logits_BTKV = torch.randn(2, 3, 2, 7, requires_grad=True)
     labels_BTK = torch.full((2, 3, 2), IGNORE_INDEX)
-    loss = weighted_mtp_loss(head_cross_entropy(logits_BTKV, labels_BTK), uniform_weights(labels_BTK), valid_mask(labels_BTK))
+    loss = weighted_mtp_loss(
+        head_cross_entropy(logits_BTKV, labels_BTK), uniform_weights(labels_BTK), valid_mask(labels_BTK)
+    )
     loss.backward()
     assert loss.item() == 0.0
     assert logits_BTKV.grad is not None and not logits_BTKV.grad.any()

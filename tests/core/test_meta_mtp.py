@@ -15,8 +15,16 @@ from hf_models import build_tokenizer
 from wmtp_core.models.hf import MTP_HEADS_FILE, load_hf_mtp_model
 from wmtp_core.models.meta_mtp import main
 
-PARAMS = {"dim": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5, "n_future_tokens": 3,
-          "rope_theta": 10000.0, "max_seq_len": 128}
+PARAMS = {
+    "dim": 32,
+    "n_layers": 4,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "norm_eps": 1e-5,
+    "n_future_tokens": 3,
+    "rope_theta": 10000.0,
+    "max_seq_len": 128,
+}
 
 
 def meta_checkpoint(directory: Path, *, vocab: int, trunk_and_head0_layers: int = 3, extra_heads: int = 2) -> dict:
@@ -28,14 +36,24 @@ def meta_checkpoint(directory: Path, *, vocab: int, trunk_and_head0_layers: int 
         return 0.1 * torch.randn(*shape, generator=generator)
 
     def block(prefix: str) -> dict:
-        shapes = {"attention.wq.weight": (dim, dim), "attention.wk.weight": (kv_dim, dim), "attention.wv.weight": (kv_dim, dim),
-                  "attention.wo.weight": (dim, dim), "feed_forward.w1.weight": (ffn, dim),
-                  "feed_forward.w2.weight": (dim, ffn), "feed_forward.w3.weight": (ffn, dim)}
+        shapes = {
+            "attention.wq.weight": (dim, dim),
+            "attention.wk.weight": (kv_dim, dim),
+            "attention.wv.weight": (kv_dim, dim),
+            "attention.wo.weight": (dim, dim),
+            "feed_forward.w1.weight": (ffn, dim),
+            "feed_forward.w2.weight": (dim, ffn),
+            "feed_forward.w3.weight": (ffn, dim),
+        }
         weights = {f"{prefix}{name}": normal(*shape) for name, shape in shapes.items()}
         norms = {f"{prefix}{name}": 1 + normal(dim) for name in ("attention_norm.weight", "ffn_norm.weight")}
         return weights | norms
 
-    state = {"tok_embeddings.weight": normal(vocab, dim), "norm.weight": 1 + normal(dim), "output.weight": normal(vocab, dim)}
+    state = {
+        "tok_embeddings.weight": normal(vocab, dim),
+        "norm.weight": 1 + normal(dim),
+        "output.weight": normal(vocab, dim),
+    }
     for i in range(trunk_and_head0_layers):
         state |= block(f"layers.{i}.")
     for j in range(extra_heads):
@@ -70,7 +88,11 @@ def meta_forward(state: dict, tokens_BT: torch.Tensor, *, extra_heads: int) -> t
         att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x_BTD = x_BTD + att.transpose(1, 2).reshape(B, T, -1) @ w["attention.wo.weight"].T
         h = rms_norm(x_BTD, w["ffn_norm.weight"])
-        return x_BTD + (F.silu(h @ w["feed_forward.w1.weight"].T) * (h @ w["feed_forward.w3.weight"].T)) @ w["feed_forward.w2.weight"].T
+        return (
+            x_BTD
+            + (F.silu(h @ w["feed_forward.w1.weight"].T) * (h @ w["feed_forward.w3.weight"].T))
+            @ w["feed_forward.w2.weight"].T
+        )
 
     layers = len({name.split(".")[1] for name in state if name.startswith("layers.")})
     h_BTD = state["tok_embeddings.weight"][tokens_BT]
@@ -95,7 +117,9 @@ def test_converted_meta_checkpoint_predicts_every_head_as_meta_does(tmp_path, to
     assert model.lm.config.num_hidden_layers == 3 and len(model.extra_heads) == 2
     tokens_BT = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens_BT), meta_forward(state, tokens_BT, extra_heads=2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(tokens_BT), meta_forward(state, tokens_BT, extra_heads=2), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, tokenizer_dir):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmtp_core.data.sequences import IGNORE_INDEX, MTPCollator
 from wmtp_core.algorithms.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
+from wmtp_core.data.sequences import IGNORE_INDEX, MTPCollator
 from wmtp_core.models.transformer import MTPTransformer
 
 VOCAB = 64
@@ -35,7 +35,9 @@ def test_logits_at_or_before_t_ignore_later_tokens(model, t):
     gen = torch.Generator().manual_seed(t)
     tokens_BT = torch.randint(0, VOCAB, (2, 16), generator=gen)
     changed_BT = tokens_BT.clone()
-    changed_BT[:, t + 1 :] = (tokens_BT[:, t + 1 :] + 1 + torch.randint(0, VOCAB - 1, (2, 15 - t), generator=gen)) % VOCAB
+    changed_BT[:, t + 1 :] = (
+        tokens_BT[:, t + 1 :] + 1 + torch.randint(0, VOCAB - 1, (2, 15 - t), generator=gen)
+    ) % VOCAB
     assert (changed_BT[:, t + 1 :] != tokens_BT[:, t + 1 :]).all()
     with torch.no_grad():
         before, after = model(tokens_BT), model(changed_BT)

@@ -51,9 +51,22 @@ def _cancel_mid_training(recipe, run_dir) -> tuple[int, str]:
     """Run the worker with a spawned DataLoader worker, SIGTERM it at step 3, return (status, stderr)."""
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [sys.executable, "-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir)]
-    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONWARNINGS": "always"})
+    command = [
+        sys.executable,
+        "-m",
+        "wmtp_core.training.worker",
+        "--recipe",
+        str(run_dir / "recipe.yaml"),
+        "--run-dir",
+        str(run_dir),
+    ]
+    worker = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "always"},
+    )
     for line in worker.stdout:
         if " step 3/" in line:
             break
@@ -65,11 +78,13 @@ def _cancel_mid_training(recipe, run_dir) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("api", [True, False])
 def test_cancelled_run_leaks_semaphores_only_on_the_legacy_path(tiny_recipe, tmp_path, api):
-    recipe = tiny_recipe.model_copy(update={
-        "train": tiny_recipe.train.model_copy(update={"max_steps": 2000, "save_every": 1000, "log_every": 1}),
-        "data": tiny_recipe.data.model_copy(update={"num_workers": 1, "worker_start": "spawn"}),
-        "phases": tiny_recipe.phases.model_copy(update={"api": api}),
-    })
+    recipe = tiny_recipe.model_copy(
+        update={
+            "train": tiny_recipe.train.model_copy(update={"max_steps": 2000, "save_every": 1000, "log_every": 1}),
+            "data": tiny_recipe.data.model_copy(update={"num_workers": 1, "worker_start": "spawn"}),
+            "phases": tiny_recipe.phases.model_copy(update={"api": api}),
+        }
+    )
     status, stderr = _cancel_mid_training(recipe, tmp_path / "run")
     if api:
         assert status == 143 and "leaked semaphore" not in stderr and "Warning" not in stderr, stderr[-2000:]

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import full_model_state
+
 from wmtp_core.checkpoint import run_state, storage
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint
-from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.checkpoint.writer import CheckpointWriter
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.recipes import recipe_to_yaml
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
 
@@ -36,8 +36,18 @@ def _train(recipe, run_dir, **kwargs):
 def start_worker(recipe, run_dir: Path, *extra: str) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [sys.executable, "-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"),
-               "--run-dir", str(run_dir), "--result", str(run_dir / "result.json"), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "wmtp_core.training.worker",
+        "--recipe",
+        str(run_dir / "recipe.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--result",
+        str(run_dir / "result.json"),
+        *extra,
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -78,10 +88,12 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_non_zero(tiny_
 def _slow_disk(monkeypatch, seconds: float = 0.3) -> None:
     """Every model-state write (model.safetensors, or the sharded directory) starts `seconds` late, so training runs
     on while an async save is still to read what it writes."""
+
     def late(write):
         def delayed(*args, **kwargs):
             time.sleep(seconds)
             return write(*args, **kwargs)
+
         return delayed
 
     monkeypatch.setattr(storage, "save_safetensors_hashed", late(storage.save_safetensors_hashed))
@@ -92,8 +104,9 @@ def _slow_disk(monkeypatch, seconds: float = 0.3) -> None:
 def test_async_save_writes_the_same_checkpoints_as_sync(tiny_recipe, tmp_path, monkeypatch, checkpoint_format):
     """Every checkpoint, not only the last: on a slow disk training changes the weights before the async save has
     written them, so a write that read the live tensors instead of a snapshot would differ from the sync save."""
-    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 3},
-                   checkpoint={"format": checkpoint_format})
+    recipe = _with(
+        tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 3}, checkpoint={"format": checkpoint_format}
+    )
     _train(recipe, tmp_path / "sync")
     _slow_disk(monkeypatch)
     _train(_with(recipe, checkpoint={"async_save": True}), tmp_path / "async")
@@ -104,8 +117,9 @@ def test_async_save_writes_the_same_checkpoints_as_sync(tiny_recipe, tmp_path, m
 
 
 def test_async_save_prunes_after_each_write_and_leaves_nothing_half_written(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2},
-                   checkpoint={"async_save": True})
+    recipe = _with(
+        tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2}, checkpoint={"async_save": True}
+    )
     result = _train(recipe, tmp_path)
     assert Path(result.latest_checkpoint).name == "step_00000006"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
@@ -190,8 +204,9 @@ def test_older_checkpoints_are_pruned_only_after_the_newest_is_fsynced(tiny_reci
         real_make_durable(path)
 
     monkeypatch.setattr(run_state, "make_durable", recording_make_durable)
-    recipe = _with(tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2},
-                   checkpoint={"async_save": async_save})
+    recipe = _with(
+        tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 2}, checkpoint={"async_save": async_save}
+    )
     _train(recipe, tmp_path)
     # While step 6 was being made durable, steps 2 and 4 were still there (a crash then leaves 4 to resume from).
     assert on_disk_at_fsync["step_00000006"] == ["step_00000002", "step_00000004", "step_00000006"]

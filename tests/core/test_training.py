@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
 from wmtp_core.config import PhaseGates
 from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
-from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 from wmtp_core.training.loop import train, train_step
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
 
 def _plan(recipe):
@@ -78,8 +78,7 @@ def test_non_finite_loss_skips_the_update_and_counts_it(tiny_recipe):
         parts.model.unembedding.weight[0, 0] = float("nan")
     before = {name: p.detach().clone() for name, p in parts.model.named_parameters()}
     state = TrainState()
-    metrics = train_step(parts, batch_stream(parts, state), state=state, recipe=tiny_recipe,
-                         plan=_plan(tiny_recipe))
+    metrics = train_step(parts, batch_stream(parts, state), state=state, recipe=tiny_recipe, plan=_plan(tiny_recipe))
     assert math.isnan(metrics["loss"]) and state.skipped_steps == 1 and state.step == 1
     after = dict(parts.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) or torch.isnan(before[n]).any() for n in before)

@@ -1,4 +1,5 @@
-"""wmtp_core.algorithms.weights: hand-computed examples for each weight rule, and hypothesis properties over random batches.
+"""wmtp_core.algorithms.weights: hand-computed examples for each weight rule, and hypothesis properties
+over random batches.
 
 Shapes: B batch, T time, K heads; masks are built like the collator (head k at t is valid iff t + k + 1 < length).
 """
@@ -13,7 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wmtp_core.data.sequences import IGNORE_INDEX, mtp_labels
 from wmtp_core.algorithms.losses import valid_mask
 from wmtp_core.algorithms.weights import (
     _aligned_reference_ce,
@@ -29,6 +29,7 @@ from wmtp_core.algorithms.weights import (
     value_pretrain_targets,
     weight_stats,
 )
+from wmtp_core.data.sequences import IGNORE_INDEX, mtp_labels
 
 PROPERTY = settings(max_examples=50, deadline=None)
 
@@ -108,7 +109,9 @@ def test_token_mean1_clip_divides_by_the_batch_mean_then_clips_at_max_weight():
 
 
 def test_token_mean1_clip_gives_zeros_when_nothing_is_valid():
-    weights = normalize_weights(torch.randn(2, 3, 2), torch.zeros(2, 3, 2), mode="token_mean1_clip", temperature=1.0, max_weight=3.0)
+    weights = normalize_weights(
+        torch.randn(2, 3, 2), torch.zeros(2, 3, 2), mode="token_mean1_clip", temperature=1.0, max_weight=3.0
+    )
     assert torch.equal(weights, torch.zeros(2, 3, 2))
 
 
@@ -314,14 +317,18 @@ def test_head_softmax_sums_to_one_at_every_position_with_a_valid_head(case, temp
 
 @PROPERTY
 @given(case=cases(), temperature=st.floats(0.1, 5.0), max_weight=st.floats(1.0, 10.0))
-def test_token_mean1_has_mean_one_over_valid_entries_before_clipping_and_stays_under_max_weight(case, temperature, max_weight):
+def test_token_mean1_has_mean_one_over_valid_entries_before_clipping_and_stays_under_max_weight(
+    case, temperature, max_weight
+):
     mask_BTK, _ = _batch_masks(case.lengths, T=case.T, K=case.K)
     scores_BTK = _garbage_where_masked(case.randn(case.B, case.T, case.K), mask_BTK)
     valid = mask_BTK > 0
     unclipped = _mean_one(scores_BTK, mask_BTK, temperature)
     if valid.any():
         assert unclipped[valid].mean().item() == pytest.approx(1.0, abs=1e-4)
-    weights = normalize_weights(scores_BTK, mask_BTK, mode="token_mean1_clip", temperature=temperature, max_weight=max_weight)
+    weights = normalize_weights(
+        scores_BTK, mask_BTK, mode="token_mean1_clip", temperature=temperature, max_weight=max_weight
+    )
     assert (weights <= max_weight).all()
     torch.testing.assert_close(weights, unclipped.clamp(max=max_weight))
 
@@ -379,7 +386,9 @@ def test_gae_returns_equal_a_naive_reverse_loop_on_random_batches(case, gamma, g
 @given(case=cases(), mode=st.sampled_from(["head_softmax", "token_mean1_clip"]))
 def test_weight_stats_are_finite_and_entropy_is_between_zero_and_log_k(case, mode):
     mask_BTK, _ = _batch_masks(case.lengths, T=case.T, K=case.K)
-    weights = normalize_weights(case.randn(case.B, case.T, case.K), mask_BTK, mode=mode, temperature=1.0, max_weight=3.0)
+    weights = normalize_weights(
+        case.randn(case.B, case.T, case.K), mask_BTK, mode=mode, temperature=1.0, max_weight=3.0
+    )
     stats = weight_stats(weights, mask_BTK)
     assert all(torch.isfinite(v) and v.dim() == 0 for v in stats.values())
     assert -1e-6 <= stats["weight_entropy"].item() <= math.log(case.K) + 1e-5

@@ -11,15 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_OVERRIDES
+
 from tasks.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, torchrun_command
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
 pytestmark = pytest.mark.distributed
-LONG_RUN = ["train.max_steps=5000", "train.save_every=20", "train.log_every=1", "train.eval_every=100000",
-            "devices.strategy=ddp", "devices.nproc_per_node=2", "devices.timeout_s=60"]
+LONG_RUN = [
+    "train.max_steps=5000",
+    "train.save_every=20",
+    "train.log_every=1",
+    "train.eval_every=100000",
+    "devices.strategy=ddp",
+    "devices.nproc_per_node=2",
+    "devices.timeout_s=60",
+]
 
 
 def prepared(run_dir: Path, *overrides: str) -> tuple[list[str], Path]:
@@ -27,7 +34,9 @@ def prepared(run_dir: Path, *overrides: str) -> tuple[list[str], Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     result = run_dir / "result.json"
-    return torchrun_command(recipe, run_dir, resume=None, result_file=result, manifest_extra={}, time_budget_s=None), result
+    return torchrun_command(
+        recipe, run_dir, resume=None, result_file=result, manifest_extra={}, time_budget_s=None
+    ), result
 
 
 def processes() -> list[tuple[int, list[bytes], dict[bytes, bytes]]]:
@@ -36,7 +45,9 @@ def processes() -> list[tuple[int, list[bytes], dict[bytes, bytes]]]:
     for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = dict(line.split(b"=", 1) for line in (entry / "environ").read_bytes().split(b"\0") if b"=" in line)
+            environ = dict(
+                line.split(b"=", 1) for line in (entry / "environ").read_bytes().split(b"\0") if b"=" in line
+            )
         except (OSError, ValueError):
             continue
         found.append((int(entry.name), argv, environ))
@@ -44,15 +55,23 @@ def processes() -> list[tuple[int, list[bytes], dict[bytes, bytes]]]:
 
 
 def worker_pids(run_dir: Path) -> dict[int, int]:
-    """rank -> pid of every wmtp_core.training.worker rank training in run_dir now (other jobs on the machine are ignored)."""
-    return {int(env[b"RANK"]): pid for pid, argv, env in processes()
-            if b"wmtp_core.training.worker" in argv and b"RANK" in env and b"torch.distributed.run" not in argv
-            and str(run_dir).encode() in argv}
+    """rank -> pid of every wmtp_core.training.worker rank training in run_dir now (other jobs on the machine are
+    ignored)."""
+    return {
+        int(env[b"RANK"]): pid
+        for pid, argv, env in processes()
+        if b"wmtp_core.training.worker" in argv
+        and b"RANK" in env
+        and b"torch.distributed.run" not in argv
+        and str(run_dir).encode() in argv
+    }
 
 
 def launcher_pid(run_dir: Path) -> int:
     """The torchrun process whose job trains in run_dir."""
-    return next(pid for pid, argv, env in processes() if b"torch.distributed.run" in argv and str(run_dir).encode() in argv)
+    return next(
+        pid for pid, argv, env in processes() if b"torch.distributed.run" in argv and str(run_dir).encode() in argv
+    )
 
 
 def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
@@ -87,8 +106,13 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
     # SIGTERM to the launcher only: torchrun passes it to every rank, as when Prefect cancels a flow run.
     when_checkpoint_exists(tmp_path, 20, lambda: os.kill(launcher_pid(tmp_path), signal.SIGTERM))
     with pytest.raises(WorkerInterrupted, match="SIGTERM at step"):
-        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"),
-                     on_metrics=lambda step, values: metrics.append(step))
+        run_torchrun(
+            command,
+            result_file=result,
+            silence_timeout_s=60,
+            log=logging.getLogger("test"),
+            on_metrics=lambda step, values: metrics.append(step),
+        )
     latest = latest_valid_checkpoint(tmp_path)
     assert latest.step > 20 and latest.step == max(metrics)  # saved where the job stopped
     assert worker_pids(tmp_path) == {}
@@ -99,8 +123,21 @@ def test_flow_trains_two_processes_and_logs_rank_zero_metrics(run_wmtp, prefect_
     from mlflow.tracking import MlflowClient
 
     home = tmp_path / "home"
-    summary = run_wmtp(["train", "--recipe", "configs/tiny.yaml", "--set", "devices.strategy=fsdp",
-                        "--set", "devices.nproc_per_node=2", "--set", "run.name=two-procs"], home=home, api_url=prefect_api_url)
+    summary = run_wmtp(
+        [
+            "train",
+            "--recipe",
+            "configs/tiny.yaml",
+            "--set",
+            "devices.strategy=fsdp",
+            "--set",
+            "devices.nproc_per_node=2",
+            "--set",
+            "run.name=two-procs",
+        ],
+        home=home,
+        api_url=prefect_api_url,
+    )
     assert summary["status"] == "completed" and summary["steps"] == 20
     manifest = (Path(summary["latest_checkpoint"]) / "manifest.json").read_text()
     assert '"world_size": 2' in manifest

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
 pytestmark = pytest.mark.distributed
@@ -27,15 +27,26 @@ pytestmark = pytest.mark.distributed
 def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tmp_path):
     gpt2 = save_gpt2(tmp_path / "gpt2", build_tokenizer(with_pad=False))
     common = [*HF_OVERRIDES, f"model.path={gpt2}", "train.max_steps=6", "train.keep_last=10", "train.lr_decay_steps=6"]
-    two_processes = load_recipe(None, [*common, "train.max_steps=4", "devices.strategy=fsdp", "devices.nproc_per_node=2",
-                                       "devices.timeout_s=60", "data.batch_size=2"])
+    two_processes = load_recipe(
+        None,
+        [
+            *common,
+            "train.max_steps=4",
+            "devices.strategy=fsdp",
+            "devices.nproc_per_node=2",
+            "devices.timeout_s=60",
+            "data.batch_size=2",
+        ],
+    )
     result = _torchrun(two_processes, tmp_path / "fsdp")
     checkpoint = Path(result["latest_checkpoint"])
     trained = load_hf_mtp_model(str(gpt2), horizon=3, max_seq_len=64).eval()
     trained.load_state_dict(load_file(checkpoint / "model.safetensors"))
     tokens_BT = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        exported_BTV = AutoModelForCausalLM.from_pretrained(checkpoint / HF_EXPORT_DIR).eval()(input_ids=tokens_BT).logits
+        exported_BTV = (
+            AutoModelForCausalLM.from_pretrained(checkpoint / HF_EXPORT_DIR).eval()(input_ids=tokens_BT).logits
+        )
         torch.testing.assert_close(exported_BTV, trained(tokens_BT)[:, :, 0])
 
     one_process = load_recipe(None, [*common, "data.batch_size=2", "train.grad_accumulation_steps=2"])
@@ -52,9 +63,22 @@ def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tm
 def _torchrun(recipe, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
-               "--result", str(run_dir / "result.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "wmtp_core.training.worker",
+        "--recipe",
+        str(run_dir / "recipe.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--result",
+        str(run_dir / "result.json"),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "Warning" not in out.stderr, out.stderr[-3000:]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_OVERRIDES, full_model_state
+
 from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 from wmtp_core.training.worker import METRICS_PREFIX
 
@@ -35,7 +35,9 @@ LAYOUTS = {
 
 
 def two_process_recipe(layout: str, *extra: str):
-    return load_recipe(None, [*TINY_OVERRIDES, *STEPS, *LAYOUTS[layout], "devices.nproc_per_node=2", "devices.timeout_s=60", *extra])
+    return load_recipe(
+        None, [*TINY_OVERRIDES, *STEPS, *LAYOUTS[layout], "devices.nproc_per_node=2", "devices.timeout_s=60", *extra]
+    )
 
 
 def torchrun(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict, dict[int, float]]:
@@ -53,14 +55,29 @@ def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tup
     """Run the worker on 2 processes; return rank 0's outcome and its metric reports ({"step", "metrics"})."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
-               "--result", str(run_dir / "result.json")] + (["--resume", resume] if resume else [])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "wmtp_core.training.worker",
+        "--recipe",
+        str(run_dir / "recipe.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--result",
+        str(run_dir / "result.json"),
+    ] + (["--resume", resume] if resume else [])
     # faulthandler: a rank that dies of a signal prints every thread's Python stack into the failure message.
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     out = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    reports = [json.loads(line[len(METRICS_PREFIX):]) for line in out.stdout.splitlines() if line.startswith(METRICS_PREFIX)]
+    reports = [
+        json.loads(line[len(METRICS_PREFIX) :]) for line in out.stdout.splitlines() if line.startswith(METRICS_PREFIX)
+    ]
     return json.loads((run_dir / "result.json").read_text()), reports
 
 
@@ -110,7 +127,9 @@ def straight_runs(tmp_path_factory):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_process_run_saves_every_interval(straight_runs, layout):
     run_dir, losses = straight_runs(layout)
-    manifests = [json.loads((d / "manifest.json").read_text()) for d in sorted((run_dir / "checkpoints").glob("step_*"))]
+    manifests = [
+        json.loads((d / "manifest.json").read_text()) for d in sorted((run_dir / "checkpoints").glob("step_*"))
+    ]
     assert [m["step"] for m in manifests] == [2, 4, 6]
     assert {m["world_size"] for m in manifests} == {2}
     assert {m["format"] for m in manifests} == {"sharded" if layout.endswith("sharded") else "full"}
@@ -133,12 +152,18 @@ def test_resume_on_two_processes_matches_the_uninterrupted_run(straight_runs, la
 def test_resume_on_one_process_matches_the_uninterrupted_run(straight_runs, layout, tmp_path):
     straight_dir, straight_losses = straight_runs(layout)
     copy_run_up_to(straight_dir, tmp_path, step=4)
-    recipe = two_process_recipe(layout, "devices.strategy=single", "devices.nproc_per_node=1",
-                                "train.grad_accumulation_steps=2")
+    recipe = two_process_recipe(
+        layout, "devices.strategy=single", "devices.nproc_per_node=1", "train.grad_accumulation_steps=2"
+    )
     losses = {}
     plan = plan_run_devices(recipe, probe_environment())
-    result = train(recipe, tmp_path, plan=plan, resume_from=tmp_path / "checkpoints" / "step_00000004",
-                   on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None)
+    result = train(
+        recipe,
+        tmp_path,
+        plan=plan,
+        resume_from=tmp_path / "checkpoints" / "step_00000004",
+        on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None,
+    )
     assert result.resumed_from_step == 4 and result.steps == 6
     assert losses == pytest.approx({s: straight_losses[s] for s in (5, 6)}, rel=1e-5)
     assert_same_weights(final_weights(straight_dir), final_weights(tmp_path))
@@ -160,8 +185,12 @@ def test_one_process_with_accumulation_matches_two_process_ddp_and_fsdp(straight
     recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, "train.grad_accumulation_steps=2"])
     losses = {}
     plan = plan_run_devices(recipe, probe_environment())
-    train(recipe, tmp_path, plan=plan,
-          on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None)
+    train(
+        recipe,
+        tmp_path,
+        plan=plan,
+        on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None,
+    )
     assert losses == pytest.approx(ddp_losses, rel=1e-5) and losses == pytest.approx(fsdp_losses, rel=1e-5)
     assert_same_weights(final_weights(ddp_dir), final_weights(tmp_path))
     assert_same_weights(final_weights(fsdp_dir), final_weights(tmp_path))
@@ -176,15 +205,21 @@ def test_critic_on_two_processes_matches_one_process_with_accumulation(tmp_path)
     recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, *CRITIC, "train.grad_accumulation_steps=2"])
     plan = plan_run_devices(recipe, probe_environment())
     expected = []
-    train(recipe, tmp_path / "single", plan=plan,
-          on_metrics=lambda step, metrics: expected.append({"step": step, "metrics": metrics}))
+    train(
+        recipe,
+        tmp_path / "single",
+        plan=plan,
+        on_metrics=lambda step, metrics: expected.append({"step": step, "metrics": metrics}),
+    )
     stage1 = {k: v for r in expected for k, v in r["metrics"].items() if k.startswith("value_pretrain")}
     losses = losses_of(expected)
     assert stage1["value_pretrain_steps"] == 3.0 and sorted(losses) == [1, 2, 3, 4, 5, 6]
     for layout in ("ddp", "fsdp"):
         outcome, reports = torchrun_reports(two_process_recipe(layout, *CRITIC), tmp_path / layout)
         assert outcome["ok"] and outcome["result"]["steps"] == 6, layout
-        assert {k: v for r in reports for k, v in r["metrics"].items() if k in stage1} == pytest.approx(stage1, rel=1e-5)
+        assert {k: v for r in reports for k, v in r["metrics"].items() if k in stage1} == pytest.approx(
+            stage1, rel=1e-5
+        )
         assert losses_of(reports) == pytest.approx(losses, rel=1e-5)
         weights = final_weights(tmp_path / layout)
         assert any(name.startswith("value_head.") for name in weights)

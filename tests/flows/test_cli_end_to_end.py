@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
+
+
 def test_default_train_command_succeeds_on_a_fresh_home(tmp_path, run_wmtp):
     """`wmtp train` with nothing set: its own temporary Prefect server, the built-in data and model."""
     home = tmp_path / "fresh"
@@ -32,7 +34,9 @@ def test_resume_reaches_the_same_weights_as_a_straight_run(tmp_path, tiny_recipe
     common = ["--recipe", str(recipe), "--set", "train.max_steps=8", "--set", "train.lr_decay_steps=8"]
     home = tmp_path / "home"
     straight = run_wmtp(["train", *common, "--set", "run.name=straight"], home=home, api_url=prefect_api_url)
-    run_wmtp(["train", *common, "--set", "run.name=split", "--set", "train.max_steps=4"], home=home, api_url=prefect_api_url)
+    run_wmtp(
+        ["train", *common, "--set", "run.name=split", "--set", "train.max_steps=4"], home=home, api_url=prefect_api_url
+    )
     resumed = run_wmtp(["resume", "split", "--set", "train.max_steps=8"], home=home, api_url=prefect_api_url)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 8
     assert resumed["mlflow_run_id"] != straight["mlflow_run_id"]

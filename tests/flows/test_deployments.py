@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import WMTP, wmtp_environment
+
 from deployments.served import DEFAULT_RESUME_CRON, served_deployments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +46,13 @@ def test_resume_schedule_is_paused_until_it_names_a_run():
     assert schedule.active is False and schedule.parameters == {}
 
 
-@pytest.mark.parametrize("settings, named", [({"resume_cron": "every six hours"}, "resume cron 'every six hours'"),
-                                             ({"resume_budget_minutes": 0}, "resume budget 0 minutes")])
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"resume_cron": "every six hours"}, "resume cron 'every six hours'"),
+        ({"resume_budget_minutes": 0}, "resume budget 0 minutes"),
+    ],
+)
 def test_invalid_resume_settings_are_refused_with_the_setting_named(settings, named):
     with pytest.raises(ValueError, match=named):
         served_deployments(resume_run="demo", **settings)
@@ -57,8 +62,10 @@ def test_prefect_yaml_deploys_the_same_three_to_a_process_pool():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
     assert {name: d["entrypoint"] for name, d in deployments.items()} == {
-        "manual": "flows/train.py:wmtp_train", "scheduled": "flows/resume.py:wmtp_resume",
-        "verify": "flows/fixplan.py:wmtp_fixplan"}
+        "manual": "flows/train.py:wmtp_train",
+        "scheduled": "flows/resume.py:wmtp_resume",
+        "verify": "flows/fixplan.py:wmtp_fixplan",
+    }
     resume = deployments["scheduled"]
     assert [s["cron"] for s in resume["schedules"]] == [DEFAULT_RESUME_CRON]
     assert resume["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
@@ -72,12 +79,15 @@ def test_serve_needs_a_prefect_server_and_exits_2_without_one(tmp_path):
 
 def test_serve_refuses_a_bad_cron_before_contacting_the_server(tmp_path):
     env = wmtp_environment(tmp_path, api_url="http://127.0.0.1:9/api")  # nothing listens there
-    out = subprocess.run([WMTP, "serve", "--resume-cron", "61 * * * *"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [WMTP, "serve", "--resume-cron", "61 * * * *"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and "resume cron '61 * * * *'" in out.stderr
 
 
 def test_serving_loads_no_torch():
     code = "import sys, deployments.served; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "False"

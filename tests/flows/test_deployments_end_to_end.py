@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import WMTP, wmtp_environment
 from servers import PrefectServer, stop_process_group
 
@@ -36,8 +35,14 @@ def served_home(prefect_server, tmp_path):
     env = wmtp_environment(home, api_url=prefect_server.api_url)
     env.update(PREFECT_HOME=str(tmp_path / "serve-prefect-home"), PREFECT_RUNNER_POLL_FREQUENCY="1")
     log = tmp_path / "serve.log"
-    process = subprocess.Popen([WMTP, "serve", "--resume-run", RUN], cwd=ROOT, env=env, stdout=log.open("a"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [WMTP, "serve", "--resume-run", RUN],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     yield home
     stop_process_group(process, signal.SIGTERM, grace_s=10)
 
@@ -77,7 +82,9 @@ def _finished(client, flow_run_id, timeout_s: float = 150):
 def _artifacts(client, flow_run_id) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    )
     return {artifact.key: artifact for artifact in found}
 
 
@@ -114,12 +121,23 @@ def test_served_training_and_scheduled_resume_through_a_real_prefect_server(serv
     assert artifacts[f"wmtp-progress-{RUN}"].data == 100.0
     assert [row["step"] for row in json.loads(artifacts[f"wmtp-checkpoints-{RUN}"].data)] == [2, 4]
     summary_md = artifacts[f"wmtp-summary-{RUN}"].data
-    for expected in ("completed", "| steps | 4 |", "final training loss", "eval loss", "tokens/s", "step_00000004",
-                     "/#/experiments/", "checkpoint=on, mps=off, api=on"):
+    for expected in (
+        "completed",
+        "| steps | 4 |",
+        "final training loss",
+        "eval loss",
+        "tokens/s",
+        "step_00000004",
+        "/#/experiments/",
+        "checkpoint=on, mps=off, api=on",
+    ):
         assert expected in summary_md
     # The library's own log, at INFO, in the flow run log.
-    _log_line_where(client, train.id,
-                    lambda line: line[:2] == ("wmtp_core.training.loop", 20) and line[2].startswith("step 4/4 loss"))
+    _log_line_where(
+        client,
+        train.id,
+        lambda line: line[:2] == ("wmtp_core.training.loop", 20) and line[2].startswith("step 4/4 loss"),
+    )
 
     resume = _deployment(client, "wmtp-resume/scheduled")
     [schedule] = resume.schedules

@@ -8,24 +8,45 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import WMTP, wmtp_environment
 from typer.testing import CliRunner
 
-from conftest import WMTP, wmtp_environment
 from deployments.cli import app
 from wmtp_core.fixplan.verification import passed
 
-ROW_KEYS = {"stage", "model", "checkpoint_save_success", "resume_success", "warnings", "leaked_semaphores", "step_time_s"}
+ROW_KEYS = {
+    "stage",
+    "model",
+    "checkpoint_save_success",
+    "resume_success",
+    "warnings",
+    "leaked_semaphores",
+    "step_time_s",
+}
 
 
 def _row(stage="p1+p2+p3", **figures):
-    return {"stage": stage, "model": "plain", "checkpoint_save_success": 1.0, "resume_success": 1.0, "warnings": 0,
-            "leaked_semaphores": 0, **figures}
+    return {
+        "stage": stage,
+        "model": "plain",
+        "checkpoint_save_success": 1.0,
+        "resume_success": 1.0,
+        "warnings": 0,
+        "leaked_semaphores": 0,
+        **figures,
+    }
 
 
-@pytest.mark.parametrize(("figures", "expected"), [
-    ({}, True), ({"warnings": 1}, False), ({"leaked_semaphores": 3}, False), ({"checkpoint_save_success": 0.5}, False),
-    ({"resume_success": 0.0}, False),
-])
+@pytest.mark.parametrize(
+    ("figures", "expected"),
+    [
+        ({}, True),
+        ({"warnings": 1}, False),
+        ({"leaked_semaphores": 3}, False),
+        ({"checkpoint_save_success": 0.5}, False),
+        ({"resume_success": 0.0}, False),
+    ],
+)
 def test_targets_apply_to_the_last_stage(figures, expected):
     assert passed([_row("legacy", warnings=9, leaked_semaphores=14), _row(**figures)]) is expected
 
@@ -36,8 +57,13 @@ def test_unknown_stage_is_invalid_input(wmtp_home):
 
 
 def _verify(home, api_url, *args: str) -> tuple[int, dict]:
-    out = subprocess.run([WMTP, "verify", "--json", *args], env=wmtp_environment(home, api_url=api_url),
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [WMTP, "verify", "--json", *args],
+        env=wmtp_environment(home, api_url=api_url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -47,7 +73,12 @@ def test_fixed_stage_meets_every_target_and_writes_the_report(prefect_api_url, t
     assert status == 0 and report["passed"] is True
     (row,) = report["stages"]
     assert ROW_KEYS <= row.keys() and (row["stage"], row["model"]) == ("p1+p2+p3", "plain")
-    assert (row["checkpoint_save_success"], row["resume_success"], row["warnings"], row["leaked_semaphores"]) == (1, 1, 0, 0)
+    assert (row["checkpoint_save_success"], row["resume_success"], row["warnings"], row["leaked_semaphores"]) == (
+        1,
+        1,
+        0,
+        0,
+    )
     assert row["step_time_s"] > 0
     (written,) = (tmp_path / "reports").glob("fixplan-*.json")
     assert json.loads(written.read_text())["stages"] == report["stages"]
@@ -77,8 +108,10 @@ def test_report_task_writes_json_and_the_table_and_markdown_artifacts(prefect_ap
 
     from tasks.fixplan import write_report
 
-    rows = [_row("legacy", warnings=8, warnings_by_category={"UserWarning": 8}, leaked_semaphores=14, step_time_s=0.05),
-            _row(warnings_by_category={}, step_time_s=0.04)]
+    rows = [
+        _row("legacy", warnings=8, warnings_by_category={"UserWarning": 8}, leaked_semaphores=14, step_time_s=0.05),
+        _row(warnings_by_category={}, step_time_s=0.04),
+    ]
 
     @flow
     def report_only() -> str:
@@ -89,8 +122,9 @@ def test_report_task_writes_json_and_the_table_and_markdown_artifacts(prefect_ap
     assert Path(path).parent == (wmtp_home / "reports").resolve()
     assert json.loads(Path(path).read_text())["stages"] == rows
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     artifacts = {artifact.key: artifact for artifact in found}
     table = artifacts["wmtp-fixplan"].data
     table = json.loads(table) if isinstance(table, str) else table

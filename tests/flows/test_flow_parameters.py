@@ -21,12 +21,19 @@ def test_recipe_phases_and_resume_are_typed_parameters_with_descriptions():
 
 def test_every_form_field_has_a_label_and_the_gates_are_checkboxes():
     definitions = _schema()["definitions"]
-    unlabelled = [f"{model}.{field}" for model, d in definitions.items() for field, p in d["properties"].items()
-                  if not p.get("description")]
+    unlabelled = [
+        f"{model}.{field}"
+        for model, d in definitions.items()
+        for field, p in d["properties"].items()
+        if not p.get("description")
+    ]
     assert unlabelled == []
     gates = definitions["PhaseGates"]["properties"]
     assert {name: (g["type"], g["default"]) for name, g in gates.items()} == {
-        "checkpoint": ("boolean", True), "mps": ("boolean", True), "api": ("boolean", True)}
+        "checkpoint": ("boolean", True),
+        "mps": ("boolean", True),
+        "api": ("boolean", True),
+    }
     assert all("\n" not in g["description"] and "(off:" in g["description"] for g in gates.values())
 
 

@@ -13,13 +13,17 @@ from flows.resume import wmtp_resume
 from flows.train import wmtp_train
 from tasks.progress import TrainingProgress
 from tasks.run_setup import start_checkpoint
-from wmtp_core.checkpoint.manifest import CheckpointError, MANIFEST_FILE, describe_files, step_dir_name
+from wmtp_core.checkpoint.manifest import MANIFEST_FILE, CheckpointError, describe_files, step_dir_name
 
 
 def _train_4_steps(recipe, name):
     """A finished 4-step run (checkpoints at 2 and 4), without MLflow: the resume logic is what is under test."""
-    recipe = recipe.model_copy(update={"run": recipe.run.model_copy(update={"name": name}),
-                                       "tracking": recipe.tracking.model_copy(update={"enabled": False})})
+    recipe = recipe.model_copy(
+        update={
+            "run": recipe.run.model_copy(update={"name": name}),
+            "tracking": recipe.tracking.model_copy(update={"enabled": False}),
+        }
+    )
     state = wmtp_train(recipe=recipe, return_state=True)
     assert state.is_completed(), state.message
 
@@ -46,7 +50,9 @@ def _logs(client, flow_run_id):
 def _artifacts(client, flow_run_id):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    )
 
 
 def _fake_checkpoints(run_dir, steps):
@@ -81,15 +87,20 @@ def test_a_step_or_path_resume_must_be_the_runs_newest_checkpoint(tmp_path):
 def test_a_new_run_can_start_from_another_runs_checkpoint_directory(tmp_path):
     source = _fake_checkpoints(tmp_path / "source", [2])
     assert start_checkpoint("branch", tmp_path / "branch", source / "checkpoints" / "step_00000002") == (
-        source / "checkpoints" / "step_00000002")
+        source / "checkpoints" / "step_00000002"
+    )
 
 
 @pytest.mark.slow
 def test_a_branch_trains_on_from_another_runs_checkpoint(prefect_api_url, wmtp_home, tiny_recipe):
     _train_4_steps(tiny_recipe, "source")
     source_step_2 = wmtp_home / "runs" / "source" / "checkpoints" / "step_00000002"
-    branch = tiny_recipe.model_copy(update={"run": tiny_recipe.run.model_copy(update={"name": "branch"}),
-                                            "tracking": tiny_recipe.tracking.model_copy(update={"enabled": False})})
+    branch = tiny_recipe.model_copy(
+        update={
+            "run": tiny_recipe.run.model_copy(update={"name": "branch"}),
+            "tracking": tiny_recipe.tracking.model_copy(update={"enabled": False}),
+        }
+    )
     state = wmtp_train(recipe=branch, resume=str(source_step_2), return_state=True)
     assert state.is_completed(), state.message
     summary = _summary(wmtp_home, "branch")
@@ -113,7 +124,9 @@ def test_resume_of_a_complete_run_completes_at_once_with_a_message(prefect_api_u
 
 
 @pytest.mark.slow
-def test_time_budget_stops_at_a_checkpoint_and_the_next_resume_finishes_the_run(prefect_api_url, wmtp_home, tiny_recipe):
+def test_time_budget_stops_at_a_checkpoint_and_the_next_resume_finishes_the_run(
+    prefect_api_url, wmtp_home, tiny_recipe
+):
     _train_4_steps(tiny_recipe, "budgeted")
     stopped = wmtp_resume(run_name="budgeted", target_steps=8, budget_minutes=1e-6, return_state=True)
     assert stopped.is_completed() and stopped.message.startswith("stopped by the time budget at step 5 of 8")
@@ -132,7 +145,8 @@ def test_time_budget_stops_at_a_checkpoint_and_the_next_resume_finishes_the_run(
 
 
 class FailOnceAtStep7(TrainingProgress):
-    """The progress callback, failing once at step 7, after the step-6 save: training dies mid-run on its first attempt."""
+    """The progress callback, failing once at step 7, after the step-6 save: training dies mid-run "
+    "on its first attempt."""
 
     failures = 0
 
@@ -145,7 +159,8 @@ class FailOnceAtStep7(TrainingProgress):
 
 @pytest.mark.slow
 def test_a_training_failure_is_retried_from_the_last_save_and_reaches_the_same_step(
-        prefect_api_url, wmtp_home, tiny_recipe, monkeypatch):
+    prefect_api_url, wmtp_home, tiny_recipe, monkeypatch
+):
     _train_4_steps(tiny_recipe, "faulty")
     monkeypatch.setattr(tasks.training, "TrainingProgress", FailOnceAtStep7)
     state = wmtp_resume(run_name="faulty", target_steps=8, return_state=True)
@@ -156,4 +171,6 @@ def test_a_training_failure_is_retried_from_the_last_save_and_reaches_the_same_s
     messages = [(log.name, log.level, log.message) for log in logs]
     assert any(m.startswith("resuming from") and m.endswith("step_00000006 (step 6)") for _, _, m in messages)
     # the core library's own progress lines reach the run log at INFO
-    assert ("wmtp_core.training.loop", 20) in {(name, level) for name, level, m in messages if m.startswith("step 8/8 loss")}
+    assert ("wmtp_core.training.loop", 20) in {
+        (name, level) for name, level, m in messages if m.startswith("step 8/8 loss")
+    }

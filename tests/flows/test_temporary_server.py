@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import wmtp_environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,8 +55,10 @@ def test_the_server_launches_before_torch_loads_and_the_flow_run_uses_it(tmp_pat
 
 
 def test_with_a_server_url_set_nothing_is_started(tmp_path):
-    code = ("import sys; from flows.temporary_server import start_temporary_server; start_temporary_server()(); "
-            "print('prefect.server.api.server' in sys.modules)")
+    code = (
+        "import sys; from flows.temporary_server import start_temporary_server; start_temporary_server()(); "
+        "print('prefect.server.api.server' in sys.modules)"
+    )
     out = _run(code, wmtp_environment(tmp_path, api_url="http://127.0.0.1:9/api"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"

@@ -11,8 +11,8 @@ from mlflow import MlflowClient
 import tasks.training
 from flows.train import wmtp_train
 from tasks.tracking import PENDING_UPLOADS_FILE, MetricsSink, tracking_uri
-from wmtp_core.config import PhaseGates
 from wmtp_core.checkpoint.manifest import list_checkpoints
+from wmtp_core.config import PhaseGates
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +22,12 @@ def _summary(home, run_name):
 
 
 def _named(recipe, name, **train):
-    return recipe.model_copy(update={
-        "run": recipe.run.model_copy(update={"name": name}),
-        "train": recipe.train.model_copy(update=train),
-    })
+    return recipe.model_copy(
+        update={
+            "run": recipe.run.model_copy(update={"name": name}),
+            "train": recipe.train.model_copy(update=train),
+        }
+    )
 
 
 def _artifacts(run_id, path=None):
@@ -37,7 +39,9 @@ def _flow_run_artifact_keys(flow_run_id):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return [artifact.key for artifact in found]
 
 
@@ -58,10 +62,15 @@ def test_train_flow_checkpoints_logs_and_summarises(prefect_api_url, wmtp_home, 
     assert _artifacts(run.info.run_id, "checkpoints") == ["checkpoints/step_00000002", "checkpoints/step_00000004"]
     assert "summary.json" in _artifacts(run.info.run_id)
     assert sorted(_flow_run_artifact_keys(state.state_details.flow_run_id)) == [
-        "wmtp-checkpoints-flow-ok", "wmtp-progress-flow-ok", "wmtp-summary-flow-ok"]
+        "wmtp-checkpoints-flow-ok",
+        "wmtp-progress-flow-ok",
+        "wmtp-summary-flow-ok",
+    ]
 
 
-def test_a_sharded_run_ends_its_mlflow_run_with_a_final_model_and_owes_no_uploads(prefect_api_url, wmtp_home, tiny_recipe):
+def test_a_sharded_run_ends_its_mlflow_run_with_a_final_model_and_owes_no_uploads(
+    prefect_api_url, wmtp_home, tiny_recipe
+):
     recipe = _named(tiny_recipe, "flow-sharded")
     recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"format": "sharded"})})
     state = wmtp_train(recipe=recipe, return_state=True)
@@ -72,7 +81,9 @@ def test_a_sharded_run_ends_its_mlflow_run_with_a_final_model_and_owes_no_upload
     assert not (wmtp_home / "runs" / "flow-sharded" / PENDING_UPLOADS_FILE).exists()
 
 
-def test_phases_parameter_overrides_the_recipe_and_legacy_checkpoint_fails_with_one_line(prefect_api_url, wmtp_home, tiny_recipe):
+def test_phases_parameter_overrides_the_recipe_and_legacy_checkpoint_fails_with_one_line(
+    prefect_api_url, wmtp_home, tiny_recipe
+):
     state = wmtp_train(recipe=_named(tiny_recipe, "legacy"), phases=PhaseGates(checkpoint=False), return_state=True)
     assert state.is_failed()
     summary = _summary(wmtp_home, "legacy")

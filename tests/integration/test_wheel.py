@@ -26,8 +26,7 @@ print(json.dumps({"module": wmtp_core.__file__, "accumulation": recipe.train.gra
 
 
 def _run(command: list, *, cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{command[:3]} failed:\n{out.stderr[-3000:]}"
     return out.stdout
 
@@ -40,13 +39,30 @@ def test_the_wheel_installs_in_a_fresh_environment_and_runs_from_outside_the_che
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH") and not k.startswith("UV_")}
     _run([uv, "build", "--wheel", "--out-dir", tmp_path / "dist"], cwd=ROOT, env=env)
     constraints = tmp_path / "constraints.txt"
-    _run([uv, "export", "--frozen", "--format", "requirements-txt", "--no-dev", "--no-hashes", "--no-emit-project",
-          "--output-file", constraints], cwd=ROOT, env=env)
+    _run(
+        [
+            uv,
+            "export",
+            "--frozen",
+            "--format",
+            "requirements-txt",
+            "--no-dev",
+            "--no-hashes",
+            "--no-emit-project",
+            "--output-file",
+            constraints,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     (wheel,) = (tmp_path / "dist").glob("wmtp-*.whl")
     venv = tmp_path / "venv"
     _run([uv, "venv", "--python", sys.executable, venv], cwd=tmp_path, env=env)
-    _run([uv, "pip", "install", "--python", venv / "bin" / "python", "--constraint", constraints, wheel],
-         cwd=tmp_path, env=env)
+    _run(
+        [uv, "pip", "install", "--python", venv / "bin" / "python", "--constraint", constraints, wheel],
+        cwd=tmp_path,
+        env=env,
+    )
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env["WMTP_HOME"] = str(outside / ".wmtp")

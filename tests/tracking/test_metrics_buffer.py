@@ -62,7 +62,10 @@ def test_points_still_unsent_at_close_go_to_the_pending_file(tmp_path):
     sink(2, {"loss": 0.25})
     assert sink.close(timeout_s=5) == 3
     assert [(key, value, step) for key, value, _, step in read_pending(pending)] == [
-        ("loss", 0.5, 1), ("lr", 0.1, 1), ("loss", 0.25, 2)]
+        ("loss", 0.5, 1),
+        ("lr", 0.1, 1),
+        ("loss", 0.25, 2),
+    ]
 
 
 def test_close_returns_as_soon_as_everything_is_sent(tmp_path):

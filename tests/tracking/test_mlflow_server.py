@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import WMTP, wmtp_environment
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import WMTP, wmtp_environment
-from wmtp_core.config import Recipe
 from wmtp_core.checkpoint.final_model import load_final_model
+from wmtp_core.config import Recipe
 
 # The default-size model (about 0.2 s a step on two cores), so training outlives a server restart.
 OUTAGE_TRAIN = dict(max_steps=240, log_every=2, save_every=60, eval_every=60, warmup_steps=10)
@@ -40,14 +40,22 @@ def assert_checkpoints_uploaded_intact(mlflow: MlflowClient, run_id: str, run_di
     assert checkpoints
     for checkpoint in checkpoints:
         for file in checkpoint.iterdir():
-            remote = mlflow.download_artifacts(run_id, f"checkpoints/{checkpoint.name}/{file.name}", str(tmp_path / "dl"))
+            remote = mlflow.download_artifacts(
+                run_id, f"checkpoints/{checkpoint.name}/{file.name}", str(tmp_path / "dl")
+            )
             assert _sha256(Path(remote)) == _sha256(file), file
 
 
-def test_flow_run_logs_params_metric_histories_and_artifacts(tmp_path, tiny_recipe, prefect_api_url, mlflow_server, run_wmtp):
+def test_flow_run_logs_params_metric_histories_and_artifacts(
+    tmp_path, tiny_recipe, prefect_api_url, mlflow_server, run_wmtp
+):
     recipe = _recipe_file(tmp_path, tiny_recipe, max_steps=6, log_every=1, save_every=3, eval_every=3)
-    summary = run_wmtp(["train", "--recipe", str(recipe), "--set", "run.name=served"], home=tmp_path / "home",
-                       api_url=prefect_api_url, mlflow_uri=mlflow_server.uri)
+    summary = run_wmtp(
+        ["train", "--recipe", str(recipe), "--set", "run.name=served"],
+        home=tmp_path / "home",
+        api_url=prefect_api_url,
+        mlflow_uri=mlflow_server.uri,
+    )
     mlflow = MlflowClient(mlflow_server.uri)
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.params["model.d_model"] == "32" and run.data.params["train.max_steps"] == "6"
@@ -65,7 +73,17 @@ def test_flow_run_logs_params_metric_histories_and_artifacts(tmp_path, tiny_reci
 
 
 def _start_training(tmp_path, recipe, *, name, api_url, server, phases_api):
-    args = [WMTP, "train", "--recipe", str(recipe), "--set", f"run.name={name}", "--set", f"phases.api={phases_api}", "--json"]
+    args = [
+        WMTP,
+        "train",
+        "--recipe",
+        str(recipe),
+        "--set",
+        f"run.name={name}",
+        "--set",
+        f"phases.api={phases_api}",
+        "--json",
+    ]
     env = wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=server.uri)
     log = (tmp_path / f"{name}.stderr").open("w")
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -87,7 +105,9 @@ def _wait_for_logged_step(server, run_dir: Path, step: int, process, timeout_s: 
 def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, prefect_api_url, mlflow_server):
     recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
     run_dir = tmp_path / "home" / "runs" / "outage"
-    process = _start_training(tmp_path, recipe, name="outage", api_url=prefect_api_url, server=mlflow_server, phases_api="true")
+    process = _start_training(
+        tmp_path, recipe, name="outage", api_url=prefect_api_url, server=mlflow_server, phases_api="true"
+    )
     run_id = _wait_for_logged_step(mlflow_server, run_dir, 6, process)
     mlflow_server.stop()
     time.sleep(3)
@@ -109,7 +129,9 @@ def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, pre
 def test_server_outage_fails_the_run_on_the_legacy_tracking_path(tmp_path, prefect_api_url, mlflow_server):
     recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
     run_dir = tmp_path / "home" / "runs" / "legacy"
-    process = _start_training(tmp_path, recipe, name="legacy", api_url=prefect_api_url, server=mlflow_server, phases_api="false")
+    process = _start_training(
+        tmp_path, recipe, name="legacy", api_url=prefect_api_url, server=mlflow_server, phases_api="false"
+    )
     _wait_for_logged_step(mlflow_server, run_dir, 6, process)
     mlflow_server.stop()
     stdout, _ = process.communicate(timeout=600)

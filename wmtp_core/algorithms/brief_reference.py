@@ -19,9 +19,7 @@ BRIEF_REFERENCE_DIR = "reference"
 def needs_brief_reference(recipe: Recipe) -> bool:
     rho1 = recipe.rho1
     return (
-        recipe.train.algorithm == "rho1-wmtp"
-        and rho1.reference_checkpoint is None
-        and rho1.reference_hf_model is None
+        recipe.train.algorithm == "rho1-wmtp" and rho1.reference_checkpoint is None and rho1.reference_hf_model is None
     )
 
 

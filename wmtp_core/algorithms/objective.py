@@ -11,9 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from wmtp_core.config import Recipe
-from wmtp_core.runtime.devices import DevicePlan, autocast_context
-from wmtp_core.algorithms.losses import head_cross_entropy, mean_ce_per_head, token_weighted_loss, valid_mask, weighted_mtp_loss
+from wmtp_core.algorithms.losses import (
+    head_cross_entropy,
+    mean_ce_per_head,
+    token_weighted_loss,
+    valid_mask,
+    weighted_mtp_loss,
+)
 from wmtp_core.algorithms.weights import (
     critic_head_scores,
     gae_returns,
@@ -24,6 +28,8 @@ from wmtp_core.algorithms.weights import (
     token_skip_selection,
     weight_stats,
 )
+from wmtp_core.config import Recipe
+from wmtp_core.runtime.devices import DevicePlan, autocast_context
 
 Metrics = dict[str, torch.Tensor]
 

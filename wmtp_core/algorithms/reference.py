@@ -1,5 +1,6 @@
 """The rho1-wmtp reference model, loaded frozen: a checkpoint of this project (builtin or hf trunk), a Hugging Face
-causal LM (rho1.reference_hf_model), or the brief reference trained before the run (wmtp_core.algorithms.brief_reference).
+causal LM (rho1.reference_hf_model), or the brief reference trained before the run
+(wmtp_core.algorithms.brief_reference).
 
 The reference runs under no_grad in eval mode; only its next-token head (head 0) is used, and its tokenizer must
 be the trunk's.
@@ -14,15 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from wmtp_core.checkpoint.storage import MODEL_FILE, check_shapes_match
-from wmtp_core.config import ModelConfig, Recipe
-from wmtp_core.runtime.devices import DevicePlan
-from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
-from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
 from wmtp_core.algorithms.brief_reference import brief_reference_dir, finished_brief_reference
 from wmtp_core.checkpoint.manifest import MANIFEST_FILE, CheckpointError, verify_checkpoint
-from wmtp_core.models.transformer import MTPTransformer
+from wmtp_core.checkpoint.storage import MODEL_FILE, check_shapes_match
+from wmtp_core.config import ModelConfig, Recipe
+from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
+from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
 from wmtp_core.models.tokenizer import ByteTokenizer, Tokenizer, check_tokenizers_agree
+from wmtp_core.models.transformer import MTPTransformer
+from wmtp_core.runtime.devices import DevicePlan
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,17 @@ def load_reference_model(path: Path, plan: DevicePlan, *, max_seq_len: int | Non
     shaped by the checkpoint's own recipe, or an hf trunk (its next-token head) from the checkpoint's hf/ export."""
     saved_model = verify_checkpoint(path)["recipe"]["model"]
     if saved_model.get("source", "builtin") == "hf":
-        model = load_hf_mtp_model(str(_hf_export(path)), horizon=1, dtype=_frozen_dtype(plan),
-                                  max_seq_len=max_seq_len or saved_model["max_seq_len"])
+        model = load_hf_mtp_model(
+            str(_hf_export(path)),
+            horizon=1,
+            dtype=_frozen_dtype(plan),
+            max_seq_len=max_seq_len or saved_model["max_seq_len"],
+        )
     else:
         model = MTPTransformer(ModelConfig(**saved_model), vocab_size=ByteTokenizer().vocab_size)
-        model_state = {name: t for name, t in load_file(path / MODEL_FILE).items() if not name.startswith("value_head.")}
+        model_state = {
+            name: t for name, t in load_file(path / MODEL_FILE).items() if not name.startswith("value_head.")
+        }
         check_shapes_match(model_state, model.state_dict(), source=path)
         model.load_state_dict(model_state)
     model.requires_grad_(False)
@@ -92,8 +99,10 @@ def checkpoint_tokenizer(path: Path) -> Tokenizer:
 def _hf_export(path: Path) -> Path:
     export = path / HF_EXPORT_DIR
     if not export.is_dir():
-        raise CheckpointError(f"{path} has no {HF_EXPORT_DIR}/ export of its trunk (a sharded checkpoint?); "
-                              "use a full-format checkpoint of that run as rho1.reference_checkpoint")
+        raise CheckpointError(
+            f"{path} has no {HF_EXPORT_DIR}/ export of its trunk (a sharded checkpoint?); "
+            "use a full-format checkpoint of that run as rho1.reference_checkpoint"
+        )
     return export
 
 

@@ -24,7 +24,8 @@ def normalize_weights(
     temperature: float,
     max_weight: float,
 ) -> torch.Tensor:
-    """head_softmax: w = softmax_k(s/T) over valid heads; token_mean1_clip: w = min(exp(s/T) / mean_valid exp(s/T), max_weight)."""
+    """head_softmax: w = softmax_k(s/T) over valid heads; token_mean1_clip: w = min(exp(s/T) / mean_valid exp(s/T),
+    max_weight)."""
     match mode:
         case "head_softmax":
             return _head_softmax(scores_BTK, mask_BTK, temperature)
@@ -42,7 +43,8 @@ def _head_softmax(scores_BTK: torch.Tensor, mask_BTK: torch.Tensor, temperature:
 
 
 def _mean_one(scores_BTK: torch.Tensor, mask_BTK: torch.Tensor, temperature: float) -> torch.Tensor:
-    """exp(s/T) on valid pairs divided by its mean over them (so that mean is exactly 1), before clipping; 0 where masked."""
+    """exp(s/T) on valid pairs divided by its mean over them (so that mean is exactly 1), before clipping; 0 where
+    masked."""
     valid_BTK = mask_BTK > 0
     if not valid_BTK.any():
         return torch.zeros_like(scores_BTK, dtype=torch.float32)
@@ -58,14 +60,20 @@ def reference_next_token_ce(ref_logits_BTV: torch.Tensor, labels_BTK: torch.Tens
     """r[b, t] = CE(ref_logits[b, t], labels[b, t, 0]) in fp32: the reference's loss on token t+1; 0 where ignored."""
     B, T, V = ref_logits_BTV.shape
     ce = F.cross_entropy(
-        ref_logits_BTV.float().reshape(B * T, V), labels_BTK[..., 0].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ref_logits_BTV.float().reshape(B * T, V),
+        labels_BTK[..., 0].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     )
     return ce.view(B, T)
 
 
 @torch.no_grad()
-def rho1_excess(ce_BTK: torch.Tensor, ref_ce_BT: torch.Tensor, mask_BTK: torch.Tensor, *, min_ce_diff: float) -> torch.Tensor:
-    """e = |ce[t, k] - ref_ce[t+k]| * 1[e >= min_ce_diff] (both predict token t+k+1); a row with no nonzero e gets e = 1."""
+def rho1_excess(
+    ce_BTK: torch.Tensor, ref_ce_BT: torch.Tensor, mask_BTK: torch.Tensor, *, min_ce_diff: float
+) -> torch.Tensor:
+    """e = |ce[t, k] - ref_ce[t+k]| * 1[e >= min_ce_diff] (both predict token t+k+1); a row with no nonzero e gets e =
+    1."""
     valid_BTK = mask_BTK > 0
     excess_BTK = (ce_BTK.detach().float() - _aligned_reference_ce(ref_ce_BT, num_heads=ce_BTK.shape[-1])).abs()
     excess_BTK = torch.where(valid_BTK & (excess_BTK >= min_ce_diff), excess_BTK, torch.zeros_like(excess_BTK))
@@ -77,7 +85,9 @@ def rho1_excess(ce_BTK: torch.Tensor, ref_ce_BT: torch.Tensor, mask_BTK: torch.T
 def _aligned_reference_ce(ref_ce_BT: torch.Tensor, *, num_heads: int) -> torch.Tensor:
     """R[b, t, k] = ref_ce[b, t+k] (the reference's CE on token t+k+1, like head k at t); 0 where t+k >= T."""
     T = ref_ce_BT.shape[1]
-    ref_pos_TK = torch.arange(T, device=ref_ce_BT.device)[:, None] + torch.arange(num_heads, device=ref_ce_BT.device)[None, :]
+    ref_pos_TK = (
+        torch.arange(T, device=ref_ce_BT.device)[:, None] + torch.arange(num_heads, device=ref_ce_BT.device)[None, :]
+    )
     gathered_BTK = ref_ce_BT.detach().float()[:, ref_pos_TK.clamp(max=T - 1)]
     return torch.where(ref_pos_TK < T, gathered_BTK, torch.zeros_like(gathered_BTK))
 
@@ -111,7 +121,9 @@ def spread_rewards(rewards_B: torch.Tensor, valid_BT: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def value_pretrain_targets(rewards_BT: torch.Tensor, valid_BT: torch.Tensor, *, gamma: float, gae_lambda: float) -> torch.Tensor:
+def value_pretrain_targets(
+    rewards_BT: torch.Tensor, valid_BT: torch.Tensor, *, gamma: float, gae_lambda: float
+) -> torch.Tensor:
     """Stage 1 targets: GAE with zero values, i.e. discounted_cumsum(r, gamma * lambda), 0 on padding."""
     valid = valid_BT > 0
     rewards_BT = torch.where(valid, rewards_BT.float(), torch.zeros_like(rewards_BT, dtype=torch.float32))
@@ -131,24 +143,35 @@ def gae_returns(
 
 
 @torch.no_grad()
-def critic_head_scores(values_BT: torch.Tensor, valid_BT: torch.Tensor, *, discount_lambda: float, horizon: int) -> torch.Tensor:
+def critic_head_scores(
+    values_BT: torch.Tensor, valid_BT: torch.Tensor, *, discount_lambda: float, horizon: int
+) -> torch.Tensor:
     """u[b, t, k] = delta[b, t+k+1] with delta_t = V_t - discount_lambda * V_(t-1) (V_(-1) = 0); 0 where t+k+1 >= T."""
     valid = valid_BT > 0
     values_BT = torch.where(valid, values_BT.detach().float(), torch.zeros_like(values_BT, dtype=torch.float32))
     deltas_BT = values_BT - discount_lambda * F.pad(values_BT[:, :-1], (1, 0))
     T = values_BT.shape[1]
-    pos_TK = torch.arange(T, device=values_BT.device)[:, None] + torch.arange(1, horizon + 1, device=values_BT.device)[None, :]
+    pos_TK = (
+        torch.arange(T, device=values_BT.device)[:, None]
+        + torch.arange(1, horizon + 1, device=values_BT.device)[None, :]
+    )
     gathered_BTK = deltas_BT[:, pos_TK.clamp(max=T - 1)]
     return torch.where(pos_TK < T, gathered_BTK, torch.zeros_like(gathered_BTK))
 
 
 @torch.no_grad()
 def weight_stats(weights_BTK: torch.Tensor, mask_BTK: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean/max/min of w over valid entries and mean over positions of -sum_k p log p, p = w / sum_k w (0-dim tensors)."""
+    """Mean/max/min of w over valid entries and mean over positions of -sum_k p log p, p = w / sum_k "
+    "w (0-dim tensors)."""
     valid_BTK = mask_BTK > 0
     if not valid_BTK.any():
         zero = torch.zeros((), device=weights_BTK.device)
-        return {"weight_mean": zero, "weight_max": zero.clone(), "weight_min": zero.clone(), "weight_entropy": zero.clone()}
+        return {
+            "weight_mean": zero,
+            "weight_max": zero.clone(),
+            "weight_min": zero.clone(),
+            "weight_entropy": zero.clone(),
+        }
     w_BTK = torch.where(valid_BTK, weights_BTK.detach().float(), torch.zeros_like(weights_BTK, dtype=torch.float32))
     valid_w = w_BTK[valid_BTK]
     return {
@@ -161,6 +184,8 @@ def weight_stats(weights_BTK: torch.Tensor, mask_BTK: torch.Tensor) -> dict[str,
 
 def _head_entropy(w_BTK: torch.Tensor) -> torch.Tensor:
     total_BT1 = w_BTK.sum(-1, keepdim=True)
-    p_BTK = torch.where(total_BT1 > 0, w_BTK / total_BT1.clamp_min(torch.finfo(w_BTK.dtype).tiny), torch.zeros_like(w_BTK))
+    p_BTK = torch.where(
+        total_BT1 > 0, w_BTK / total_BT1.clamp_min(torch.finfo(w_BTK.dtype).tiny), torch.zeros_like(w_BTK)
+    )
     # 0 log 0 = 0: the log of a zero p is replaced before the product so it never meets -inf.
     return -(p_BTK * torch.log(torch.where(p_BTK > 0, p_BTK, torch.ones_like(p_BTK)))).sum(-1)

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, verify_checkpoint
 from wmtp_core.checkpoint.storage import MODEL_FILE, load_sharded
 from wmtp_core.config import ModelConfig
-from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model, save_mtp_pretrained
-from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, verify_checkpoint
-from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.models.build import build_model, build_tokenizer
+from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model, save_mtp_pretrained
 from wmtp_core.models.tokenizer import ByteTokenizer
+from wmtp_core.models.transformer import MTPTransformer
 
 
 def write_final_model(checkpoint: Path, out: Path) -> None:

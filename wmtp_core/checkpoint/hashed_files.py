@@ -24,10 +24,20 @@ _INLINE_BYTES = 1 << 16
 # safetensors dtype names, in the order the reference writer (safetensors.torch.save_file) lays tensors out:
 # widest first, so every tensor's data stays aligned to its element size.
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64",
-    torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32",
-    torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint64: "U64",
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.uint32: "U32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.uint16: "U16",
+    torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 _LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
@@ -79,7 +89,7 @@ class HashingFile:
 
     def _write_all(self, view: memoryview) -> None:
         while view.nbytes:
-            view = view[self._file.write(view):]
+            view = view[self._file.write(view) :]
 
 
 def torch_save_hashed(obj, path: Path) -> dict:
@@ -110,8 +120,11 @@ def save_safetensors_hashed(tensors: dict[str, torch.Tensor], path: Path, *, pip
     header, offset = {}, 0
     for name, tensor in ordered:
         nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
@@ -125,8 +138,10 @@ def save_safetensors_hashed(tensors: dict[str, torch.Tensor], path: Path, *, pip
 
 def _layout_rank(name: str, tensor: torch.Tensor) -> int:
     if tensor.dtype not in _LAYOUT_RANK:
-        raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which a checkpoint's model.safetensors cannot hold; "
-                        f"supported: {', '.join(str(dtype) for dtype in SAFETENSORS_DTYPES)}")
+        raise TypeError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which a checkpoint's model.safetensors cannot hold; "
+            f"supported: {', '.join(str(dtype) for dtype in SAFETENSORS_DTYPES)}"
+        )
     return _LAYOUT_RANK[tensor.dtype]
 
 

@@ -50,11 +50,15 @@ def verify_checkpoint(path: Path, *, checksums: bool = True) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {MANIFEST_FILE}: the save did not finish (or it was just pruned)") from None
+        raise CheckpointError(
+            f"{path} has no {MANIFEST_FILE}: the save did not finish (or it was just pruned)"
+        ) from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({error.msg})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest_path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{manifest_path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}"
+        )
     for name, expected in manifest["files"].items():
         _verify_file(path / name, expected, checksum=checksums)
     return manifest
@@ -101,8 +105,11 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
 def describe_files(directory: Path, *, skip: set[str] = frozenset()) -> dict[str, dict]:
     """describe_file of every file under directory (subdirectories included, names in skip left out), keyed by
     relative POSIX path. Files are hashed in parallel threads (hashlib releases the GIL)."""
-    files = [path for path in sorted(directory.rglob("*"))
-             if path.is_file() and path.relative_to(directory).as_posix() not in skip]
+    files = [
+        path
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.relative_to(directory).as_posix() not in skip
+    ]
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(files)))) as pool:
         described = list(pool.map(describe_file, files))
     return {path.relative_to(directory).as_posix(): entry for path, entry in zip(files, described)}

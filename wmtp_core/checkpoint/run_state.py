@@ -37,7 +37,14 @@ from wmtp_core.checkpoint.storage import (
 )
 from wmtp_core.checkpoint.writer import CheckpointWriter
 from wmtp_core.config import Recipe
-from wmtp_core.runtime.distributed import DistContext, background_group, barrier, broadcast_object, gather_objects, unwrap
+from wmtp_core.runtime.distributed import (
+    DistContext,
+    background_group,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    unwrap,
+)
 
 
 @dataclass(frozen=True)
@@ -78,12 +85,25 @@ def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, setting
         "rng_per_rank": gather_objects(capture_rng(), ctx),
         "progress": progress,
     }
-    manifest = {"recipe": recipe.model_dump(mode="json"), "torch_version": torch.__version__,
-                "world_size": ctx.world_size, **settings.manifest_extra}
+    manifest = {
+        "recipe": recipe.model_dump(mode="json"),
+        "torch_version": torch.__version__,
+        "world_size": ctx.world_size,
+        **settings.manifest_extra,
+    }
     settle = (lambda path: _settle(path, run_dir, recipe.train.keep_last)) if ctx.is_main else None
     if recipe.checkpoint.format == "sharded":
-        _submit_sharded(pieces, run_dir, step, train_state, manifest, ctx=ctx, writer=writer, settle=settle,
-                        timeout_s=recipe.devices.timeout_s)
+        _submit_sharded(
+            pieces,
+            run_dir,
+            step,
+            train_state,
+            manifest,
+            ctx=ctx,
+            writer=writer,
+            settle=settle,
+            timeout_s=recipe.devices.timeout_s,
+        )
         return
     model_state, optim_state = settings.state_dicts.gather(pieces.model, pieces.optimizer, ctx)
     if writer.background:
@@ -95,10 +115,18 @@ def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, setting
         writer.submit(lambda: _save_full(run_dir, step, model_state, train_state, manifest, pieces.export), settle)
 
 
-def _save_full(run_dir: Path, step: int, model_state: dict, train_state: dict, manifest: dict,
-               export: Callable | None = None) -> Path:
-    path = save_checkpoint(run_dir, step=step, model_state=model_state, train_state=train_state, manifest_extra=manifest,
-                           export=export, durable=False)
+def _save_full(
+    run_dir: Path, step: int, model_state: dict, train_state: dict, manifest: dict, export: Callable | None = None
+) -> Path:
+    path = save_checkpoint(
+        run_dir,
+        step=step,
+        model_state=model_state,
+        train_state=train_state,
+        manifest_extra=manifest,
+        export=export,
+        durable=False,
+    )
     log.info("saved checkpoint %s", path)
     return path
 
@@ -109,9 +137,18 @@ def _settle(path: Path, run_dir: Path, keep_last: int) -> None:
     prune_checkpoints(run_dir, keep_last=keep_last)
 
 
-def _submit_sharded(pieces: RunPieces, run_dir: Path, step: int, train_state: dict, manifest: dict, *,
-                    ctx: DistContext, writer: CheckpointWriter, settle: Callable[[Path], None] | None,
-                    timeout_s: int) -> None:
+def _submit_sharded(
+    pieces: RunPieces,
+    run_dir: Path,
+    step: int,
+    train_state: dict,
+    manifest: dict,
+    *,
+    ctx: DistContext,
+    writer: CheckpointWriter,
+    settle: Callable[[Path], None] | None,
+    timeout_s: int,
+) -> None:
     """Every rank writes its own shards, then rank 0 publishes. In the background (async_save) the shards are
     first copied to CPU (the live ones keep training), and the write's collectives run on a process group of their
     own, apart from training's."""
@@ -131,14 +168,28 @@ def _submit_sharded(pieces: RunPieces, run_dir: Path, step: int, train_state: di
     writer.submit(write, settle)
 
 
-def _publish_sharded(staging: Path, run_dir: Path, step: int, train_state: dict, manifest: dict, *,
-                     ctx: DistContext, group: dist.ProcessGroup | None = None) -> Path:
+def _publish_sharded(
+    staging: Path,
+    run_dir: Path,
+    step: int,
+    train_state: dict,
+    manifest: dict,
+    *,
+    ctx: DistContext,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
     """Rank 0 adds train_state.pt and the manifest to the shards every rank has written, and publishes."""
     path = None
     if ctx.is_main:
         described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE)}
-        path = publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "sharded", **manifest},
-                                  described=described, durable=False)
+        path = publish_checkpoint(
+            staging,
+            run_dir,
+            step=step,
+            manifest_extra={"format": "sharded", **manifest},
+            described=described,
+            durable=False,
+        )
         log.info("saved sharded checkpoint %s", path)
     barrier(ctx, group)  # no rank moves on (or exits) before the checkpoint is published
     return broadcast_object(path, ctx, group)
@@ -154,15 +205,25 @@ def restore_run_checkpoint(pieces: RunPieces, path: Path, *, ctx: DistContext, s
     else:
         check_shapes_match(model_state, unwrap(pieces.model).state_dict(), source=path)
         full_here = ctx.is_main or not state_dicts.reads_on_rank0_only
-        state_dicts.restore(pieces.model, pieces.optimizer, model_state if full_here else {},
-                            train_state["optimizer"] if full_here else {}, ctx)
+        state_dicts.restore(
+            pieces.model,
+            pieces.optimizer,
+            model_state if full_here else {},
+            train_state["optimizer"] if full_here else {},
+            ctx,
+        )
     pieces.scheduler.load_state_dict(train_state["scheduler"])
     if train_state["scaler"]:
         pieces.scaler.load_state_dict(train_state["scaler"])
     restore_rng(_rng_for_rank(train_state["rng_per_rank"], ctx, saved_world=manifest["world_size"]))
     progress = train_state["progress"]
-    log.info("resumed from %s at step %d (saved by %d processes, now %d)", path, progress["step"],
-             manifest["world_size"], ctx.world_size)
+    log.info(
+        "resumed from %s at step %d (saved by %d processes, now %d)",
+        path,
+        progress["step"],
+        manifest["world_size"],
+        ctx.world_size,
+    )
     return progress
 
 

@@ -42,12 +42,19 @@ MODEL_FILE, STATE_FILE, SHARDED_DIR = "model.safetensors", "train_state.pt", "sh
 
 
 def save_checkpoint(
-    run_dir: Path, *, step: int, model_state: dict[str, torch.Tensor], train_state: dict, manifest_extra: dict,
-    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None, durable: bool = True,
+    run_dir: Path,
+    *,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict,
+    manifest_extra: dict,
+    export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None,
+    durable: bool = True,
 ) -> Path:
     """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced.
 
-    The two files are written at the same time, each hashed while it is written (wmtp_core.checkpoint.hashed_files): the sha256
+    The two files are written at the same time, each hashed while it is written (wmtp_core.checkpoint.hashed_files):
+    the sha256
     is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its hash, the
     model file hashes in its own writing thread). export(staging, model_state) may add files (an hf
     run's save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint.
@@ -58,8 +65,14 @@ def save_checkpoint(
         described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE), MODEL_FILE: model_file.result()}
     if export is not None:
         export(staging, model_state)
-    return publish_checkpoint(staging, run_dir, step=step, manifest_extra={"format": "full", **manifest_extra},
-                              described=described, durable=durable)
+    return publish_checkpoint(
+        staging,
+        run_dir,
+        step=step,
+        manifest_extra={"format": "full", **manifest_extra},
+        described=described,
+        durable=durable,
+    )
 
 
 def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
@@ -74,12 +87,18 @@ def write_sharded(staging: Path, shards: dict, *, process_group: dist.ProcessGro
     """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory); the
     write's collectives run on process_group (None: the default group)."""
     with _single_process_is_intended():
-        dcp.save(shards, checkpoint_id=staging / SHARDED_DIR, process_group=process_group,
-                 no_dist=not dist.is_initialized())
+        dcp.save(
+            shards, checkpoint_id=staging / SHARDED_DIR, process_group=process_group, no_dist=not dist.is_initialized()
+        )
 
 
 def publish_checkpoint(
-    staging: Path, run_dir: Path, *, step: int, manifest_extra: dict, described: dict | None = None,
+    staging: Path,
+    run_dir: Path,
+    *,
+    step: int,
+    manifest_extra: dict,
+    described: dict | None = None,
     durable: bool = True,
 ) -> Path:
     """Write the manifest last and rename staging to step_<step> atomically; files not in `described` (manifest
@@ -131,7 +150,9 @@ def load_train_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
-        raise CheckpointError(f"{path} holds objects that are not plain data; refusing it ({error})".splitlines()[0]) from None
+        raise CheckpointError(
+            f"{path} holds objects that are not plain data; refusing it ({error})".splitlines()[0]
+        ) from None
 
 
 def load_sharded(path: Path, template: dict) -> None:
@@ -152,11 +173,14 @@ def convert_to_full(path: Path, run_dir: Path) -> Path:
         full = torch.load(gathered, map_location="cpu", weights_only=True)
     train_state = {**load_train_state(path / STATE_FILE), "optimizer": full["optimizer"]}
     extra = {k: v for k, v in manifest.items() if k not in ("format_version", "step", "files", "format")}
-    return save_checkpoint(run_dir, step=manifest["step"], model_state=full["model"], train_state=train_state,
-                           manifest_extra=extra)
+    return save_checkpoint(
+        run_dir, step=manifest["step"], model_state=full["model"], train_state=train_state, manifest_extra=extra
+    )
 
 
-def check_shapes_match(model_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, source: Path) -> None:
+def check_shapes_match(
+    model_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, source: Path
+) -> None:
     """Refuse a checkpoint from a differently shaped model, naming the tensors that do not fit."""
     missing = sorted(set(expected) - set(model_state))
     unexpected = sorted(set(model_state) - set(expected))
@@ -168,7 +192,9 @@ def check_shapes_match(model_state: dict[str, torch.Tensor], expected: dict[str,
     problems = [f"missing {missing[:5]}"] * bool(missing) + [f"unexpected {unexpected[:5]}"] * bool(unexpected)
     problems += mismatched[:5]
     if problems:
-        raise CheckpointError(f"{source} does not fit this model (check the model.* recipe keys): {'; '.join(problems)}")
+        raise CheckpointError(
+            f"{source} does not fit this model (check the model.* recipe keys): {'; '.join(problems)}"
+        )
 
 
 @contextlib.contextmanager

@@ -44,9 +44,14 @@ class CheckpointWriter:
         at the next save, so this first waits for the pending write, which may still be reading them."""
         self.wait()
         if self._stager is None:
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=pin_memory,
-                                                        use_shared_memory=False, use_async_staging=False,
-                                                        use_non_blocking_copy=False))
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=pin_memory,
+                    use_shared_memory=False,
+                    use_async_staging=False,
+                    use_non_blocking_copy=False,
+                )
+            )
         return self._stager.stage(shards)
 
     def wait(self) -> Path | None:

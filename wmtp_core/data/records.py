@@ -35,7 +35,9 @@ def builtin_dataset_path() -> Path:
 def load_records(path: Path) -> list[Record]:
     """Read a JSONL file in the MBPP schema; a malformed line raises DataError naming file and line."""
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist (set data.path to a JSONL file, or null for the built-in set)")
+        raise DataError(
+            f"data file {path} does not exist (set data.path to a JSONL file, or null for the built-in set)"
+        )
     records = []
     with path.open(encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
@@ -78,7 +80,9 @@ def split_records(records: list[Record], *, eval_fraction: float, seed: int) -> 
     random.Random(f"wmtp-split-{seed}").shuffle(order)
     num_eval = max(1, round(len(records) * eval_fraction))
     if num_eval >= len(records):
-        raise DataError(f"{len(records)} records are too few to hold out an eval split; add data or lower data.eval_fraction")
+        raise DataError(
+            f"{len(records)} records are too few to hold out an eval split; add data or lower data.eval_fraction"
+        )
     held_out = [records[i] for i in order[:num_eval]]
     kept = [records[i] for i in order[num_eval:]]
     return kept, held_out

@@ -74,12 +74,23 @@ def epoch_batches(num_examples: int, *, batch_size: int, seed: int, epoch: int) 
 
 
 def make_loader(
-    dataset: TokenSequences, batches: list[list[int]], collator: MTPCollator, *, num_workers: int, worker_start: str = "default"
+    dataset: TokenSequences,
+    batches: list[list[int]],
+    collator: MTPCollator,
+    *,
+    num_workers: int,
+    worker_start: str = "default",
 ) -> DataLoader:
     """A DataLoader that yields exactly `batches` in order (resuming passes the remaining ones)."""
     context = None if worker_start == "default" or num_workers == 0 else worker_start
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
-                      multiprocessing_context=context, worker_init_fn=ignore_termination)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collator,
+        num_workers=num_workers,
+        multiprocessing_context=context,
+        worker_init_fn=ignore_termination,
+    )
 
 
 def ignore_termination(worker_id: int) -> None:

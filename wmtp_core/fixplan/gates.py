@@ -1,10 +1,15 @@
 """The fix plan's three gates (recipe.phases), resolved once per run into the behaviours they switch.
 
-| gate                | on (fixed)                                            | off (legacy, wmtp_core.fixplan.legacy)          |
-| phases.checkpoint   | state dicts that work for every model kind            | FSDP full-state-dict calls on any model         |
-| phases.mps          | device-aware precision, workers 0 and the profile on MPS | autocast with the configured dtype everywhere |
-| phases.api          | torch.distributed.checkpoint state dicts, FSDP2,      | FSDP.state_dict_type, FSDP1, tracking errors    |
-|                     | tracking that never stops training, explicit cleanup  | propagate, no explicit cleanup                  |
+| gate                | on (fixed)                                            | off (legacy, wmtp_core.fixplan.legacy)
+|
+| phases.checkpoint   | state dicts that work for every model kind            | FSDP full-state-dict calls on any model
+|
+| phases.mps          | device-aware precision, workers 0 and the profile on MPS | autocast with the configured dtype
+everywhere |
+| phases.api          | torch.distributed.checkpoint state dicts, FSDP2,      | FSDP.state_dict_type, FSDP1, tracking
+errors    |
+|                     | tracking that never stops training, explicit cleanup  | propagate, no explicit cleanup
+|
 
 The rest of the library is handed these behaviours and never reads a gate. This module loads no torch until
 resolve_gates is called, so Prefect tasks and flows can read the tracking policy cheaply.

@@ -70,9 +70,7 @@ def restore_with_state_dict_type(
     optimizer.load_state_dict(_optimizer_state_by_index(plain, optimizer, optim_state))
 
 
-def wrap_fsdp1(
-    model: torch.nn.Module, blocks: list[torch.nn.Module], ctx: DistContext, device: str
-) -> torch.nn.Module:
+def wrap_fsdp1(model: torch.nn.Module, blocks: list[torch.nn.Module], ctx: DistContext, device: str) -> torch.nn.Module:
     """The deprecated FullyShardedDataParallel wrapper, one unit per block class."""
     policy = ModuleWrapPolicy({type(b) for b in blocks})
     # FSDP1 on CPU must be told so (device_id cpu), else it looks for an accelerator and refuses.

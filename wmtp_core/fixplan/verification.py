@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from wmtp_core.config import PhaseGates, Recipe
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+from wmtp_core.config import PhaseGates, Recipe
 from wmtp_core.recipes import TINY_MODEL, load_recipe, recipe_to_yaml
 
 STAGES = {
@@ -33,9 +33,18 @@ STAGES = {
 MODELS = ("plain", "fsdp")
 TARGETS = {"checkpoint_save_success": 1.0, "resume_success": 1.0, "warnings": 0, "leaked_semaphores": 0}
 MAX_STEPS, SAVE_EVERY, CANCEL_AT = 12, 4, 6  # cancel well before the end: a fast child must not finish first
-TINY = [*TINY_MODEL, "train.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
-        f"train.max_steps={MAX_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=1000",
-        "data.num_workers=2", "data.worker_start=spawn", "devices.timeout_s=120"]
+TINY = [
+    *TINY_MODEL,
+    "train.warmup_steps=1",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    f"train.max_steps={MAX_STEPS}",
+    f"train.save_every={SAVE_EVERY}",
+    "train.eval_every=1000",
+    "data.num_workers=2",
+    "data.worker_start=spawn",
+    "devices.timeout_s=120",
+]
 _WARNING = re.compile(r"^\S.*?:\d+: (\w+Warning): ")
 _LEAK = re.compile(r"There appear to be (\d+) leaked semaphore")
 _STEP = re.compile(r" step (\d+)/\d+ ")
@@ -57,7 +66,9 @@ def verify_stage(stage: str, model: str, workdir: Path, *, timeout_s: float = 30
     first = _run(recipe, run_dir, resume=False, cancel_at=CANCEL_AT, timeout_s=timeout_s)
     second = _run(recipe, run_dir, resume=True, cancel_at=None, timeout_s=timeout_s)
     saved = first["saved"] + second["saved"]
-    failed_saves = int(first["error_type"] == "CheckpointSaveError") + int(second["error_type"] == "CheckpointSaveError")
+    failed_saves = int(first["error_type"] == "CheckpointSaveError") + int(
+        second["error_type"] == "CheckpointSaveError"
+    )
     warnings = first["warnings"] + second["warnings"]
     return {
         "stage": stage,
@@ -79,7 +90,8 @@ def passed(rows: list[dict], *, last_stage: str = "p1+p2+p3") -> bool:
     return bool(final) and all(
         row["checkpoint_save_success"] >= TARGETS["checkpoint_save_success"]
         and row["resume_success"] >= TARGETS["resume_success"]
-        and row["warnings"] <= TARGETS["warnings"] and row["leaked_semaphores"] <= TARGETS["leaked_semaphores"]
+        and row["warnings"] <= TARGETS["warnings"]
+        and row["leaked_semaphores"] <= TARGETS["leaked_semaphores"]
         for row in final
     )
 
@@ -89,13 +101,28 @@ def _run(recipe: Recipe, run_dir: Path, *, resume: bool, cancel_at: int | None, 
     result_file.unlink(missing_ok=True)
     latest = latest_valid_checkpoint(run_dir)
     if resume and latest is None:
-        return _outcome(status=None, output="", result={"ok": False, "error_type": "NoCheckpoint"}, step_times=[],
-                        resumed=False)
-    worker = ["-m", "wmtp_core.training.worker", "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir),
-              "--result", str(result_file)] + (["--resume", "latest"] if resume else [])
+        return _outcome(
+            status=None, output="", result={"ok": False, "error_type": "NoCheckpoint"}, step_times=[], resumed=False
+        )
+    worker = [
+        "-m",
+        "wmtp_core.training.worker",
+        "--recipe",
+        str(run_dir / "recipe.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--result",
+        str(result_file),
+    ] + (["--resume", "latest"] if resume else [])
     launcher = [sys.executable]
     if recipe.devices.nproc_per_node > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(recipe.devices.nproc_per_node)]
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(recipe.devices.nproc_per_node),
+        ]
     env = {**os.environ, "PYTHONWARNINGS": "always"}
     process = subprocess.Popen(launcher + worker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, step_times, deadline = [], [], time.monotonic() + timeout_s

@@ -173,8 +173,11 @@ def save_mtp_pretrained(model: HFMTPModel, tokenizer: HFTokenizer, out: Path, mo
     (AutoModelForCausalLM.from_pretrained loads it), its tokenizer, and the extra heads in mtp_heads.safetensors
     (so model.path=<out> trains on with every head)."""
     lm_state = {name.removeprefix("lm."): t for name, t in model_state.items() if name.startswith("lm.")}
-    heads_state = {name.removeprefix("extra_heads."): t.contiguous()
-                   for name, t in model_state.items() if name.startswith("extra_heads.")}
+    heads_state = {
+        name.removeprefix("extra_heads."): t.contiguous()
+        for name, t in model_state.items()
+        if name.startswith("extra_heads.")
+    }
     model.lm.save_pretrained(out, state_dict=lm_state)
     tokenizer.tokenizer.save_pretrained(out)
     if heads_state:
@@ -189,14 +192,18 @@ def _decoder_layers_path(lm: nn.Module) -> str:
         if isinstance(module, nn.ModuleList) and len(module) == count and count > 0:
             if not block_names or type(module[0]).__name__ in block_names:
                 return name
-    raise ValueError(f"no list of {count} decoder layers found in {type(lm).__name__}; WMTP attaches heads to "
-                     "decoder-only causal LMs (Llama, Mistral, Qwen, GPT-2, ...)")
+    raise ValueError(
+        f"no list of {count} decoder layers found in {type(lm).__name__}; WMTP attaches heads to "
+        "decoder-only causal LMs (Llama, Mistral, Qwen, GPT-2, ...)"
+    )
 
 
 def _final_norm_path(lm: nn.Module) -> str:
     """The norm the base model applies after its last layer (Llama's `norm`, GPT-2's `ln_f`, ...)."""
     norms = [name for name, child in lm.base_model.named_children() if "norm" in type(child).__name__.lower()]
     if len(norms) != 1:
-        raise ValueError(f"{type(lm).__name__}: expected one final norm module beside the decoder layers, found "
-                         f"{norms or 'none'}; this architecture is not supported as a WMTP trunk")
+        raise ValueError(
+            f"{type(lm).__name__}: expected one final norm module beside the decoder layers, found "
+            f"{norms or 'none'}; this architecture is not supported as a WMTP trunk"
+        )
     return f"{lm.base_model_prefix}.{norms[0]}"

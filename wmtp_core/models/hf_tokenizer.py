@@ -41,7 +41,11 @@ class HFTokenizer:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not add_special:
             return ids
-        return [*([self.bos_id] if self.bos_id is not None else []), *ids, *([self.eos_id] if self.eos_id is not None else [])]
+        return [
+            *([self.bos_id] if self.bos_id is not None else []),
+            *ids,
+            *([self.eos_id] if self.eos_id is not None else []),
+        ]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -50,8 +54,13 @@ class HFTokenizer:
 def load_hf_tokenizer(path: str) -> HFTokenizer:
     """The tokenizer saved beside a causal LM (a local directory or a hub id)."""
     tokenizer = import_transformers().AutoTokenizer.from_pretrained(path)
-    return HFTokenizer(tokenizer, source=path, pad_id=_pad_id(tokenizer, path), bos_id=tokenizer.bos_token_id,
-                       eos_id=tokenizer.eos_token_id)
+    return HFTokenizer(
+        tokenizer,
+        source=path,
+        pad_id=_pad_id(tokenizer, path),
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+    )
 
 
 def _pad_id(tokenizer, path: str) -> int:
@@ -62,8 +71,12 @@ def _pad_id(tokenizer, path: str) -> int:
         return unk
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer at {path} has no pad, unk or eos token to pad with; add a pad token to it")
-    log.warning("the tokenizer at %s has no pad token: padding with eos (id %d), so a sequence's final eos counts as "
-                "padding in the critic's value mask", path, tokenizer.eos_token_id)
+    log.warning(
+        "the tokenizer at %s has no pad token: padding with eos (id %d), so a sequence's final eos counts as "
+        "padding in the critic's value mask",
+        path,
+        tokenizer.eos_token_id,
+    )
     return tokenizer.eos_token_id
 
 

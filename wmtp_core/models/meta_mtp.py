@@ -48,8 +48,10 @@ def convert_meta_mtp(model_dir: Path, out_dir: Path, *, tokenizer: str) -> Path:
     lm_state, heads_state = convert_state(meta_state, config)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
     if len(hf_tokenizer) > config.vocab_size:
-        raise ValueError(f"--tokenizer {tokenizer} has {len(hf_tokenizer)} tokens but the model embeds {config.vocab_size}; "
-                         "use the tokenizer the model was trained with (Llama 2's for Meta's 7B multi-token models)")
+        raise ValueError(
+            f"--tokenizer {tokenizer} has {len(hf_tokenizer)} tokens but the model embeds {config.vocab_size}; "
+            "use the tokenizer the model was trained with (Llama 2's for Meta's 7B multi-token models)"
+        )
     with torch.device("meta"):
         lm = transformers.LlamaForCausalLM(config)
     lm.save_pretrained(out_dir, state_dict=lm_state)
@@ -102,7 +104,9 @@ def convert_state(meta_state: dict[str, torch.Tensor], config) -> tuple[dict, di
 
 def _rotary_rows(weight: torch.Tensor, name: str, config) -> torch.Tensor:
     """Meta rotates dimension pairs (2i, 2i+1) of each head, transformers (i, i + head_dim/2): reorder q/k rows."""
-    heads = {"attention.wq.weight": config.num_attention_heads, "attention.wk.weight": config.num_key_value_heads}.get(name)
+    heads = {"attention.wq.weight": config.num_attention_heads, "attention.wk.weight": config.num_key_value_heads}.get(
+        name
+    )
     if heads is None:
         return weight
     rows, cols = weight.shape
@@ -112,13 +116,17 @@ def _rotary_rows(weight: torch.Tensor, name: str, config) -> torch.Tensor:
 def _load_consolidated(model_dir: Path) -> dict[str, torch.Tensor]:
     shards = sorted(model_dir.glob("consolidated*.pth"))
     if len(shards) != 1:
-        raise ValueError(f"{model_dir}: expected one consolidated*.pth, found {len(shards)}; merge model-parallel "
-                         "shards first (the 7B models ship as one)")
+        raise ValueError(
+            f"{model_dir}: expected one consolidated*.pth, found {len(shards)}; merge model-parallel "
+            "shards first (the 7B models ship as one)"
+        )
     return torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert a Meta multi-token-prediction checkpoint for model.source=hf.")
+    parser = argparse.ArgumentParser(
+        description="Convert a Meta multi-token-prediction checkpoint for model.source=hf."
+    )
     parser.add_argument("model_dir", type=Path, help="directory with consolidated*.pth and params.json")
     parser.add_argument("out_dir", type=Path, help="where to write the transformers directory (model.path)")
     parser.add_argument("--tokenizer", required=True, help="transformers tokenizer directory or hub id (Llama 2's)")

@@ -55,8 +55,11 @@ def check_tokenizers_agree(trunk: Tokenizer, reference: Tokenizer, *, trunk_sour
     """Refuse a reference model whose tokenizer differs from the trunk's (its CE would score other tokens),
     naming both and what differs."""
     fields = ("vocab_size", "pad_id", "bos_id", "eos_id", "vocabulary_digest")
-    differs = [f"{name} {getattr(trunk, name)!r} vs {getattr(reference, name)!r}"
-               for name in fields if getattr(trunk, name) != getattr(reference, name)]
+    differs = [
+        f"{name} {getattr(trunk, name)!r} vs {getattr(reference, name)!r}"
+        for name in fields
+        if getattr(trunk, name) != getattr(reference, name)
+    ]
     if differs:
         raise ValueError(
             f"the rho1 reference's tokenizer ({reference_source}) does not match the trunk's ({trunk_source}): "

@@ -92,8 +92,10 @@ def _mps_reasons(devices: DevicesConfig, workers: int) -> tuple[str, ...]:
     if workers:
         reasons.append(f"DataLoader workers 0 on MPS ({workers} configured; worker processes leak semaphores there)")
     if devices.strategy != "single" or devices.nproc_per_node != 1:
-        reasons.append(f"devices.strategy={devices.strategy} (nproc_per_node {devices.nproc_per_node}) falls back to "
-                       "single on MPS: one MPS device per machine and torch.distributed has no MPS backend")
+        reasons.append(
+            f"devices.strategy={devices.strategy} (nproc_per_node {devices.nproc_per_node}) falls back to "
+            "single on MPS: one MPS device per machine and torch.distributed has no MPS backend"
+        )
     return tuple(reasons)
 
 
@@ -121,7 +123,9 @@ def choose_backend(backend: str, probe: EnvironmentProbe) -> tuple[str, tuple[st
         device = next(name for name in ("cuda", "mps", "cpu") if available[name])
         return device, (f"devices.backend=auto picked {device}",)
     if not available[backend]:
-        raise ValueError(f"devices.backend={backend} but this machine has no {backend}; use devices.backend=auto or cpu")
+        raise ValueError(
+            f"devices.backend={backend} but this machine has no {backend}; use devices.backend=auto or cpu"
+        )
     return backend, (f"devices.backend={backend} as configured",)
 
 

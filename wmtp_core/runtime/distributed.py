@@ -93,7 +93,9 @@ def check_strategy(strategy: str, ctx: DistContext) -> None:
         raise ValueError(f"{ctx.world_size} processes but devices.strategy=single; set devices.strategy=ddp or fsdp")
 
 
-def shard_fully(model: torch.nn.Module, blocks: list[torch.nn.Module], ctx: DistContext, device: str) -> torch.nn.Module:
+def shard_fully(
+    model: torch.nn.Module, blocks: list[torch.nn.Module], ctx: DistContext, device: str
+) -> torch.nn.Module:
     """FSDP2: each block is its own unit, the root holds the rest (embeddings, norm, unembedding)."""
     for block in blocks:
         fully_shard(block)
@@ -142,7 +144,9 @@ def reshard_after_forward_only(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def gradients_averaged_by_hand(model: torch.nn.Module, params: list[torch.nn.Parameter], ctx: DistContext) -> Iterator[None]:
+def gradients_averaged_by_hand(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], ctx: DistContext
+) -> Iterator[None]:
     """Around a backward that reaches only `params` (critic Stage 1: the value head). DDP would wait for every
     parameter's gradient, so its own reduction is off inside and params' gradients are averaged over ranks on
     exit. FSDP reduces whatever gradients exist by itself, and one process needs nothing."""

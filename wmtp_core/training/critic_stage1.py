@@ -13,11 +13,11 @@ import logging
 import torch
 
 from wmtp_core.algorithms.objective import MicroBatch
+from wmtp_core.algorithms.weights import spread_rewards, value_pretrain_targets
 from wmtp_core.config import Recipe
 from wmtp_core.runtime.devices import DevicePlan, autocast_context
 from wmtp_core.runtime.distributed import all_reduce_mean, gradients_averaged_by_hand, unwrap
 from wmtp_core.training.parts import RunParts, TrainState, batch_stream
-from wmtp_core.algorithms.weights import spread_rewards, value_pretrain_targets
 
 log = logging.getLogger(__name__)
 
@@ -59,5 +59,7 @@ def value_pretrain_loss(parts: RunParts, batch: dict, *, recipe: Recipe, plan: D
     with autocast_context(plan):
         values_BT = parts.model(mb.tokens_BT, values_only=True)  # through DDP/FSDP's forward, which they hook
     rewards_BT = spread_rewards(mb.rewards_B, mb.valid_BT)
-    targets_BT = value_pretrain_targets(rewards_BT, mb.valid_BT, gamma=recipe.critic.gamma, gae_lambda=recipe.critic.gae_lambda)
+    targets_BT = value_pretrain_targets(
+        rewards_BT, mb.valid_BT, gamma=recipe.critic.gamma, gae_lambda=recipe.critic.gae_lambda
+    )
     return ((values_BT - targets_BT) ** 2 * mb.valid_BT).sum() / mb.valid_BT.sum().clamp_min(1.0)

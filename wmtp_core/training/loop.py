@@ -110,10 +110,14 @@ def train(
     stop_reason = None
     explicit = gates.explicit_cleanup
     try:
-        with StopRequest(time_budget_s, handle_sigterm=explicit) as stop, \
-                training_resources(plan.device, explicit=explicit) as resources:
+        with (
+            StopRequest(time_budget_s, handle_sigterm=explicit) as stop,
+            training_resources(plan.device, explicit=explicit) as resources,
+        ):
             batches = resources.track(batch_stream(parts, state))
-            stop_reason = run_steps(parts, batches, state, recipe=recipe, plan=plan, report=report, save=save, stop=stop)
+            stop_reason = run_steps(
+                parts, batches, state, recipe=recipe, plan=plan, report=report, save=save, stop=stop
+            )
     finally:
         latest = writer.wait()  # never exit (or raise) with a checkpoint write still pending
     if stop_reason == "SIGTERM":
@@ -132,8 +136,15 @@ def train(
 
 
 def run_steps(
-    parts: RunParts, batches: Iterator[dict], state: TrainState, *, recipe: Recipe, plan: DevicePlan,
-    report: MetricsCallback, save: Callable[[], None], stop: StopRequest,
+    parts: RunParts,
+    batches: Iterator[dict],
+    state: TrainState,
+    *,
+    recipe: Recipe,
+    plan: DevicePlan,
+    report: MetricsCallback,
+    save: Callable[[], None],
+    stop: StopRequest,
 ) -> str | None:
     """Optimizer steps to max_steps with logging, eval and saves at their cadence; returns why it stopped early."""
     train_cfg = recipe.train
@@ -181,7 +192,9 @@ def train_step(
     grad_norm = apply_update(parts, recipe=recipe, loss_ok=math.isfinite(values["loss"]))
     if grad_norm is None:
         state.skipped_steps += 1
-        log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", state.step + 1, state.skipped_steps)
+        log.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d so far)", state.step + 1, state.skipped_steps
+        )
     state.step += 1
     values.update(lr=parts.scheduler.get_last_lr()[0], skipped_steps=float(state.skipped_steps))
     values["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
@@ -228,5 +241,10 @@ def evaluate(parts: RunParts, plan: DevicePlan) -> float:
 def log_progress(step: int, metrics: dict[str, float], recipe: Recipe) -> None:
     log.info(
         "step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f",
-        step, recipe.train.max_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"],
+        step,
+        recipe.train.max_steps,
+        metrics["loss"],
+        metrics["lr"],
+        metrics["grad_norm"],
+        metrics["tokens_per_s"],
     )

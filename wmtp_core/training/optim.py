@@ -36,7 +36,9 @@ def build_optimizer(
 def decayed_parameter_names(model: torch.nn.Module) -> set[str]:
     """Names of the parameters that get weight decay: matrices other than embeddings."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return {clean_parameter_name(name) for name, p in model.named_parameters() if p.dim() >= 2 and id(p) not in embeddings}
+    return {
+        clean_parameter_name(name) for name, p in model.named_parameters() if p.dim() >= 2 and id(p) not in embeddings
+    }
 
 
 def clean_parameter_name(name: str) -> str:

@@ -67,8 +67,9 @@ class RunParts:
         return epoch_batches(len(self.train_data), batch_size=self.batch_size, seed=self.seed, epoch=epoch)
 
     def loader(self, batches: list[list[int]]) -> DataLoader:
-        return make_loader(self.train_data, batches, self.collator, num_workers=self.num_workers,
-                           worker_start=self.worker_start)
+        return make_loader(
+            self.train_data, batches, self.collator, num_workers=self.num_workers, worker_start=self.worker_start
+        )
 
 
 def build_run_parts(
@@ -111,7 +112,9 @@ def build_run_parts(
     )
 
 
-def _fixed_eval_batches(eval_data: TokenSequences, collator: MTPCollator, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
+def _fixed_eval_batches(
+    eval_data: TokenSequences, collator: MTPCollator, recipe: Recipe
+) -> list[dict[str, torch.Tensor]]:
     size = recipe.data.batch_size
     starts = range(0, len(eval_data), size)
     return [collator([eval_data[i] for i in range(start, min(start + size, len(eval_data)))]) for start in starts][

@@ -45,8 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     outcome, status = {"ok": False}, EXIT_FAILED
     try:
         resume_from = _resume_path(args.resume, args.run_dir)
-        result = train(recipe, args.run_dir, plan=plan, resume_from=resume_from, on_metrics=print_metrics,
-                       manifest_extra=json.loads(args.manifest_extra), time_budget_s=args.time_budget_s, ctx=ctx)
+        result = train(
+            recipe,
+            args.run_dir,
+            plan=plan,
+            resume_from=resume_from,
+            on_metrics=print_metrics,
+            manifest_extra=json.loads(args.manifest_extra),
+            time_budget_s=args.time_budget_s,
+            ctx=ctx,
+        )
         outcome, status = {"ok": True, "result": asdict(result)}, 0
     except TrainingInterrupted as error:
         outcome, status = _failure(error), EXIT_TERMINATED
@@ -79,13 +87,19 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def _failure(error: BaseException) -> dict:
-    return {"ok": False, "error_type": type(error).__name__, "message": str(error).splitlines()[0] if str(error) else ""}
+    return {
+        "ok": False,
+        "error_type": type(error).__name__,
+        "message": str(error).splitlines()[0] if str(error) else "",
+    }
 
 
 def _configure_logging(rank: int, *, prefix: str) -> None:
     # Rank 0 speaks for the job; the other ranks only report problems, each line saying which rank it is.
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(stream=sys.stdout, level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        stream=sys.stdout, level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s", force=True
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
