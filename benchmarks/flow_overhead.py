@@ -6,8 +6,8 @@ Contenders, the same recipe (default model, train.max_steps=--steps, tracking en
           metrics through the tracking sink into the embedded SQLite store under $WMTP_HOME), training, checkpoint
           and summary upload, the summary artifact. All of that is the overhead measured.
 The environment is set before prefect is imported: a temporary PREFECT_HOME and $WMTP_HOME, analytics off, and the
-defaults the `wmtp` CLI sets (deployments.cli._default_prefect_environment). ONE temporary Prefect server is started
-(prefect_test_harness) before any timing; one short warm-up flow run follows (first MLflow store creation, imports),
+defaults the `wmtp` CLI sets (flows.temporary_server.default_prefect_environment). ONE temporary Prefect server is
+started (prefect_test_harness) before any timing; one short warm-up flow run follows (first MLflow store creation, imports),
 then direct and flow runs alternate (order reversed every other repeat), each in a fresh run name/directory.
 Figures: median over --repeats of flow/direct wall time (target <= 1.05), the median extra seconds, and the median
 direct/flow ratio of the loop's own tokens/s (how much of the overhead is inside the training loop).
@@ -34,9 +34,9 @@ def set_environment(scratch: Path) -> None:
     os.environ["WMTP_HOME"] = str(scratch / "home")
     for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         os.environ.pop(name, None)  # the temporary server and the embedded MLflow store, as in a default local run
-    from deployments.cli import _default_prefect_environment
+    from flows.temporary_server import default_prefect_environment
 
-    _default_prefect_environment()  # start-up timeout, core and task logs in the run log, no API logs outside flows
+    default_prefect_environment()  # start-up timeout, core and task logs in the run log, no API logs outside flows
     assert "prefect" not in sys.modules, "prefect was imported before its environment was set"
 
 

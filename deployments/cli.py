@@ -13,8 +13,8 @@ from pathlib import Path
 
 import typer
 
-from flows.temporary_server import start_temporary_server
-from tasks.locations import run_dir, wmtp_home
+from flows.temporary_server import default_prefect_environment, start_temporary_server
+from tasks.locations import run_dir
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
 from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
 from wmtp_core.data.records import builtin_dataset_path, load_records
@@ -128,7 +128,7 @@ def verify(
             file=sys.stderr,
         )
         raise typer.Exit(INVALID_INPUT)
-    _default_prefect_environment()
+    default_prefect_environment()
     server_ready = start_temporary_server()
     from flows.fixplan import wmtp_fixplan
 
@@ -195,7 +195,7 @@ def serve(
             file=sys.stderr,
         )
         raise typer.Exit(INVALID_INPUT)
-    _default_prefect_environment()
+    default_prefect_environment()
     from deployments.served import serve_deployments, served_deployments
 
     deployments = _invalid_input_guard(
@@ -251,7 +251,7 @@ def _invalid_input_guard(build):
 
 
 def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
-    _default_prefect_environment()  # before prefect is first imported: it reads its settings then
+    default_prefect_environment()  # before prefect is first imported: it reads its settings then
     server_ready = start_temporary_server()
     from flows.train import wmtp_train
     from tasks.torchrun import needs_torchrun
@@ -296,16 +296,3 @@ def _print_summary(summary: dict, *, as_json: bool) -> None:
         )
     if as_json:
         print(json.dumps(summary), flush=True)
-
-
-def _default_prefect_environment() -> None:
-    """Local-run defaults, each only when the user has not set it: a Prefect home under $WMTP_HOME, a
-    temporary-server start-up timeout that survives a slow first start, and core logs in the run log."""
-    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        prefect_home = wmtp_home() / "prefect"
-        prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
-        os.environ["PREFECT_HOME"] = str(prefect_home)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wmtp_core,tasks")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

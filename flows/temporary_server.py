@@ -1,4 +1,4 @@
-"""Prefect's temporary server, started ahead of the flow run by the CLI.
+"""Prefect for local runs: the CLI's environment defaults, and the temporary server started ahead of the flow run.
 
 A flow run without PREFECT_API_URL starts Prefect's temporary server itself and waits for it: on two cores about
 20 s the first time (it creates its database) and 8 s after that. Started first, in a background thread, it comes
@@ -8,8 +8,11 @@ The flow run then finds the same server already answering: Prefect keeps one tem
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+
+from tasks.locations import wmtp_home
 
 
 def start_temporary_server() -> Callable[[], None]:
@@ -43,3 +46,16 @@ def start_temporary_server() -> Callable[[], None]:
             raise failures[0]
 
     return wait
+
+
+def default_prefect_environment() -> None:
+    """Local-run defaults, each only when the user has not set it: a Prefect home under $WMTP_HOME, a
+    temporary-server start-up timeout that survives a slow first start, and core logs in the run log."""
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        prefect_home = wmtp_home() / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+        os.environ["PREFECT_HOME"] = str(prefect_home)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wmtp_core,tasks")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 EARLY_START = """
 import json, sys, time
-from deployments.cli import _default_prefect_environment
+from flows.temporary_server import default_prefect_environment
 from flows.temporary_server import start_temporary_server
 
-_default_prefect_environment()  # as `wmtp train` does: Prefect's home under $WMTP_HOME, a generous start-up timeout
+default_prefect_environment()  # as `wmtp train` does: Prefect's home under $WMTP_HOME, a generous start-up timeout
 from prefect.server.api.server import SubprocessASGIServer
 
 wait = start_temporary_server()

@@ -25,7 +25,7 @@ from wmtp_core.algorithms.reference import reference_checkpoint
 from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint, save_run_checkpoint
 from wmtp_core.checkpoint.writer import CheckpointWriter
 from wmtp_core.config import Recipe
-from wmtp_core.fixplan.gates import resolve_gates
+from wmtp_core.fixplan.gates import Behaviours, resolve_gates
 from wmtp_core.runtime.devices import DevicePlan, autocast_context
 from wmtp_core.runtime.distributed import (
     SINGLE,
@@ -75,21 +75,15 @@ def train(
     SIGTERM (raises TrainingInterrupted). Under torchrun every rank calls this with its DistContext.
     """
     gates = resolve_gates(recipe)
-    recipe, profile_reasons = gates.apply_device_profile(recipe, plan)
-    for reason in (f"device plan: {'; '.join(plan.reasons)}", *profile_reasons) if ctx.is_main else ():
-        log.info("%s", reason)
-    check_strategy(recipe.devices.strategy, ctx)
-    reference = None
-    if recipe.train.algorithm == "rho1-wmtp":
-        reference = reference_checkpoint(recipe, run_dir) if ctx.is_main else None
-        reference = broadcast_object(reference, ctx)  # rank 0 finds (and verifies) it; every rank loads that file
-    torch.manual_seed(recipe.seed)
-    random.seed(recipe.seed)
-    parts = build_run_parts(recipe, plan, reference_checkpoint=reference, ctx=ctx, wrap_fsdp=gates.wrap_fsdp)
+    recipe = _adjusted_to_device(recipe, plan, gates, ctx)
+    parts = build_run_parts(
+        recipe, plan, reference_checkpoint=_rho1_reference(recipe, run_dir, ctx), ctx=ctx, wrap_fsdp=gates.wrap_fsdp
+    )
     state = TrainState()
     if resume_from:
-        progress = restore_run_checkpoint(parts.pieces(), resume_from, ctx=ctx, state_dicts=gates.state_dicts)
-        state = TrainState(**progress)
+        state = TrainState(
+            **restore_run_checkpoint(parts.pieces(), resume_from, ctx=ctx, state_dicts=gates.state_dicts)
+        )
     resumed_from = state.step if resume_from else None
     report = (on_metrics or (lambda step, metrics: None)) if ctx.is_main else (lambda step, metrics: None)
     writer = CheckpointWriter(background=recipe.checkpoint.async_save)
@@ -99,13 +93,7 @@ def train(
     def save() -> None:
         save_run_checkpoint(parts.pieces(), asdict(state), step=state.step, settings=settings)
 
-    if state.initial_eval_loss is None:
-        state.initial_eval_loss = evaluate(parts, plan)
-        report(0, {"eval_loss": state.initial_eval_loss})
-    if recipe.train.algorithm == "critic-wmtp" and not state.value_head_pretrained:
-        report(state.step, pretrain_value_head(parts, recipe=recipe, plan=plan))
-        state.value_head_pretrained = True
-        save()  # at once, so a resumed critic run never redoes Stage 1
+    _before_the_first_step(parts, state, recipe=recipe, plan=plan, report=report, save=save)
     started, start_tokens = time.perf_counter(), state.tokens_seen
     stop_reason = None
     explicit = gates.explicit_cleanup
@@ -133,6 +121,37 @@ def train(
         resumed_from_step=resumed_from,
         stop_reason=stop_reason,
     )
+
+
+def _before_the_first_step(
+    parts: RunParts, state: TrainState, *, recipe: Recipe, plan: DevicePlan, report: MetricsCallback, save: Callable
+) -> None:
+    """The initial eval loss and critic Stage 1, each once per run (a resumed run has them in its checkpoint)."""
+    if state.initial_eval_loss is None:
+        state.initial_eval_loss = evaluate(parts, plan)
+        report(0, {"eval_loss": state.initial_eval_loss})
+    if recipe.train.algorithm == "critic-wmtp" and not state.value_head_pretrained:
+        report(state.step, pretrain_value_head(parts, recipe=recipe, plan=plan))
+        state.value_head_pretrained = True
+        save()  # at once, so a resumed critic run never redoes Stage 1
+
+
+def _adjusted_to_device(recipe: Recipe, plan: DevicePlan, gates: Behaviours, ctx: DistContext) -> Recipe:
+    """The recipe as the device changes it (the MPS profile), checked against the job, with the run's seeds set."""
+    recipe, profile_reasons = gates.apply_device_profile(recipe, plan)
+    for reason in (f"device plan: {'; '.join(plan.reasons)}", *profile_reasons) if ctx.is_main else ():
+        log.info("%s", reason)
+    check_strategy(recipe.devices.strategy, ctx)
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    return recipe
+
+
+def _rho1_reference(recipe: Recipe, run_dir: Path, ctx: DistContext) -> Path | None:
+    """The reference checkpoint of a rho1-wmtp run: rank 0 finds (and verifies) it, every rank loads that file."""
+    if recipe.train.algorithm != "rho1-wmtp":
+        return None
+    return broadcast_object(reference_checkpoint(recipe, run_dir) if ctx.is_main else None, ctx)
 
 
 def run_steps(
