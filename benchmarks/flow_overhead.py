@@ -7,8 +7,8 @@ Contenders, the same recipe (default model, train.max_steps=--steps, tracking en
           and summary upload, the summary artifact. All of that is the overhead measured.
 The environment is set before prefect is imported: a temporary PREFECT_HOME and $WMTP_HOME, analytics off, and the
 defaults the `wmtp` CLI sets (flows.temporary_server.default_prefect_environment). ONE temporary Prefect server is
-started (prefect_test_harness) before any timing; one short warm-up flow run follows (first MLflow store creation, imports),
-then direct and flow runs alternate (order reversed every other repeat), each in a fresh run name/directory.
+started (prefect_test_harness) before any timing; one short warm-up flow run follows (first MLflow store creation,
+imports), then direct and flow runs alternate (order reversed every other repeat), each in a fresh run name/directory.
 Figures: median over --repeats of flow/direct wall time (target <= 1.05), the median extra seconds, and the median
 direct/flow ratio of the loop's own tokens/s (how much of the overhead is inside the training loop).
 
