@@ -21,9 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wmtp_core.config import Recipe
+from wmtp_core.training.worker import EXIT_TERMINATED, METRICS_PREFIX, rank_result_file, worker_arguments
 
-METRICS_PREFIX = "WMTP_METRICS "  # the same marker wmtp_core.training.worker prints (that module imports torch)
-EXIT_TERMINATED = 143
 TERMINATE_GRACE_S = 30  # Prefect's own grace between SIGTERM and SIGKILL on cancellation
 
 
@@ -80,20 +79,9 @@ def torchrun_command(
             "--rdzv_id",
             recipe.run.name or "wmtp",
         ]
-    worker = [
-        "-m",
-        "wmtp_core.training.worker",
-        "--recipe",
-        str(run_dir / "recipe.yaml"),
-        "--run-dir",
-        str(run_dir),
-        "--result",
-        str(result_file),
-        "--manifest-extra",
-        json.dumps(manifest_extra),
-    ]
-    worker += ["--resume", str(resume)] if resume else []
-    worker += ["--time-budget-s", str(time_budget_s)] if time_budget_s is not None else []
+    worker = worker_arguments(
+        run_dir, result_file=result_file, resume=resume, manifest_extra=manifest_extra, time_budget_s=time_budget_s
+    )
     return launcher + worker
 
 
@@ -188,11 +176,6 @@ def _outcome(status: int, result_file: Path, tail: list[str]) -> dict:
     cause = f"{error_type}: {message}" if error_type else "died without reporting an error (killed?)"
     last = "\n".join(_before_torchrun_summary(tail)[-12:])
     raise RuntimeError(f"torchrun exited with status {status}: {who} failed first, {cause}; last lines:\n{last}")
-
-
-def rank_result_file(result_file: Path, rank: int) -> Path:
-    """Where rank `rank` (not 0) writes its outcome when it fails; rank 0 writes result_file itself."""
-    return result_file.with_name(f"{result_file.stem}.rank{rank}{result_file.suffix}")
 
 
 def _rank_outcome(result_file: Path, rank: int) -> dict | None:

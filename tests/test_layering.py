@@ -23,6 +23,7 @@ LAYERS = (
     ("wmtp_core.algorithms",),
     ("wmtp_core.fixplan",),
     ("wmtp_core.training",),
+    ("wmtp_core.fixplan.verification",),  # the harness launches training processes; the gates sit below training
     ("tasks",),
     ("flows",),
     ("deployments",),

@@ -1,15 +1,11 @@
 """The fix plan's three gates (recipe.phases), resolved once per run into the behaviours they switch.
 
-| gate                | on (fixed)                                            | off (legacy, wmtp_core.fixplan.legacy)
-|
-| phases.checkpoint   | state dicts that work for every model kind            | FSDP full-state-dict calls on any model
-|
-| phases.mps          | device-aware precision, workers 0 and the profile on MPS | autocast with the configured dtype
-everywhere |
-| phases.api          | torch.distributed.checkpoint state dicts, FSDP2,      | FSDP.state_dict_type, FSDP1, tracking
-errors    |
-|                     | tracking that never stops training, explicit cleanup  | propagate, no explicit cleanup
-|
+- phases.checkpoint (Phase 1): on, state dicts that work for every model kind; off, FSDP full-state-dict calls on
+  whatever model is given (KeyError(None) on a plain module).
+- phases.mps (Phase 2): on, device-aware precision, DataLoader workers 0 and the mps_optimized profile on MPS; off,
+  autocast with the configured dtype on any device, workers as configured.
+- phases.api (Phase 3): on, torch.distributed.checkpoint state dicts, FSDP2, tracking that never stops training and
+  explicit cleanup; off, FSDP.state_dict_type, FSDP1, tracking errors propagate, no explicit cleanup.
 
 The rest of the library is handed these behaviours and never reads a gate. This module loads no torch until
 resolve_gates is called, so Prefect tasks and flows can read the tracking policy cheaply.

@@ -5,7 +5,7 @@ plan counts: checkpoint save success, resume success, Python warnings by categor
 Each stage runs twice: a first run with 2 spawned DataLoader workers (so leaks can show) is cancelled with SIGTERM
 mid-training, as Prefect cancels a flow run; a second run resumes from the newest valid checkpoint to the end.
 Children run with PYTHONWARNINGS=always so every warning (deprecations included) is printed, and is counted.
-No torch import here: the children train, this module launches and reads them.
+No torch import here: the children train (wmtp_core.training.worker), this module launches and reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.config import PhaseGates, Recipe
 from wmtp_core.recipes import TINY_MODEL, load_recipe, recipe_to_yaml
+from wmtp_core.training.worker import worker_arguments
 
 STAGES = {
     "legacy": PhaseGates(checkpoint=False, mps=False, api=False),
@@ -104,16 +105,8 @@ def _run(recipe: Recipe, run_dir: Path, *, resume: bool, cancel_at: int | None, 
         return _outcome(
             status=None, output="", result={"ok": False, "error_type": "NoCheckpoint"}, step_times=[], resumed=False
         )
-    worker = [
-        "-m",
-        "wmtp_core.training.worker",
-        "--recipe",
-        str(run_dir / "recipe.yaml"),
-        "--run-dir",
-        str(run_dir),
-        "--result",
-        str(result_file),
-    ] + (["--resume", "latest"] if resume else [])
+    worker = worker_arguments(run_dir, result_file=result_file, resume="latest" if resume else None)
+
     launcher = [sys.executable]
     if recipe.devices.nproc_per_node > 1:
         launcher += [

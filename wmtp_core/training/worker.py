@@ -63,16 +63,33 @@ def main(argv: list[str] | None = None) -> int:
         outcome = _failure(error)
     finally:
         if args.result and (ctx.is_main or not outcome["ok"]):
-            _result_file(args.result, ctx.rank).write_text(json.dumps(outcome))
+            rank_result_file(args.result, ctx.rank).write_text(json.dumps(outcome))
         shutdown_distributed()
     if launched_by_torchrun() and gates.explicit_cleanup:
         exit_without_interpreter_teardown(status)
     return status
 
 
-def _result_file(result: Path, rank: int) -> Path:
-    # tasks.torchrun.rank_result_file reads these (that module is the launcher side; this one imports torch).
-    return result if rank == 0 else result.with_name(f"{result.stem}.rank{rank}{result.suffix}")
+def worker_arguments(
+    run_dir: Path,
+    *,
+    result_file: Path,
+    resume: str | Path | None = None,
+    manifest_extra: dict | None = None,
+    time_budget_s: float | None = None,
+) -> list[str]:
+    """`-m wmtp_core.training.worker ...`: what follows `python` (or torchrun) to train the run in run_dir from its
+    recipe.yaml; resume is a checkpoint directory or "latest"."""
+    arguments = ["-m", __name__, "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir)]
+    arguments += ["--result", str(result_file), "--manifest-extra", json.dumps(manifest_extra or {})]
+    arguments += ["--resume", str(resume)] if resume else []
+    arguments += ["--time-budget-s", str(time_budget_s)] if time_budget_s is not None else []
+    return arguments
+
+
+def rank_result_file(result_file: Path, rank: int) -> Path:
+    """Where a rank writes its outcome: rank 0 to result_file, another rank (only when it fails) beside it."""
+    return result_file if rank == 0 else result_file.with_name(f"{result_file.stem}.rank{rank}{result_file.suffix}")
 
 
 def print_metrics(step: int, metrics: dict[str, float]) -> None:
