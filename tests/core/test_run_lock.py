@@ -1,4 +1,6 @@
-"""One trainer per run: the lock refuses a second holder by name, survives exceptions, and replaces stale locks."""
+"""One trainer per run, held by an OS lock: a live holder is refused by name (another process or this one), the
+lock is released on any exit and when its holder dies, lock files left by dead trainers never block, and exactly
+one of many simultaneous contenders wins."""
 
 from __future__ import annotations
 
@@ -7,45 +9,144 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import TINY_OVERRIDES, WMTP, wmtp_environment
 
 from wmtp_core.runtime.run_lock import LOCK_FILE, RunLockedError, run_lock
 
+HOLD = """
+import sys, time
+from pathlib import Path
+from wmtp_core.runtime.run_lock import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
 
-def test_second_holder_is_refused_with_the_holder_named(tmp_path):
+CONTEND = """
+import sys, time
+from pathlib import Path
+from wmtp_core.runtime.run_lock import RunLockedError, run_lock
+go = Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+try:
+    with run_lock(Path(sys.argv[1])):
+        print("won", flush=True)
+        time.sleep(1.0)  # hold it while the others try
+except RunLockedError:
+    print("refused", flush=True)
+"""
+
+
+def _holder(run_dir: Path, seconds: float = 60) -> subprocess.Popen:
+    """A live trainer stand-in: a process that holds the run's lock (returns once it holds it)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def _left_behind(run_dir: Path, host: str, pid: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "since": "2026-01-01T00:00:00+0000"}))
+
+
+def test_second_holder_in_the_same_process_is_refused_with_the_holder_named(tmp_path):
     with run_lock(tmp_path):
         with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on {socket.gethostname()}"):
             with run_lock(tmp_path):
                 pass
 
 
-def test_lock_is_released_when_training_raises(tmp_path):
+def test_lock_is_released_when_training_raises_and_the_file_stays(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with run_lock(tmp_path):
             1 / 0
-    assert not (tmp_path / LOCK_FILE).exists()
-    with run_lock(tmp_path):
-        assert (tmp_path / LOCK_FILE).exists()
-
-
-def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "since": "2026-01-01T00:00:00"}
-    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))
+    assert (tmp_path / LOCK_FILE).exists()  # never unlinked: unlinking a flock file races
     with run_lock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
-def test_lock_held_by_another_live_process_is_refused(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def test_lock_left_by_a_dead_trainer_on_another_host_does_not_block(tmp_path):
+    _left_behind(tmp_path, "wmtp-train-pod-7f9c-gone", 1)
+    with run_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == socket.gethostname()
+
+
+def test_lock_left_on_this_host_with_a_pid_now_reused_does_not_block(tmp_path):
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = {"host": socket.gethostname(), "pid": holder.pid, "since": "2026-01-01T00:00:00"}
-        (tmp_path / LOCK_FILE).write_text(json.dumps(alive))
-        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+        _left_behind(tmp_path, socket.gethostname(), unrelated.pid)  # a restarted container: same host, live pid
+        with run_lock(tmp_path):
+            assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+def test_a_live_holder_blocks_and_the_refusal_names_it(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=rf"pid {holder.pid} on {socket.gethostname()} since "):
             with run_lock(tmp_path):
                 pass
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid  # left untouched
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_kernel_releases_the_lock_when_its_holder_is_killed(tmp_path):
+    holder = _holder(tmp_path)
+    holder.kill()  # SIGKILL: no finally block runs
+    holder.wait()
+    with run_lock(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_exactly_one_of_20_simultaneous_contenders_wins(tmp_path, attempt):
+    go = tmp_path / "go"
+    contenders = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONTEND, str(tmp_path / "run"), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(20)
+    ]
+    assert all(process.stdout.readline().strip() == "ready" for process in contenders)
+    go.touch()  # every contender is now polling for this file
+    outcomes = [process.communicate(timeout=60)[0].strip() for process in contenders]
+    assert sorted(outcomes) == ["refused"] * 19 + ["won"], outcomes
+
+
+def _wmtp(args: list[str], home: Path, api_url: str) -> subprocess.CompletedProcess:
+    env = wmtp_environment(home, api_url=api_url)
+    return subprocess.run([WMTP, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_wmtp_resume_ignores_locks_left_by_dead_trainers_and_refuses_a_live_one(tmp_path, prefect_api_url):
+    home = tmp_path / "home"
+    tiny = [f"--set={override}" for override in TINY_OVERRIDES]
+    trained = _wmtp(["train", *tiny, "--set=run.name=locked", "--set=tracking.enabled=false"], home, prefect_api_url)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    run_dir = home / "runs" / "locked"
+    _left_behind(run_dir, "wmtp-train-pod-7f9c-gone", 4242)  # a pod that no longer exists
+    resumed = _wmtp(["resume", "locked", "--set=train.max_steps=6", "--json"], home, prefect_api_url)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.splitlines()[-1])["steps"] == 6
+    _left_behind(run_dir, socket.gethostname(), os.getpid())  # a restarted container: this host, a live pid
+    resumed = _wmtp(["resume", "locked", "--set=train.max_steps=8", "--json"], home, prefect_api_url)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    holder = _holder(run_dir)
+    try:
+        refused = _wmtp(["resume", "locked", "--set=train.max_steps=10"], home, prefect_api_url)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 1
+    assert f"is being trained by pid {holder.pid} on {socket.gethostname()}" in refused.stderr

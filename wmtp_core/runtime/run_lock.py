@@ -1,14 +1,22 @@
-"""One trainer per run: a lock file in the run directory, so two resumes of the same run cannot train at once.
+"""One trainer per run: an OS lock (flock) on the run's train.lock, so two trainers of one run cannot train at once.
 
-The lock records who holds it (host, pid, since when). A lock left by a process that no longer exists on this
-host is stale and is taken over; a lock held by a live process (or by another host, which cannot be checked
-from here) is refused with a message naming the holder.
+The kernel releases the lock when its holder dies, however it dies and whatever host wrote the file, so a lock
+left by a crashed pod or a restarted container never blocks a resume, and there is no takeover to race. The
+file is never unlinked (a process that opened it before the unlink would lock an orphan inode while a newcomer
+locks a fresh file); its content only names the holder (host, pid, since) for the refusal message.
+
+Network file systems: Linux emulates flock on NFS with POSIX byte-range locks held by the NFS server, so the
+lock excludes trainers on every client that mounts the run directory. When a client dies, an NFSv4 server
+keeps its locks until the client's lease expires (90 s by default), so a resume started within that time is
+refused and succeeds on the next attempt. Mounts with `local_lock=flock` or `nolock` make the lock local to
+each client: there, only one host must train a given run.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
-import logging
 import os
 import socket
 import time
@@ -16,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-log = logging.getLogger(__name__)
 LOCK_FILE = "train.lock"
 
 
@@ -26,55 +33,48 @@ class RunLockedError(RuntimeError):
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run's lock for the duration of the block (released on any exit, including exceptions)."""
-    path = run_dir / LOCK_FILE
-    _acquire(path)
+    """Hold the run's lock for the duration of the block (released on any exit, and by the kernel on death)."""
+    fd = _acquire(run_dir / LOCK_FILE)
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        os.close(fd)  # closing the last descriptor releases the flock
 
 
-def _acquire(path: Path) -> None:
+def _acquire(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise RunLockedError(_refusal(path)) from None
+    _record_holder(fd)
+    return fd
+
+
+def _record_holder(fd: int) -> None:
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for _ in range(2):  # a second try after removing a stale lock
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_holder(path)
-            if holder is None and time.time() - path.stat().st_mtime < 10:
-                holder = {"host": "this host", "pid": "?", "since": "a moment ago"}  # being written right now
-            if holder is not None and (holder["pid"] == "?" or _is_alive(holder)):
-                raise RunLockedError(
-                    f"run {path.parent.name} is being trained by pid {holder['pid']} on {holder['host']} since "
-                    f"{holder['since']}; wait for it to finish (or stop it), then resume"
-                ) from None
-            log.warning("taking over the stale lock %s (holder %s is gone)", path, holder)
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return
-    raise RunLockedError(f"could not take the lock {path}: another process took it at the same moment; retry")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+
+
+def _refusal(path: Path) -> str:
+    holder = _read_holder(path)
+    who = (
+        f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+        if holder
+        else "a process that is just starting (it has not written its name yet)"
+    )
+    return f"run {path.parent.name} is being trained by {who}; wait for it to finish (or stop it), then resume"
 
 
 def _read_holder(path: Path) -> dict | None:
-    """The holder recorded in the lock, or None when the file is unreadable (a writer died mid-write)."""
+    """The holder recorded in the lock file, or None while the holder has not written it yet."""
     try:
         holder = json.loads(path.read_text())
-        return holder if {"host", "pid", "since"} <= holder.keys() else None
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _is_alive(holder: dict) -> bool:
-    if holder["host"] != socket.gethostname():
-        return True  # cannot check another host's processes: assume the holder is alive
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+    return holder if isinstance(holder, dict) and {"host", "pid", "since"} <= holder.keys() else None
