@@ -6,14 +6,18 @@ Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from flows.temporary_server import default_prefect_environment, start_temporary_server
+from flows.temporary_server import (
+    configured_api_url,
+    default_prefect_environment,
+    start_temporary_server,
+    watch_live_hint,
+)
 from tasks.locations import run_dir
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
 from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
@@ -186,16 +190,16 @@ def serve(
         help="Wall-clock minutes each scheduled resume may train.",
     ),
 ) -> None:
-    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the Prefect server "
-    "at PREFECT_API_URL."""
-    if not os.environ.get("PREFECT_API_URL"):
+    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the configured Prefect server
+    (PREFECT_API_URL from the environment, the active profile or prefect.toml)."""
+    default_prefect_environment()
+    if configured_api_url() is None:
         print(
-            "error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api",
+            "error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and run "
+            "`uv run prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` (or set PREFECT_API_URL)",
             file=sys.stderr,
         )
         raise typer.Exit(INVALID_INPUT)
-    default_prefect_environment()
     from deployments.served import serve_deployments, served_deployments
 
     deployments = _invalid_input_guard(
@@ -259,13 +263,17 @@ def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
     if not needs_torchrun(recipe):
         import wmtp_core.training.loop  # noqa: F401  (torch: the in-process training task loads it; now, while the server starts)
     _wait_for_server(server_ready)
-    state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
+    from prefect import tags
+
+    with tags("wmtp-cli", "resume" if resume else "train"):  # CLI runs are told apart from served ones in the UI
+        state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
     summary_file = run_dir(recipe.run.name) / "summary.json"
     if not summary_file.is_file():
         print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
         raise typer.Exit(FAILURE)
     summary = json.loads(summary_file.read_text())
     _print_summary(summary, as_json=as_json)
+    print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
     if summary["status"] != "completed":
         raise typer.Exit(FAILURE)
 

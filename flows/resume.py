@@ -16,7 +16,7 @@ from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe
 
 
-@flow(name="wmtp-resume")
+@flow(name="wmtp-resume", flow_run_name="resume-{run_name}")
 def wmtp_resume(
     run_name: RunName, target_steps: TargetSteps | None = None, budget_minutes: BudgetMinutes | None = None
 ) -> dict | State:

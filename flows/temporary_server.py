@@ -19,9 +19,9 @@ def start_temporary_server() -> Callable[[], None]:
     """Start the temporary server a flow run in this process would start, if it would start one (no
     PREFECT_API_URL, Prefect's ephemeral mode on); return `wait`, which blocks until the server answers and
     raises the error that kept it from starting. Prefect stops the server when the process exits."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    if configured_api_url() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
     import prefect.main  # noqa: F401  (sets up Prefect's logging, so its "Starting temporary server" line shows)
     from prefect.server.api.server import SubprocessASGIServer
@@ -49,13 +49,42 @@ def start_temporary_server() -> Callable[[], None]:
 
 
 def default_prefect_environment() -> None:
-    """Local-run defaults, each only when the user has not set it: a Prefect home under $WMTP_HOME, a
-    temporary-server start-up timeout that survives a slow first start, and core logs in the run log."""
-    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        prefect_home = wmtp_home() / "prefect"
-        prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
-        os.environ["PREFECT_HOME"] = str(prefect_home)
+    """Local-run defaults, each only when the user has not set it in the environment: the temporary server's
+    database under $WMTP_HOME, a start-up timeout that survives a slow first start, and core logs in the run log.
+
+    PREFECT_HOME is left alone: it is also where Prefect reads profiles, so moving it would hide the user's
+    `prefect config set PREFECT_API_URL=...` or `prefect cloud login`. The database URL only matters to a server
+    this process starts (none when an API URL is set in the environment, a profile or prefect.toml).
+    """
+    if (
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL" not in os.environ
+        and "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ
+    ):
+        prefect_dir = wmtp_home() / "prefect"
+        prefect_dir.mkdir(parents=True, exist_ok=True)
+        database = f"sqlite+aiosqlite:///{prefect_dir / 'prefect.db'}"
+        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wmtp_core,tasks")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API URL as Prefect resolves it: environment, then the active profile, then prefect.toml (or
+    pyproject.toml's [tool.prefect]); None when none sets one (a flow run then starts a temporary server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def watch_live_hint(flow_run_id: str | None) -> str:
+    """Where to watch this flow run in the Prefect UI, or how to get a UI when the run had a temporary server."""
+    from prefect.settings import PREFECT_UI_URL
+
+    if configured_api_url() is None:
+        return (
+            "Prefect UI: this run used a temporary server (now stopped, no UI); to watch runs live, start "
+            "`uv run prefect server start` and `uv run prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
+    return f"Prefect UI: {PREFECT_UI_URL.value()}/flow-runs/flow-run/{flow_run_id}"

@@ -22,7 +22,18 @@ from wmtp_core.config import PhaseGates, Recipe, with_run_name
 from wmtp_core.fixplan.gates import tracking_policy
 
 
-@flow(name="wmtp-train")
+def train_flow_run_name() -> str:
+    """`train-<run>` for a new run, `resume-<run>` when the resume parameter continues one (Prefect calls this
+    with the run's parameters in prefect.runtime; the recipe is a dict when it comes from the API)."""
+    parameters = flow_run.parameters
+    recipe = parameters.get("recipe")
+    run = recipe.get("run", {}) if isinstance(recipe, dict) else getattr(recipe, "run", None)
+    name = run.get("name") if isinstance(run, dict) else getattr(run, "name", None)
+    verb = "resume" if parameters.get("resume") not in (None, "") else "train"
+    return f"{verb}-{name or 'new-run'}"
+
+
+@flow(name="wmtp-train", flow_run_name=train_flow_run_name)
 def wmtp_train(
     recipe: Recipe = Recipe(), phases: PhaseGates | None = None, resume: ResumeFrom | None = None
 ) -> dict | State:

@@ -1,9 +1,10 @@
 """A metrics callback whose failures never stop training (Phase 3's safe tracker).
 
 The training thread only appends to a buffer; a background thread sends it in batches every few seconds and,
-while the tracking server is unreachable, keeps the points and retries with backoff. What is still unsent when the run
-closes is
-written to a pending file, which the next flow run or `wmtp upload RUN` sends.
+while the tracking server is unreachable, keeps the points and retries with backoff. From the first failed send
+until a send succeeds again, every unsent point is also written to the run's pending file as it arrives, so a
+trainer killed during an outage loses none: the next flow run or `wmtp upload RUN` sends the file. A point can
+then be sent twice, which is harmless: MLflow's SQL store skips a point identical to one it has.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class BufferedMetrics:
         self._send, self._pending_path, self._batch_size = send, pending_path, batch_size
         self._min_delay, self._max_delay, self._delay = min_delay_s, max_delay_s, min_delay_s
         self._points: list[Point] = []
+        self._spilled = 0  # how many of _points (from the front) are in the pending file already
+        self._outage = False
         self._lock, self._wake, self._stop = threading.Lock(), threading.Event(), threading.Event()
         self.failed_sends = 0
         self._thread = threading.Thread(target=self._run, name="wmtp-metrics", daemon=True)
@@ -45,6 +48,8 @@ class BufferedMetrics:
         with self._lock:
             self._points.extend((key, float(value), now, step) for key, value in metrics.items())
             full = len(self._points) >= self._batch_size
+            if self._outage:
+                self._spill()
         # Sending every few seconds rather than per report: on a small machine each request costs training
         # a little CPU, on this process and on a loopback server.
         if full:
@@ -56,15 +61,21 @@ class BufferedMetrics:
         self._wake.set()
         self._thread.join(timeout_s)
         with self._lock:
-            left, self._points = self._points, []
+            left = len(self._points)
+            self._spill()
+            self._points, self._spilled = [], 0
         if left:
-            append_pending(self._pending_path, left)
             log.warning(
                 "tracking server unreachable: %d metric points kept in %s for `wmtp upload`",
-                len(left),
+                left,
                 self._pending_path,
             )
-        return len(left)
+        return left
+
+    def _spill(self) -> None:
+        """Write the points not yet in the pending file to it (the caller holds the lock)."""
+        append_pending(self._pending_path, self._points[self._spilled :])
+        self._spilled = len(self._points)
 
     def _run(self) -> None:
         while True:
@@ -82,6 +93,8 @@ class BufferedMetrics:
             if self._try_send(batch):
                 with self._lock:
                     del self._points[: len(batch)]
+                    self._spilled = max(0, self._spilled - len(batch))
+                    self._outage = False
                     more = bool(self._points)
                 if more:
                     self._wake.set()
@@ -95,6 +108,9 @@ class BufferedMetrics:
             self._send(batch)
         except Exception as error:  # any tracking failure: keep the points and back off, never raise into training
             self.failed_sends += 1
+            with self._lock:
+                self._outage = True
+                self._spill()
             if self._delay == self._min_delay:  # once per outage, not once per retry
                 log.warning(
                     "metrics not sent (%s: %s); buffering and retrying with backoff",
@@ -110,6 +126,8 @@ class BufferedMetrics:
 
 
 def append_pending(path: Path, points: list[Point]) -> None:
+    if not points:
+        return
     with path.open("a") as f:
         f.writelines(json.dumps(point) + "\n" for point in points)
 

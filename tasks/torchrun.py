@@ -1,7 +1,9 @@
 """Launching a multi-process training job with torchrun from the training task, and reading it back.
 
-torchrun runs `wmtp_core.training.worker` on every rank. Rank 0's stdout is streamed here line by line: progress
-lines go to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. The job is bounded by its own silence
+torchrun runs `wmtp_core.training.worker` on every rank. Every rank's stdout and stderr are kept in the run
+directory (logs/torchrun/<job>/attempt_<n>/<local rank>/); rank 0's are also streamed here line by line: progress
+lines go to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. A failed job names the rank that
+failed first, with the last lines of that rank's own log. The job is bounded by its own silence
 timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM to this process is passed on, so the
 ranks save a checkpoint before exiting; when any rank dies, torchrun stops the others and exits non-zero.
 """
@@ -34,7 +36,9 @@ class WorkerInterrupted(RuntimeError):
     """The job was stopped by SIGTERM after saving a checkpoint."""
 
 
-_ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")  # torchrun's "Root Cause" block
+_ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")  # torchrun's "Root Cause" block
+_TEE_PREFIX = re.compile(r"^\[default\d+\]:")  # what torchrun puts before each line it tees to the console
+LOG_DIR = Path("logs") / "torchrun"  # under the run directory
 _NOT_RETRIABLE = {
     "ValueError",
     "RecipeError",
@@ -60,6 +64,8 @@ def torchrun_command(
 ) -> list[str]:
     devices = recipe.devices
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(devices.nproc_per_node)]
+    # Every rank's output to files in the run directory; only local rank 0's also to the console (and so to us).
+    launcher += ["--log-dir", str(run_dir / LOG_DIR), "--tee", "3", "--local-ranks-filter", "0"]
     if devices.nnodes == 1:
         launcher.append("--standalone")
     else:
@@ -97,6 +103,8 @@ def run_torchrun(
     for stale in [result_file, *result_file.parent.glob(f"{result_file.stem}.rank*{result_file.suffix}")]:
         stale.unlink(missing_ok=True)
     log.info("launching: %s", " ".join(command))
+    log_dir = _log_dir(command)
+    jobs_before = _job_dirs(log_dir)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
@@ -112,12 +120,24 @@ def run_torchrun(
             if line.strip():
                 tail = (tail + [line])[-60:]
         status = process.wait()
-    return _outcome(status, result_file, tail)
+    new_jobs = [job for job in _job_dirs(log_dir) if job not in jobs_before]
+    return _outcome(status, result_file, tail, job_dir=new_jobs[-1] if new_jobs else None)
+
+
+def _log_dir(command: list[str]) -> Path | None:
+    return Path(command[command.index("--log-dir") + 1]) if "--log-dir" in command else None
+
+
+def _job_dirs(log_dir: Path | None) -> list[Path]:
+    """The job directories torchrun made in log_dir, oldest first."""
+    if log_dir is None or not log_dir.is_dir():
+        return []
+    return sorted((p for p in log_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
 
 def _pump(stream, lines: queue.Queue) -> None:
     for line in stream:
-        lines.put(line.rstrip("\n"))
+        lines.put(_TEE_PREFIX.sub("", line.rstrip("\n"), count=1))
     lines.put(None)
 
 
@@ -160,11 +180,11 @@ class _forward_sigterm:
             _stop(self.process)  # an exception here (e.g. a metrics callback) must not leave the job running
 
 
-def _outcome(status: int, result_file: Path, tail: list[str]) -> dict:
+def _outcome(status: int, result_file: Path, tail: list[str], *, job_dir: Path | None = None) -> dict:
     outcome = json.loads(result_file.read_text()) if result_file.is_file() else {"ok": False}
     if status == 0 and outcome.get("ok"):
         return outcome["result"]
-    failed_rank = _root_cause_rank(tail)
+    failed_rank, failed_local_rank = _root_cause_rank(tail)
     if failed_rank not in (None, 0):
         outcome = _rank_outcome(result_file, failed_rank) or outcome
     error_type, message = outcome.get("error_type"), outcome.get("message")
@@ -174,8 +194,24 @@ def _outcome(status: int, result_file: Path, tail: list[str]) -> dict:
         raise WorkerInputError(f"{error_type}: {message}")
     who = f"rank {failed_rank}" if failed_rank is not None else "a rank"
     cause = f"{error_type}: {message}" if error_type else "died without reporting an error (killed?)"
-    last = "\n".join(_before_torchrun_summary(tail)[-12:])
-    raise RuntimeError(f"torchrun exited with status {status}: {who} failed first, {cause}; last lines:\n{last}")
+    own_log = _rank_log_tail(job_dir, failed_local_rank)
+    last = "\n".join(own_log or _before_torchrun_summary(tail)[-12:])
+    logs = f" (every rank's output: {job_dir})" if job_dir else ""
+    raise RuntimeError(f"torchrun exited with status {status}: {who} failed first, {cause}{logs}; last lines:\n{last}")
+
+
+def _rank_log_tail(job_dir: Path | None, local_rank: int | None, lines: int = 12) -> list[str]:
+    """The last lines a rank wrote (stderr, where tracebacks go, else stdout) in its newest attempt's log."""
+    if job_dir is None or local_rank is None:
+        return []
+    attempts = sorted(job_dir.glob("attempt_*"), key=lambda p: int(p.name.split("_")[1]))
+    for stream in ("stderr.log", "stdout.log"):
+        path = attempts[-1] / str(local_rank) / stream if attempts else None
+        if path is not None and path.is_file():
+            text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+            if text:
+                return text[-lines:]
+    return []
 
 
 def _rank_outcome(result_file: Path, rank: int) -> dict | None:
@@ -183,10 +219,10 @@ def _rank_outcome(result_file: Path, rank: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _root_cause_rank(tail: list[str]) -> int | None:
-    """The rank torchrun names as the first observed failure, if it printed its summary."""
-    ranks = [int(match.group(1)) for line in tail if (match := _ROOT_CAUSE_RANK.match(line))]
-    return ranks[-1] if ranks else None
+def _root_cause_rank(tail: list[str]) -> tuple[int | None, int | None]:
+    """The rank (and its local rank) torchrun names as the first observed failure, if it printed its summary."""
+    ranks = [(int(m.group(1)), int(m.group(2))) for line in tail if (m := _ROOT_CAUSE_RANK.match(line))]
+    return ranks[-1] if ranks else (None, None)
 
 
 def _before_torchrun_summary(tail: list[str]) -> list[str]:

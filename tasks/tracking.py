@@ -15,6 +15,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.git_utils import get_git_commit
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
@@ -27,6 +30,7 @@ TRACKING_FILE = "tracking.json"
 PENDING_UPLOADS_FILE = "pending_uploads.json"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
+_METRICS_TIMEOUT_S = 10  # one log-batch request of at most 1000 points; uploads keep MLflow's own timeout
 
 
 def tracking_uri() -> str:
@@ -44,9 +48,12 @@ def ui_command() -> str:
 
 def client() -> MlflowClient:
     # MLflow's own HTTP retries (7, exponential) would hold a call for minutes while a server is down; fail
-    # fast instead and let our buffer (metrics) and Prefect's task retries (uploads) do the retrying.
+    # fast instead and let our buffer (metrics) and Prefect's task retries (uploads) do the retrying. No
+    # process-wide MLFLOW_HTTP_REQUEST_TIMEOUT: it would also bound artifact uploads, which a server proxying to
+    # an object store answers only once the whole file is copied (metric calls get their own, _METRICS_TIMEOUT_S).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # Large files go in parts where the server's store supports it (S3, GCS, Azure); others fall back to one PUT.
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "true")
     return MlflowClient(tracking_uri())
 
 
@@ -60,12 +67,24 @@ def open_tracking_run(recipe: Recipe, run_dir: Path, *, run_name: str, extra_tag
     else:
         experiment_id = _experiment_id(mlflow, recipe.tracking.experiment)
         tags = {"wmtp.run_name": run_name, **{f"tag.{t}": "true" for t in recipe.run.tags}, **extra_tags}
+        tags = _context_tags(tags)
         run_id = mlflow.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         recorded.write_text(
             json.dumps({"mlflow_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri()})
         )
     log_recipe_params(mlflow, run_id, recipe)
     return run_id
+
+
+def _context_tags(tags: dict[str, str]) -> dict[str, str]:
+    """MLflow's context tags (user, source name and type) and the git commit of this code: MLflow looks for it
+    beside the entry script, which for `wmtp` sits in the virtual environment that git ignores."""
+    resolved = resolve_tags(tags)
+    if MLFLOW_GIT_COMMIT not in resolved:
+        commit = get_git_commit(str(Path(__file__).parent))
+        if commit:
+            resolved[MLFLOW_GIT_COMMIT] = commit
+    return resolved
 
 
 def log_recipe_params(mlflow: MlflowClient, run_id: str, recipe: Recipe) -> None:
@@ -76,10 +95,11 @@ def log_recipe_params(mlflow: MlflowClient, run_id: str, recipe: Recipe) -> None
     changed = [p.key for p in params if p.key in existing]
     if changed:
         # A resume with --set overrides: MLflow cannot overwrite a param, so record the new values as tags.
-        mlflow.log_batch(run_id, tags=[RunTag(f"override.{p.key}", p.value) for p in params if p.key in existing])
+        tags = [RunTag(f"override.{p.key}", p.value) for p in params if p.key in existing]
+        mlflow.log_batch(run_id, tags=tags, synchronous=True)
         params = [p for p in params if p.key not in existing]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
-        mlflow.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
+        mlflow.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH], synchronous=True)
 
 
 class MetricsSink:
@@ -104,13 +124,42 @@ def metrics_sink(run_id: str, run_dir: Path, *, safe: bool) -> MetricsSink | Buf
 
 
 def point_sender(run_id: str):
-    """A function that logs a list of (key, value, timestamp_ms, step) points in one log_batch request."""
+    """A function that logs a list of (key, value, timestamp_ms, step) points in one request and returns only once
+    the store has them (synchronous even with MLFLOW_ENABLE_ASYNC_LOGGING=true, so a failure is seen and the
+    points kept); requests to a tracking server time out after _METRICS_TIMEOUT_S."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return _rest_point_sender(run_id, uri)
     mlflow = client()
 
     def send(points: list[Point]) -> None:
-        mlflow.log_batch(run_id, metrics=[Metric(key, value, stamp, step) for key, value, stamp, step in points])
+        mlflow.log_batch(run_id, metrics=_metrics(points), synchronous=True)
 
     return send
+
+
+def _rest_point_sender(run_id: str, uri: str):
+    # MlflowClient.log_batch has no per-call timeout (only the process-wide MLFLOW_HTTP_REQUEST_TIMEOUT), so the
+    # same LogBatch request goes through MLflow's REST helper with a timeout of its own.
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.proto_json_utils import message_to_json
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    endpoint = "/api/2.0/mlflow/runs/log-batch"
+    client()  # the retry default above
+
+    def send(points: list[Point]) -> None:
+        body = message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in _metrics(points)]))
+        creds = get_default_host_creds(uri)
+        response = http_request(creds, endpoint, "POST", json=json.loads(body), timeout=_METRICS_TIMEOUT_S)
+        verify_rest_response(response, endpoint)
+
+    return send
+
+
+def _metrics(points: list[Point]) -> list[Metric]:
+    return [Metric(key, value, stamp, step) for key, value, stamp, step in points]
 
 
 def upload_pending_metrics(run_id: str, run_dir: Path) -> int:
@@ -126,7 +175,8 @@ def upload_pending_metrics(run_id: str, run_dir: Path) -> int:
 
 def log_environment_tags(run_id: str, probe: dict) -> None:
     """The environment probe as `env.*` tags on the run."""
-    client().log_batch(run_id, tags=[RunTag(f"env.{key}", str(value)) for key, value in probe.items()])
+    tags = [RunTag(f"env.{key}", str(value)) for key, value in probe.items()]
+    client().log_batch(run_id, tags=tags, synchronous=True)
 
 
 def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:

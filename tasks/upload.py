@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from tasks import tracking
@@ -26,6 +27,8 @@ def open_tracking_run(
     if not recipe.tracking.enabled:
         return None
     tags = {"prefect.flow_run_id": flow_run_id} if flow_run_id else {}
+    if flow_run_id and flow_run.ui_url:
+        tags["prefect.flow_run_url"] = flow_run.ui_url  # the MLflow run links back to the Prefect run
     run_id = tracking.open_tracking_run(recipe, Path(run_dir), run_name=run_name, extra_tags=tags)
     tracking.log_environment_tags(run_id, probe)
     get_run_logger().info("MLflow run %s at %s", run_id, tracking.tracking_uri())

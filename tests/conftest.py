@@ -104,9 +104,12 @@ WMTP = str(Path(sys.executable).parent / "wmtp")
 
 
 def wmtp_environment(home: Path, *, api_url: str | None = None, mlflow_uri: str | None = None) -> dict[str, str]:
-    """The environment of a `wmtp` subprocess: this process's, minus Prefect/MLflow settings, plus the given ones."""
+    """The environment of a `wmtp` subprocess: this process's, minus Prefect/MLflow settings, plus the given ones.
+
+    Its PREFECT_HOME is its own (beside home): the user's profiles in ~/.prefect must not reach a test."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["WMTP_HOME"] = str(home)
+    env["PREFECT_HOME"] = f"{home}-prefect-home"
     if api_url:
         env["PREFECT_API_URL"] = api_url
     if mlflow_uri:

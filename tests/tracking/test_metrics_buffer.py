@@ -75,3 +75,23 @@ def test_close_returns_as_soon_as_everything_is_sent(tmp_path):
     started = time.monotonic()
     assert buffer.close() == 0
     assert time.monotonic() - started < 2.0 and len(sent) == 1
+
+
+def test_the_first_failed_send_spills_every_unsent_point_and_outage_points_follow_at_once(tmp_path):
+    sender = FlakySender()
+    sender.down.set()
+    pending = tmp_path / "pending.jsonl"
+    sink = BufferedMetrics(sender, pending_path=pending, min_delay_s=0.02, max_delay_s=5.0)
+    sink(1, {"loss": 1.0})
+    sink(2, {"loss": 0.5})
+    deadline = time.monotonic() + 5
+    while sender.refused < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert [point[3] for point in read_pending(pending)] == [1, 2]  # before close: a SIGKILL now loses nothing
+    sink(3, {"loss": 0.25})  # reported during the outage: on disk before the call returns
+    assert [point[3] for point in read_pending(pending)] == [1, 2, 3]
+    sender.down.clear()
+    assert sink.close(timeout_s=10) == 0
+    assert _steps(sender) == [1, 2, 3]
+    assert [point[3] for point in read_pending(pending)] == [1, 2, 3]  # sent again by `wmtp upload`: harmless

@@ -84,9 +84,19 @@ def _start_training(tmp_path, recipe, *, name, api_url, server, phases_api):
         f"phases.api={phases_api}",
         "--json",
     ]
-    env = wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=server.uri)
+    env = _async_logging(wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=server.uri))
     log = (tmp_path / f"{name}.stderr").open("w")
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+
+
+def _async_logging(env: dict[str, str]) -> dict[str, str]:
+    """MLflow's documented async mode, under which a plain log_batch returns before anything is sent."""
+    return {**env, "MLFLOW_ENABLE_ASYNC_LOGGING": "true"}
+
+
+def _wmtp(tmp_path, server, *args: str, api_url: str | None = None) -> None:
+    env = _async_logging(wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=server.uri))
+    subprocess.run([WMTP, *args], env=env, check=True, timeout=300)
 
 
 def _wait_for_logged_step(server, run_dir: Path, step: int, process, timeout_s: float = 240) -> str:
@@ -117,9 +127,7 @@ def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, pre
     stderr = (tmp_path / "outage.stderr").read_text()
     assert process.returncode == 0 and summary["status"] == "completed", stderr[-2000:]
     assert "metrics not sent" in stderr  # the outage really hit training
-    if summary["uploads"] == "pending":  # the restart came after training: the owed uploads go by `wmtp upload`
-        env = wmtp_environment(tmp_path / "home", mlflow_uri=mlflow_server.uri)
-        subprocess.run([WMTP, "upload", "outage"], env=env, check=True, timeout=300)
+    _wmtp(tmp_path, mlflow_server, "upload", "outage")  # what the run still owes, if anything
     mlflow = MlflowClient(mlflow_server.uri)
     assert [m.step for m in mlflow.get_metric_history(run_id, "loss")] == list(range(2, 241, 2))
     assert not (run_dir / "pending_metrics.jsonl").exists()
@@ -137,3 +145,34 @@ def test_server_outage_fails_the_run_on_the_legacy_tracking_path(tmp_path, prefe
     stdout, _ = process.communicate(timeout=600)
     assert process.returncode == 1
     assert json.loads(stdout.strip().splitlines()[-1])["status"] == "failed"
+
+
+def _wait_for(condition, process, what: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"training ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_trainer_killed_during_an_outage_then_resumed_and_uploaded_misses_no_step(
+    tmp_path, prefect_api_url, mlflow_server
+):
+    recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
+    run_dir = tmp_path / "home" / "runs" / "killed"
+    process = _start_training(
+        tmp_path, recipe, name="killed", api_url=prefect_api_url, server=mlflow_server, phases_api="true"
+    )
+    run_id = _wait_for_logged_step(mlflow_server, run_dir, 6, process)
+    mlflow_server.stop()
+    stderr = tmp_path / "killed.stderr"
+    _wait_for(lambda: "metrics not sent" in stderr.read_text(), process, "a failed send")
+    # A checkpoint saved during the outage: the steps logged before it are never trained (or logged) again.
+    _wait_for(lambda: (run_dir / "checkpoints" / "step_00000120" / "manifest.json").is_file(), process, "step 120")
+    process.kill()  # SIGKILL: no close(), no finally
+    process.wait()
+    mlflow_server.start()
+    _wmtp(tmp_path, mlflow_server, "resume", "killed", api_url=prefect_api_url)
+    _wmtp(tmp_path, mlflow_server, "upload", "killed")
+    steps = {m.step for m in MlflowClient(mlflow_server.uri).get_metric_history(run_id, "loss")}
+    assert sorted(set(range(2, 241, 2)) - steps) == []
