@@ -7,29 +7,49 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import typer
 
-from flows.temporary_server import (
-    configured_api_url,
-    default_prefect_environment,
-    start_temporary_server,
-    watch_live_hint,
+from deployments.cli_options import (
+    ExperimentOption,
+    JsonOption,
+    NameOption,
+    PrintRecipeOption,
+    RecipeOption,
+    RunArgument,
+    SetOption,
 )
+from deployments.flow_runs import run_flow, wait_for_server
+from flows.temporary_server import configured_api_url, default_prefect_environment, start_temporary_server
 from tasks.locations import run_dir
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
 from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
 from wmtp_core.data.records import builtin_dataset_path, load_records
-from wmtp_core.recipes import load_recipe
+from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weighted multi-token-prediction training pipeline.")
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Weighted multi-token-prediction training pipeline.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 INVALID_INPUT, FAILURE = 2, 1
 
-RecipeOption = typer.Option(None, "--recipe", help="YAML recipe file (flat and complete; see configs/).")
-SetOption = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
-JsonOption = typer.Option(False, "--json", help="Print one JSON summary object as the last stdout line.")
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"wmtp {version('wmtp')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_show_version, is_eager=True
+    ),
+) -> None:
+    """Weighted multi-token-prediction training pipeline."""
 
 
 def main() -> None:
@@ -38,22 +58,43 @@ def main() -> None:
 
 
 @app.command()
-def train(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption, as_json: bool = JsonOption) -> None:
+def train(
+    recipe: Path | None = RecipeOption,
+    overrides: list[str] = SetOption,
+    name: str | None = NameOption,
+    experiment: str | None = ExperimentOption,
+    print_recipe: bool = PrintRecipeOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Train a new run (the embedded defaults when no recipe is given)."""
-    loaded = _invalid_input_guard(lambda: _new_run_recipe(recipe, overrides))
-    _run_flow(loaded, resume=False, as_json=as_json)
+    shortcuts = [f"run.name={name}"] * (name is not None) + [f"tracking.experiment={experiment}"] * (
+        experiment is not None
+    )
+    if print_recipe:
+        print(recipe_to_yaml(_invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))), end="")
+        return
+    loaded = _invalid_input_guard(lambda: _new_run_recipe(recipe, [*overrides, *shortcuts]))
+    run_flow(loaded, resume=False, as_json=as_json)
 
 
 @app.command()
-def resume(run: str, overrides: list[str] = SetOption, as_json: bool = JsonOption) -> None:
+def resume(
+    run: str = RunArgument,
+    overrides: list[str] = SetOption,
+    print_recipe: bool = PrintRecipeOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Continue RUN from its newest valid checkpoint, e.g. with --set train.max_steps=600."""
     loaded = _invalid_input_guard(lambda: _resume_recipe(run, overrides))
-    _run_flow(loaded, resume=True, as_json=as_json)
+    if print_recipe:
+        print(recipe_to_yaml(loaded), end="")
+        return
+    run_flow(loaded, resume=True, as_json=as_json)
 
 
 @app.command()
 def checkpoints(
-    run: str,
+    run: str = RunArgument,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
     convert: int | None = typer.Option(
         None, "--convert", help="Rewrite this step's sharded checkpoint in the full format."
@@ -96,7 +137,7 @@ def _convert_checkpoint(directory: Path, step: int) -> None:
 
 
 @app.command()
-def upload(run: str) -> None:
+def upload(run: str = RunArgument) -> None:
     """Upload what RUN still owes MLflow (checkpoints, pending metrics, summary) and close its MLflow run."""
     directory = _invalid_input_guard(lambda: _existing_run_dir(run))
     recorded = directory / "tracking.json"
@@ -136,7 +177,7 @@ def verify(
     server_ready = start_temporary_server()
     from flows.fixplan import wmtp_fixplan
 
-    _wait_for_server(server_ready)
+    wait_for_server(server_ready)
     state = wmtp_fixplan(stages=stages or list(STAGES), models=models or list(MODELS), return_state=True)
     report = state.result(raise_on_failure=False)
     if not isinstance(report, dict):
@@ -252,55 +293,3 @@ def _invalid_input_guard(build):
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(INVALID_INPUT) from None
-
-
-def _run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
-    default_prefect_environment()  # before prefect is first imported: it reads its settings then
-    server_ready = start_temporary_server()
-    from flows.train import wmtp_train
-    from tasks.torchrun import needs_torchrun
-
-    if not needs_torchrun(recipe):
-        import wmtp_core.training.loop  # noqa: F401  (torch: the in-process training task loads it; now, while the server starts)
-    _wait_for_server(server_ready)
-    from prefect import tags
-
-    with tags("wmtp-cli", "resume" if resume else "train"):  # CLI runs are told apart from served ones in the UI
-        state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
-    summary_file = run_dir(recipe.run.name) / "summary.json"
-    if not summary_file.is_file():
-        print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
-        raise typer.Exit(FAILURE)
-    summary = json.loads(summary_file.read_text())
-    _print_summary(summary, as_json=as_json)
-    print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
-    if summary["status"] != "completed":
-        raise typer.Exit(FAILURE)
-
-
-def _wait_for_server(server_ready: Callable[[], None]) -> None:
-    try:
-        server_ready()
-    except Exception as error:
-        print(
-            f"error: Prefect's temporary server did not start ({error}); set PREFECT_API_URL to use a running "
-            "server instead (`uv run prefect server start`)",
-            file=sys.stderr,
-        )
-        raise typer.Exit(FAILURE) from None
-
-
-def _print_summary(summary: dict, *, as_json: bool) -> None:
-    from tasks.tracking import ui_command
-
-    if summary["status"] != "completed":
-        print(f"error: run {summary['run_name']} failed: {summary['reason']}", file=sys.stderr)
-    else:
-        print(
-            f"run {summary['run_name']} completed {summary['steps']} steps: eval loss "
-            f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
-            f"checkpoint: {summary['latest_checkpoint']}\nMLflow UI: {ui_command()}",
-            file=sys.stderr if as_json else sys.stdout,
-        )
-    if as_json:
-        print(json.dumps(summary), flush=True)

@@ -1,0 +1,70 @@
+"""Running wmtp-train from the CLI: Prefect's environment and temporary server, the flow run, and its summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import typer
+
+from flows.temporary_server import default_prefect_environment, start_temporary_server, watch_live_hint
+from tasks.locations import run_dir
+from wmtp_core.config import Recipe
+
+FAILURE = 1
+
+
+def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
+    """Run wmtp-train for recipe (resume: from the run's newest checkpoint), print its summary; exit 1 on failure."""
+    default_prefect_environment()  # before prefect is first imported: it reads its settings then
+    server_ready = start_temporary_server()
+    from flows.train import wmtp_train
+    from tasks.torchrun import needs_torchrun
+
+    if not needs_torchrun(recipe):
+        import wmtp_core.training.loop  # noqa: F401  (torch: the in-process training task loads it; now, while the server starts)
+    wait_for_server(server_ready)
+    from prefect import tags
+
+    with tags("wmtp-cli", "resume" if resume else "train"):  # CLI runs are told apart from served ones in the UI
+        state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
+    summary_file = run_dir(recipe.run.name) / "summary.json"
+    if not summary_file.is_file():
+        print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
+        raise typer.Exit(FAILURE)
+    summary = json.loads(summary_file.read_text())
+    print_summary(summary, as_json=as_json)
+    print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
+    if summary["status"] != "completed":
+        raise typer.Exit(FAILURE)
+
+
+def wait_for_server(server_ready: Callable[[], None]) -> None:
+    """Wait for the temporary server started ahead of the flow run; exit 1 when it did not start."""
+    try:
+        server_ready()
+    except Exception as error:
+        print(
+            f"error: Prefect's temporary server did not start ({error}); set PREFECT_API_URL to use a running "
+            "server instead (`uv run prefect server start`)",
+            file=sys.stderr,
+        )
+        raise typer.Exit(FAILURE) from None
+
+
+def print_summary(summary: dict, *, as_json: bool) -> None:
+    """The run's outcome for people (stdout, or stderr under --json), then the JSON summary under --json."""
+    from tasks.tracking import ui_command
+
+    if summary["status"] != "completed":
+        print(f"error: run {summary['run_name']} failed: {summary['reason']}", file=sys.stderr)
+    else:
+        print(
+            f"run {summary['run_name']} completed {summary['steps']} steps: eval loss "
+            f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
+            f"checkpoint: {summary['latest_checkpoint']}\nMLflow UI: {ui_command()}",
+            file=sys.stderr if as_json else sys.stdout,
+        )
+    if as_json:
+        print(json.dumps(summary), flush=True)
