@@ -168,7 +168,8 @@ def test_trainer_killed_during_an_outage_then_resumed_and_uploaded_misses_no_ste
     stderr = tmp_path / "killed.stderr"
     _wait_for(lambda: "metrics not sent" in stderr.read_text(), process, "a failed send")
     # A checkpoint saved during the outage: the steps logged before it are never trained (or logged) again.
-    _wait_for(lambda: (run_dir / "checkpoints" / "step_00000120" / "manifest.json").is_file(), process, "step 120")
+    saved = run_dir / "checkpoints" / "step_00000060" / "manifest.json"
+    _wait_for(saved.is_file, process, "the step-60 checkpoint", timeout_s=600)  # slow when the cores are shared
     process.kill()  # SIGKILL: no close(), no finally
     process.wait()
     mlflow_server.start()
