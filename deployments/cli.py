@@ -1,4 +1,5 @@
-"""The `wmtp` command: train, resume, checkpoints, upload, probe, serve. Input is validated before anything is written.
+"""The `wmtp` command: train, resume, checkpoints, upload, verify, probe, serve. Input is validated before anything
+is written.
 
 Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 any other failure.
 """
@@ -186,8 +187,7 @@ def serve(
         help="Wall-clock minutes each scheduled resume may train.",
     ),
 ) -> None:
-    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the Prefect server "
-    "at PREFECT_API_URL."""
+    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the Prefect API (PREFECT_API_URL)."""
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and set "

@@ -1,9 +1,8 @@
 """A metrics callback whose failures never stop training (Phase 3's safe tracker).
 
 The training thread only appends to a buffer; a background thread sends it in batches every few seconds and,
-while the tracking server is unreachable, keeps the points and retries with backoff. What is still unsent when the run
-closes is
-written to a pending file, which the next flow run or `wmtp upload RUN` sends.
+while the tracking server is unreachable, keeps the points and retries with backoff. What is still unsent when the
+run closes is written to a pending file, which the next flow run or `wmtp upload RUN` sends.
 """
 
 from __future__ import annotations
