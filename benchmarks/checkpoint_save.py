@@ -9,11 +9,11 @@
   resume    restore_checkpoint into freshly built parts + the first optimizer step, vs building fresh parts + the
             first step (what a resume adds before training continues).
 Contenders alternate within each repeat and each one's files are deleted (outside the timed window) before the
-next starts: on this VM, memory the guest has not touched for a while is slow to fault in, and a contender that
-follows another's leftovers pays for it. Figures are medians over --repeats of the ratios (targets: full/bare <= 1.2,
-async/full <= 0.25).
+next starts: on a virtual machine, memory the guest has not touched for a while is slow to fault in, and a
+contender that follows another's leftovers pays for it. Figures are medians over --repeats of the ratios
+(targets: full/bare <= 1.2, async/full <= 0.25).
 
-Run: cd /work/main && .venv/bin/python benchmarks/checkpoint_save.py [--repeats 7]
+Run: uv run python benchmarks/checkpoint_save.py [--repeats 7]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ imports), then direct and flow runs alternate (order reversed every other repeat
 Figures: median over --repeats of flow/direct wall time (target <= 1.05), the median extra seconds, and the median
 direct/flow ratio of the loop's own tokens/s (how much of the overhead is inside the training loop).
 
-Run: cd /work/main && .venv/bin/python benchmarks/flow_overhead.py [--repeats 3 --steps 150]
+Run: uv run python benchmarks/flow_overhead.py [--repeats 3 --steps 150]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ slices of --chunk steps that alternate between contenders (order reversed every 
 from other processes hits all contenders alike; the figure is the median over --repeats of core tokens/s
 divided by bare tokens/s (every contender gets the same batches in each repeat).
 
-Run: cd /work/main && .venv/bin/python benchmarks/loop_throughput.py [--repeats 5 --steps 40 --chunk 10]
+Run: uv run python benchmarks/loop_throughput.py [--repeats 5 --steps 40 --chunk 10]
 """
 
 from __future__ import annotations

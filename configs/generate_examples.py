@@ -1,4 +1,4 @@
-"""Writes configs/*.yaml and the README's recipe-key table from the Recipe schema (tests check both match it).
+"""Writes configs/*.yaml and the recipe-key table of docs/recipes.md from the Recipe schema (tests check both match it).
 
 Run after adding or changing a recipe key: uv run python configs/generate_examples.py
 """
@@ -20,17 +20,22 @@ def scalar(value):
     return text.replace("e", ".0e", 1) if isinstance(value, float) and "e" in text and "." not in text else text
 
 
+def one_line(description):
+    """A field description on one line (attribute docstrings wrapped in config.py carry newlines and indents)."""
+    return " ".join(description.split())
+
+
 def commented(recipe, header):
     lines = [f"# {h}" for h in header] + [""]
     for name, field in Recipe.model_fields.items():
         value = getattr(recipe, name)
         if isinstance(value, BaseModel):
-            lines.append(f"{name}:  # {field.description}")
+            lines.append(f"{name}:  # {one_line(field.description)}")
             for sub, subfield in type(value).model_fields.items():
                 v = value.model_dump(mode="json")[sub]
-                lines.append(f"  {sub}: {scalar(v)}  # {subfield.description}")
+                lines.append(f"  {sub}: {scalar(v)}  # {one_line(subfield.description)}")
         else:
-            lines.append(f"{name}: {scalar(value)}  # {field.description}")
+            lines.append(f"{name}: {scalar(value)}  # {one_line(field.description)}")
     return "\n".join(lines) + "\n"
 
 
@@ -117,19 +122,19 @@ write(
     [
         "Meta's 7B multi-token model (4 heads) fine-tuned with FSDP on one node of 8 GPUs, bf16 "
         "autocast over fp32 master weights.",
-        "model.path: the output of `python -m wmtp_core.models.meta_mtp` (README: Real models); data.path: your JSONL.",
+        "model.path: the output of `python -m wmtp_core.models.meta_mtp` (docs/real-models.md); data.path: your JSONL.",
         "Run: uv sync --extra hf && uv run wmtp train --recipe configs/meta-7b-mtp-fsdp.yaml --set "
         "data.path=DATA.jsonl",
     ],
 )
 
 
-def readme_key_table() -> None:
-    """Rewrite the rows under the README's `| key | default | meaning |` header from the schema."""
-    readme = ROOT / "README.md"
-    lines = readme.read_text().splitlines()
+def recipe_key_table() -> None:
+    """Rewrite the rows under the `| key | default | meaning |` header of docs/recipes.md from the schema."""
+    page = ROOT / "docs" / "recipes.md"
+    lines = page.read_text().splitlines()
     start = lines.index("| key | default | meaning |") + 2
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     recipe = Recipe()
     rows = []
     for name, field in Recipe.model_fields.items():
@@ -137,10 +142,10 @@ def readme_key_table() -> None:
         if isinstance(value, BaseModel):
             dumped = value.model_dump(mode="json")
             for sub, subfield in type(value).model_fields.items():
-                rows.append(f"| `{name}.{sub}` | `{_show(dumped[sub])}` | {subfield.description} |")
+                rows.append(f"| `{name}.{sub}` | `{_show(dumped[sub])}` | {one_line(subfield.description)} |")
         else:
-            rows.append(f"| `{name}` | `{_show(value)}` | {field.description} |")
-    readme.write_text("\n".join(lines[:start] + rows + lines[end:]) + "\n")
+            rows.append(f"| `{name}` | `{_show(value)}` | {one_line(field.description)} |")
+    page.write_text("\n".join(lines[:start] + rows + lines[end:]) + "\n")
 
 
 def _show(value) -> str:
@@ -148,5 +153,5 @@ def _show(value) -> str:
     return "null" if value is None else value
 
 
-readme_key_table()
+recipe_key_table()
 print("ok")

@@ -1,4 +1,5 @@
-"""The `wmtp` command: train, resume, checkpoints, upload, probe, serve. Input is validated before anything is written.
+"""The `wmtp` command: train, resume, checkpoints, upload, verify, probe, serve. Input is validated before anything
+is written.
 
 Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 any other failure.
 """

@@ -1,7 +1,7 @@
 """Prefect for local runs: the CLI's environment defaults, and the temporary server started ahead of the flow run.
 
-A flow run without PREFECT_API_URL starts Prefect's temporary server itself and waits for it: on two cores about
-20 s the first time (it creates its database) and 8 s after that. Started first, in a background thread, it comes
+A flow run without PREFECT_API_URL starts Prefect's temporary server itself and waits for it: tens of seconds on two
+cores the first time (it creates its database), less after that. Started first, in a background thread, it comes
 up while the parent process loads what the run needs anyway (the flow's tasks, MLflow, torch), instead of after.
 The flow run then finds the same server already answering: Prefect keeps one temporary server per process.
 """

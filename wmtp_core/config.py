@@ -33,8 +33,7 @@ class RunConfig(_Section):
 
 class ModelConfig(_Section):
     source: Literal["builtin", "hf"] = "builtin"
-    """builtin: the small MTP transformer sized by the keys below, with the byte tokenizer; hf: a Hugging Face causal LM
-    and its tokenizer from model.path."""
+    """builtin: the small MTP transformer sized below, byte tokenizer; hf: a Hugging Face causal LM from model.path."""
     path: str | None = None
     """hf: local directory or hub id of the causal LM (its tokenizer is read from the same place); null for builtin."""
     horizon: int = Field(default=4, ge=1, le=16)
@@ -82,8 +81,7 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     algorithm: Literal["baseline-mtp", "critic-wmtp", "rho1-wmtp"] = "baseline-mtp"
-    """Token weighting: baseline-mtp (uniform), critic-wmtp (value-head TD weights), rho1-wmtp (excess loss vs a
-    reference)."""
+    """Token weighting: baseline-mtp (uniform), critic-wmtp (value-head TD), rho1-wmtp (excess loss vs a reference)."""
     max_steps: PositiveInt = 150
     """Optimizer steps to train for (each step is train.grad_accumulation_steps micro-batches)."""
     lr: float = Field(default=3e-3, gt=0.0)
@@ -118,8 +116,7 @@ class LossConfig(_Section):
     scale: float = Field(default=1.0, gt=0.0)
     """Multiplier on the weighted MTP loss (the original code's loss.lambda)."""
     weight_norm: Literal["head_softmax", "token_mean1_clip"] = "head_softmax"
-    """head_softmax: weights sum to 1 over each token's heads; token_mean1_clip: mean 1 over all valid (token, head)
-    pairs."""
+    """head_softmax: weights sum to 1 over a token's heads; token_mean1_clip: mean 1 over valid (token, head) pairs."""
     weight_temperature: float = Field(default=0.7, gt=0.0)
     """Softmax temperature applied to the weighting scores (lower is peakier)."""
     max_weight: float = Field(default=3.0, ge=1.0)
@@ -128,17 +125,13 @@ class LossConfig(_Section):
 
 class Rho1Config(_Section):
     reference_checkpoint: Path | None = None
-    """Checkpoint directory of this project (builtin or hf trunk) used as the reference; null with reference_hf_model
-    null trains the run's own model briefly."""
+    """A checkpoint directory of this project as the reference; null (and no reference_hf_model): a brief reference."""
     reference_hf_model: str | None = None
-    """Hugging Face causal LM (local directory or hub id) used as the reference as it is; excludes "
-    "reference_checkpoint."""
+    """A Hugging Face causal LM (local directory or hub id) as the reference; excludes reference_checkpoint."""
     reference_steps: PositiveInt = 60
-    """Optimizer steps of baseline training for the brief reference (when reference_checkpoint and reference_hf_model
-    are null)."""
+    """Baseline optimizer steps of the brief reference (the run's own model, trained first when none is named)."""
     selection_mode: Literal["weighted", "token_skip"] = "weighted"
-    """weighted: softmax of the excess loss over heads; token_skip: train only on entries above a "
-    "per-sequence quantile."""
+    """weighted: softmax of the excess loss over heads; token_skip: train only entries above a per-sequence quantile."""
     skip_threshold_percentile: float = Field(default=0.3, ge=0.0, lt=1.0)
     """token_skip: quantile of each sequence's excess losses below which entries are skipped."""
     min_ce_diff: float = Field(default=0.01, ge=0.0)
@@ -178,15 +171,13 @@ class DevicesConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Mixed precision; auto is bf16 on CUDA where supported and fp32 elsewhere."""
     strategy: Literal["single", "ddp", "fsdp"] = "single"
-    """Parallelism: single (one process), ddp (replicated model) or fsdp (FSDP2 fully_shard, sharded model and
-    optimizer)."""
+    """Parallelism: single (one process), ddp (replicated model) or fsdp (FSDP2: sharded model and optimizer)."""
     nproc_per_node: PositiveInt = 1
     """Processes per node; above 1 (or devices.nnodes above 1) the training task runs under torchrun."""
     nnodes: PositiveInt = 1
     """Nodes of a multi-node torchrun job (launched by a work pool, one flow run per node group)."""
     timeout_s: PositiveInt = 600
-    """Bound on every collective and barrier, and on a torchrun job's silence; a dead rank fails the run, never hangs
-    it."""
+    """Bound on every collective, barrier and torchrun silence: a dead rank fails the run, never hangs it."""
 
 
 class CheckpointConfig(_Section):
@@ -205,13 +196,11 @@ class TrackingConfig(_Section):
 
 class PhaseGates(_Section):
     checkpoint: bool = True
-    """Phase 1: checkpoint saving that works for every model kind (off: legacy FSDP-only calls, fail "
-    "on plain modules)."""
+    """Phase 1: checkpoint saving for every model kind (off: legacy FSDP-only calls, which fail on plain modules)."""
     mps: bool = True
     """Phase 2: device-aware precision and DataLoader workers (off: autocast with the configured dtype everywhere)."""
     api: bool = True
-    """Phase 3: torch.distributed.checkpoint state dicts and tracking that never stops training (off: the legacy APIs,
-    tracking errors propagate)."""
+    """Phase 3: torch.distributed.checkpoint state dicts, tracking that never stops training (off: legacy APIs)."""
 
 
 class Recipe(_Section):

@@ -36,8 +36,7 @@ def weighted_mtp_loss(ce_BTK: torch.Tensor, weights_BTK: torch.Tensor, mask_BTK:
 
 
 def token_weighted_loss(ce_BTK: torch.Tensor, weights_BTK: torch.Tensor, mask_BTK: torch.Tensor) -> torch.Tensor:
-    """sum w*m*ce / sum m over all valid (token, head) pairs: weights can move mass between tokens "
-    "(token_mean1_clip)."""
+    """sum w*m*ce / sum m over valid (token, head) pairs: weights can move mass between tokens (token_mean1_clip)."""
     return (weights_BTK.detach() * mask_BTK * ce_BTK).sum() / mask_BTK.sum().clamp_min(1.0)
 
 

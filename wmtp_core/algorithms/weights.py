@@ -161,8 +161,7 @@ def critic_head_scores(
 
 @torch.no_grad()
 def weight_stats(weights_BTK: torch.Tensor, mask_BTK: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean/max/min of w over valid entries and mean over positions of -sum_k p log p, p = w / sum_k "
-    "w (0-dim tensors)."""
+    """Mean/max/min of w over valid entries, mean over positions of -sum_k p log p, p = w / sum_k w (0-dim tensors)."""
     valid_BTK = mask_BTK > 0
     if not valid_BTK.any():
         zero = torch.zeros((), device=weights_BTK.device)

@@ -108,7 +108,7 @@ def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, setting
     model_state, optim_state = settings.state_dicts.gather(pieces.model, pieces.optimizer, ctx)
     if writer.background:
         # The gathered tensors (already on CPU) may be the live ones, which training changes while the write runs.
-        # A clone beats refilling kept buffers through the shards' stager here: 21 ms vs 34 ms for 215 MB, 2 cores.
+        # On CPU a clone is faster than refilling kept buffers through the shards' stager (measured on 215 MB).
         model_state, optim_state = _copy_tensors(model_state), _copy_tensors(optim_state)
     if ctx.is_main:
         train_state["optimizer"] = optim_state

@@ -1,6 +1,6 @@
 """The legacy implementations the fix plan replaces, side by side, kept for rollback and comparison.
 
-Each is what the research code did before its phase, reproduced with today's torch; wmtp_core.fixplan.gates picks
+Each is what the research code did before its phase, reproduced on the torch in use; wmtp_core.fixplan.gates picks
 them when a gate is off. Nothing else in the library imports this module.
 """
 

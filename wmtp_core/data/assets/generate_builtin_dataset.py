@@ -1,4 +1,4 @@
-"""Generate wmtp_core/assets/builtin_mbpp.jsonl, the built-in MBPP-schema training set.
+"""Generate wmtp_core/data/assets/builtin_mbpp.jsonl, the built-in MBPP-schema training set.
 
 The problems live in builtin_problems.json next to this file: a list of templates, each one
 programming problem with these fields:
