@@ -26,28 +26,44 @@ TINY_MODEL = [
 
 
 def load_recipe(path: Path | str | None = None, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (or the defaults when path is None), apply `key=value` overrides and validate."""
+    """Read a YAML recipe (or the defaults when path is None), apply `key=value` overrides and validate.
+
+    Every problem is reported at once: one RecipeError whose message lists them all, separated by "; ".
+    """
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml(Path(path))
+    problems = []
     for override in overrides:
-        _apply_override(data, override)
-    return validate_recipe(data)
+        try:
+            _apply_override(data, override)
+        except RecipeError as error:
+            problems.append(str(error))
+    try:
+        recipe = validate_recipe(data)
+    except RecipeError as error:
+        problems.append(str(error))
+    if problems:
+        raise RecipeError("; ".join(problems))
+    return recipe
 
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:
-    """Validate a recipe dict; a problem raises RecipeError naming the first offending field."""
+    """Validate a recipe dict; problems raise one RecipeError that names every offending field, in order."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "recipe"
-        given = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
-        message = first["msg"].removeprefix("Value error, ")
-        if message.startswith(f"{field}.") or first["loc"] == ():
-            # A cross-field validator already names its fields ("model.d_model (30) must be ...").
-            raise RecipeError(message) from None
-        raise RecipeError(f"{field}: {message}{given}") from None
+        raise RecipeError("; ".join(_describe(problem) for problem in error.errors())) from None
+
+
+def _describe(problem: dict) -> str:
+    field = ".".join(str(part) for part in problem["loc"]) or "recipe"
+    given = f" (got {problem['input']!r})" if "input" in problem and not isinstance(problem["input"], dict) else ""
+    message = problem["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{field}.") or problem["loc"] == ():
+        # A cross-field validator already names its fields ("model.d_model (30) must be ...").
+        return message
+    return f"{field}: {message}{given}"
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

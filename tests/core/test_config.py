@@ -125,6 +125,15 @@ def test_invalid_value_error_starts_with_the_dotted_field_name(override, field):
     assert str(caught.value).startswith(field)
 
 
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(None, ["train.lrr=1", "train.lr=-1", "model.horizon=0"])
+    problems = str(caught.value).split("; ")
+    assert len(problems) == 3
+    assert "unknown recipe key 'train.lrr'" in problems[0]  # override keys first, then fields in recipe order
+    assert problems[1].startswith("model.horizon") and problems[2].startswith("train.lr")
+
+
 def test_heads_not_dividing_width_error_names_both_fields():
     with pytest.raises(RecipeError, match=r"model\.d_model \(30\).*model\.num_heads \(4\)"):
         load_recipe(None, ["model.d_model=30", "model.num_heads=4"])
