@@ -1,4 +1,5 @@
-"""Real servers for tests and benchmarks, bound to a free loopback port and stopped by their owner."""
+"""Real servers (`mlflow server`, `prefect server start`) on a free loopback port, stopped by their owner; used by
+benchmarks/tracking_overhead.py and the tests that talk to a real server."""
 
 from __future__ import annotations
 
@@ -45,8 +46,7 @@ class LoopbackServer:
 
 
 class MlflowServer(LoopbackServer):
-    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port that tests "
-    "can stop and restart."""
+    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port, to stop and restart."""
 
     @property
     def uri(self) -> str:

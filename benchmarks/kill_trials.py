@@ -1,8 +1,7 @@
-"""SIGKILL trials (shared by tests/core/test_kill_resume.py and benchmarks/kill_soak.py).
+"""SIGKILL trials (benchmarks/kill_soak.py runs many; tests/integration/test_kill_resume.py runs one of each kind).
 
 A trial trains the tiny model in a subprocess (`python -m wmtp_core.training.worker`), SIGKILLs it at a random moment
-during
-training or while a checkpoint is being written, then resumes from the newest valid checkpoint until the run
+during training or while a checkpoint is being written, then resumes from the newest valid checkpoint until the run
 completes, and compares the final weights with an uninterrupted run's, bit for bit.
 """
 
@@ -17,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from conftest import TINY_OVERRIDES
 from safetensors.torch import load_file
 
 from wmtp_core.checkpoint.manifest import checkpoints_dir, latest_valid_checkpoint
-from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.recipes import TINY_MODEL, load_recipe, recipe_to_yaml
 
 KILL_RUN = [
+    "seed=7",
+    "train.warmup_steps=1",
+    "train.eval_batches=2",
     "train.max_steps=60",
     "train.save_every=5",
     "train.keep_last=2",
@@ -43,7 +44,7 @@ class TrialResult:
 
 
 def kill_recipe():
-    return load_recipe(None, [*TINY_OVERRIDES, *KILL_RUN])
+    return load_recipe(None, [*TINY_MODEL, *KILL_RUN])
 
 
 def start(run_dir: Path, *, resume: bool) -> subprocess.Popen:

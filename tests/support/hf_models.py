@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import TINY_RUN
 
+from support.recipes import TINY_RUN
 from wmtp_core.data.records import builtin_dataset_path, format_example, load_records
 
 VOCAB_SIZE = 320

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2, save_llama
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from support.hf_models import HF_OVERRIDES
 from transformers import AutoModelForCausalLM
 
 from flows.resume import wmtp_resume
@@ -23,32 +23,21 @@ from wmtp_core.recipes import load_recipe
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf-models")
-    tokenizer = build_tokenizer()
-    return {
-        "llama": save_llama(root / "llama", tokenizer),
-        "llama-reference": save_llama(root / "llama-reference", tokenizer, seed=1),
-        "gpt2": save_gpt2(root / "gpt2", build_tokenizer(with_pad=False)),
-    }
-
-
 @pytest.mark.parametrize(
     ("kind", "settings"),
     [
         ("gpt2", ["train.algorithm=baseline-mtp"]),
         ("llama", ["train.algorithm=critic-wmtp", "critic.pretrain_steps=3", "tracking.enabled=false"]),
-        ("llama", ["train.algorithm=rho1-wmtp", "rho1.reference_hf_model={llama-reference}", "tracking.enabled=false"]),
+        ("llama", ["train.algorithm=rho1-wmtp", "rho1.reference_hf_model={llama-seed-1}", "tracking.enabled=false"]),
         ("gpt2", ["train.algorithm=rho1-wmtp", "rho1.reference_steps=2", "tracking.enabled=false"]),
     ],
     ids=["baseline-gpt2", "critic-llama", "rho1-hf-reference-llama", "rho1-brief-reference-gpt2"],
 )
 def test_algorithm_trains_resumes_and_exports_a_trunk_transformers_loads(
-    wmtp_home, model_dirs, prefect_api_url, kind, settings, tmp_path
+    wmtp_home, hf_model_dirs, prefect_api_url, kind, settings, tmp_path
 ):
-    settings = [s.format(**{k: str(v) for k, v in model_dirs.items()}) for s in settings]
-    recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={model_dirs[kind]}", *settings, "run.name=hf"])
+    settings = [s.format(**{k: str(v) for k, v in hf_model_dirs.items()}) for s in settings]
+    recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={hf_model_dirs[kind]}", *settings, "run.name=hf"])
     first = wmtp_train(recipe=recipe, return_state=True)
     assert first.is_completed(), first.message
     resumed = wmtp_resume(run_name="hf", target_steps=6, return_state=True)
@@ -56,14 +45,14 @@ def test_algorithm_trains_resumes_and_exports_a_trunk_transformers_loads(
     summary = json.loads((wmtp_home / "runs" / "hf" / "summary.json").read_text())
     assert (summary["status"], summary["resumed_from_step"], summary["steps"]) == ("completed", 4, 6)
     checkpoint = Path(summary["latest_checkpoint"])
-    _assert_export_predicts_as_the_checkpoint(checkpoint, model_dirs[kind], critic="critic" in settings[0])
+    _assert_export_predicts_as_the_checkpoint(checkpoint, hf_model_dirs[kind], critic="critic" in settings[0])
     if recipe.tracking.enabled:  # the export travels with the checkpoint to MLflow, and is the final model
         mlflow = MlflowClient(tracking_uri())
         uploaded = mlflow.list_artifacts(summary["mlflow_run_id"], f"checkpoints/{checkpoint.name}/hf")
         assert f"checkpoints/{checkpoint.name}/hf/model.safetensors" in {a.path for a in uploaded}
         final = Path(mlflow.download_artifacts(summary["mlflow_run_id"], "final_model", str(tmp_path / "final")))
         assert (final / "mtp_heads.safetensors").is_file()
-        _assert_export_predicts_as_the_checkpoint(checkpoint, model_dirs[kind], critic=False, export=final)
+        _assert_export_predicts_as_the_checkpoint(checkpoint, hf_model_dirs[kind], critic=False, export=final)
 
 
 def _assert_export_predicts_as_the_checkpoint(

@@ -1,5 +1,5 @@
 """Every algorithm trains end to end through `wmtp train --set train.algorithm=...` on the built-in data (their
-non-default modes are trained in-process in tests/core/test_algorithms.py)."""
+non-default modes are trained in-process in tests/unit/test_algorithms.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Where a run resumes (latest, a step, a checkpoint directory), and the wmtp-resume flow on the tiny model against
-the session's Prefect test server: no checkpoint, already complete, a time budget per invocation, and a training
-failure that the task retry resumes from its last save."""
+"""The wmtp-resume flow (and wmtp-train from another run's checkpoint) on the tiny model against the session's Prefect
+test server: a branch, no checkpoint, already complete, a time budget per invocation, and a training failure that the
+task retry resumes from its last save. Where a run resumes from: tests/unit/test_run_setup.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import tasks.training
 from flows.resume import wmtp_resume
 from flows.train import wmtp_train
 from tasks.progress import TrainingProgress
-from tasks.run_setup import start_checkpoint
-from wmtp_core.checkpoint.manifest import MANIFEST_FILE, CheckpointError, describe_files, step_dir_name
+
+pytestmark = pytest.mark.slow
 
 
 def _train_4_steps(recipe, name):
@@ -55,43 +55,6 @@ def _artifacts(client, flow_run_id):
     )
 
 
-def _fake_checkpoints(run_dir, steps):
-    """Step directories whose manifests verify (start_checkpoint reads manifests only, never tensors)."""
-    for step in steps:
-        path = run_dir / "checkpoints" / step_dir_name(step)
-        path.mkdir(parents=True)
-        (path / "model.safetensors").write_bytes(b"weights %d" % step)
-        manifest = {"format_version": 1, "step": step, "files": describe_files(path)}
-        (path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return run_dir
-
-
-def test_a_new_run_refuses_a_name_with_checkpoints_and_latest_needs_one(tmp_path):
-    run = _fake_checkpoints(tmp_path / "run", [2, 4])
-    with pytest.raises(FileExistsError, match="already has checkpoints; resume it"):
-        start_checkpoint("run", run, None)
-    assert start_checkpoint("run", run, "latest") == run / "checkpoints" / "step_00000004"
-    with pytest.raises(FileNotFoundError, match="no valid checkpoint"):
-        start_checkpoint("empty", tmp_path / "empty", "latest")
-
-
-def test_a_step_or_path_resume_must_be_the_runs_newest_checkpoint(tmp_path):
-    run = _fake_checkpoints(tmp_path / "run", [2, 4])
-    assert start_checkpoint("run", run, 4) == run / "checkpoints" / "step_00000004"
-    with pytest.raises(FileExistsError, match="up to step 4.*with a new run.name"):
-        start_checkpoint("run", run, 2)
-    with pytest.raises(CheckpointError, match="no manifest.json"):
-        start_checkpoint("run", run, 3)
-
-
-def test_a_new_run_can_start_from_another_runs_checkpoint_directory(tmp_path):
-    source = _fake_checkpoints(tmp_path / "source", [2])
-    assert start_checkpoint("branch", tmp_path / "branch", source / "checkpoints" / "step_00000002") == (
-        source / "checkpoints" / "step_00000002"
-    )
-
-
-@pytest.mark.slow
 def test_a_branch_trains_on_from_another_runs_checkpoint(prefect_api_url, wmtp_home, tiny_recipe):
     _train_4_steps(tiny_recipe, "source")
     source_step_2 = wmtp_home / "runs" / "source" / "checkpoints" / "step_00000002"
@@ -108,14 +71,12 @@ def test_a_branch_trains_on_from_another_runs_checkpoint(prefect_api_url, wmtp_h
     assert sorted(p.name for p in (wmtp_home / "runs" / "branch" / "checkpoints").iterdir()) == ["step_00000004"]
 
 
-@pytest.mark.slow
 def test_resume_of_a_run_without_a_checkpoint_fails_and_says_so(prefect_api_url, wmtp_home):
     state = wmtp_resume(run_name="never-trained", return_state=True)
     assert state.is_failed()
     assert "run 'never-trained' has no valid checkpoint" in state.message and "wmtp-train" in state.message
 
 
-@pytest.mark.slow
 def test_resume_of_a_complete_run_completes_at_once_with_a_message(prefect_api_url, wmtp_home, tiny_recipe):
     _train_4_steps(tiny_recipe, "done")
     state = wmtp_resume(run_name="done", return_state=True)
@@ -123,7 +84,6 @@ def test_resume_of_a_complete_run_completes_at_once_with_a_message(prefect_api_u
     assert state.message == "run 'done' is already complete: step 4 of 4; nothing to train"
 
 
-@pytest.mark.slow
 def test_time_budget_stops_at_a_checkpoint_and_the_next_resume_finishes_the_run(
     prefect_api_url, wmtp_home, tiny_recipe
 ):
@@ -145,8 +105,8 @@ def test_time_budget_stops_at_a_checkpoint_and_the_next_resume_finishes_the_run(
 
 
 class FailOnceAtStep7(TrainingProgress):
-    """The progress callback, failing once at step 7, after the step-6 save: training dies mid-run "
-    "on its first attempt."""
+    """The progress callback, failing once at step 7, after the step-6 save: training dies mid-run on its first
+    attempt."""
 
     failures = 0
 
@@ -157,7 +117,6 @@ class FailOnceAtStep7(TrainingProgress):
         super().__call__(step, metrics)
 
 
-@pytest.mark.slow
 def test_a_training_failure_is_retried_from_the_last_save_and_reaches_the_same_step(
     prefect_api_url, wmtp_home, tiny_recipe, monkeypatch
 ):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WMTP, wmtp_environment
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from support.cli import WMTP, wmtp_environment
 
 from wmtp_core.checkpoint.final_model import load_final_model
 from wmtp_core.config import Recipe

@@ -7,14 +7,14 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from conftest import WMTP, wmtp_environment
-from servers import PrefectServer, stop_process_group
+from support import ROOT
+from support.cli import WMTP, wmtp_environment
+
+from benchmarks.servers import PrefectServer, stop_process_group
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 RUN = "served-e2e"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import build_tokenizer
+from support.hf_models import build_tokenizer
 
 from wmtp_core.models.hf import MTP_HEADS_FILE, load_hf_mtp_model
 from wmtp_core.models.meta_mtp import main

@@ -1,5 +1,5 @@
-"""Each algorithm's training step on the tiny model: finite losses, the right parameters learn, "
-"Stage 1 is checkpointed."""
+"""Each algorithm's training step on the tiny model: finite losses, the right parameters learn, Stage 1 is
+checkpointed."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_critic_stage1_early_stopping_ends_the_stage(tiny_recipe, tmp_path):
 )
 def test_algorithm_variant_trains_and_eval_loss_falls(tiny_recipe, tmp_path, sections):
     """The non-default selection and normalisation modes learn too (the defaults run end to end through `wmtp train`
-    in tests/flows/test_algorithms_end_to_end.py)."""
+    in tests/integration/test_algorithms_end_to_end.py)."""
     recipe = _with(tiny_recipe, **sections)
     recipe = _with(recipe, train={**sections["train"], "max_steps": 40, "save_every": 20, "eval_every": 20})
     if recipe.train.algorithm == "rho1-wmtp":

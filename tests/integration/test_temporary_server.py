@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import wmtp_environment
-
-ROOT = Path(__file__).resolve().parents[2]
+from support import ROOT
+from support.cli import wmtp_environment
 
 EARLY_START = """
 import json, sys, time

@@ -1,5 +1,5 @@
-"""wmtp_core.data.sequences and wmtp_core.models.tokenizer: records, training text, splits, batch "
-"order and MTP labels."""
+"""wmtp_core.data.sequences and wmtp_core.models.tokenizer: records, training text, splits, batch order and MTP
+labels."""
 
 from __future__ import annotations
 

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
-from conftest import WMTP, wmtp_environment
+from support import ROOT
 
 from deployments.served import DEFAULT_RESUME_CRON, served_deployments
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _by_name(deployments) -> dict:
@@ -70,24 +64,3 @@ def test_prefect_yaml_deploys_the_same_three_to_a_process_pool():
     assert [s["cron"] for s in resume["schedules"]] == [DEFAULT_RESUME_CRON]
     assert resume["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert {d["work_pool"]["name"] for d in deployments.values()} == {"wmtp-process"}
-
-
-def test_serve_needs_a_prefect_server_and_exits_2_without_one(tmp_path):
-    out = subprocess.run([WMTP, "serve"], env=wmtp_environment(tmp_path), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "PREFECT_API_URL" in out.stderr
-
-
-def test_serve_refuses_a_bad_cron_before_contacting_the_server(tmp_path):
-    env = wmtp_environment(tmp_path, api_url="http://127.0.0.1:9/api")  # nothing listens there
-    out = subprocess.run(
-        [WMTP, "serve", "--resume-cron", "61 * * * *"], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 2 and "resume cron '61 * * * *'" in out.stderr
-
-
-def test_serving_loads_no_torch():
-    code = "import sys, deployments.served; print('torch' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert out.stdout.strip() == "False"

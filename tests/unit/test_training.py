@@ -102,3 +102,15 @@ def test_legacy_checkpoint_gate_fails_the_run_at_the_first_save(tiny_recipe, tmp
     with pytest.warns(FutureWarning), pytest.raises(CheckpointSaveError, match=r"KeyError\(None\)"):
         _train(recipe, tmp_path)
     assert list_checkpoints(tmp_path) == []
+
+
+@pytest.mark.gpu
+def test_the_tiny_run_trains_and_resumes_on_cuda(tiny_recipe, tmp_path):
+    """The same code path on a GPU: the plan picks CUDA, training stays finite, and a resume continues the run."""
+    recipe = _with(tiny_recipe, devices={"backend": "cuda"})
+    assert _plan(recipe).device.startswith("cuda")
+    first = _train(recipe, tmp_path)
+    assert first.steps == 4 and math.isfinite(first.final_eval_loss) and first.skipped_steps == 0
+    longer = _with(recipe, train={"max_steps": 6})
+    resumed = _train(longer, tmp_path, resume_from=latest_valid_checkpoint(tmp_path).path)
+    assert resumed.resumed_from_step == 4 and resumed.steps == 6

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, full_model_state
-from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2, save_llama
+from support.checkpoints import full_model_state
+from support.hf_models import HF_OVERRIDES
+from support.recipes import TINY_OVERRIDES
 from transformers import AutoModelForCausalLM
 
 from wmtp_core.checkpoint.final_model import load_final_model, write_final_model
@@ -20,15 +21,6 @@ from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.recipes import load_recipe
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf-models")
-    return {
-        "llama": save_llama(root / "llama", build_tokenizer()),
-        "gpt2": save_gpt2(root / "gpt2", build_tokenizer(with_pad=False)),
-    }
 
 
 def _train(overrides: list[str], run_dir: Path) -> Path:
@@ -65,9 +57,9 @@ def test_builtin_final_model_loads_with_the_trained_weights(tmp_path, overrides)
 
 @pytest.mark.parametrize(("kind", "checkpoint_format"), [("gpt2", "full"), ("llama", "sharded")])
 def test_hf_final_model_is_a_pretrained_directory_that_predicts_as_the_trained_model(
-    tmp_path, model_dirs, kind, checkpoint_format
+    tmp_path, hf_model_dirs, kind, checkpoint_format
 ):
-    original = model_dirs[kind]
+    original = hf_model_dirs[kind]
     checkpoint = _train(
         [*HF_OVERRIDES, f"model.path={original}", f"checkpoint.format={checkpoint_format}"], tmp_path / "run"
     )

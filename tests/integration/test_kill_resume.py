@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from kill_trials import run_trial, uninterrupted
+
+from benchmarks.kill_trials import run_trial, uninterrupted
 
 pytestmark = pytest.mark.slow
 

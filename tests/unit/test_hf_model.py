@@ -4,14 +4,12 @@ the tokenizer adapter, the reference's tokenizer check, FSDP unit classes and th
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hf_models import HF_OVERRIDES, MAX_POSITIONS, build_tokenizer, save_gpt2, save_llama
 from pydantic import ValidationError
+from support.hf_models import HF_OVERRIDES, MAX_POSITIONS
 from transformers import AutoModelForCausalLM
 
 from wmtp_core.algorithms.reference import load_reference
@@ -33,25 +31,14 @@ from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf-models")
-    llama_tokenizer, gpt2_tokenizer = build_tokenizer(), build_tokenizer(with_pad=False)
-    return {
-        "llama": save_llama(root / "llama", llama_tokenizer),
-        "llama-other-weights": save_llama(root / "llama-other-weights", llama_tokenizer, seed=1),
-        "gpt2": save_gpt2(root / "gpt2", gpt2_tokenizer),
-    }
-
-
 def _tokens(batch: int = 2, length: int = 12) -> torch.Tensor:
     return torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_head_0_is_the_causal_lm_own_next_token_prediction(model_dirs, kind):
-    model = load_hf_mtp_model(str(model_dirs[kind]), horizon=3, max_seq_len=64).eval()
-    lm = AutoModelForCausalLM.from_pretrained(model_dirs[kind]).eval()
+def test_head_0_is_the_causal_lm_own_next_token_prediction(hf_model_dirs, kind):
+    model = load_hf_mtp_model(str(hf_model_dirs[kind]), horizon=3, max_seq_len=64).eval()
+    lm = AutoModelForCausalLM.from_pretrained(hf_model_dirs[kind]).eval()
     with torch.no_grad():
         logits_BTKV = model(_tokens())
         expected_BTV = lm(input_ids=_tokens()).logits
@@ -60,8 +47,8 @@ def test_head_0_is_the_causal_lm_own_next_token_prediction(model_dirs, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_extra_heads_start_as_copies_of_the_last_layer_and_then_predict_on_their_own(model_dirs, kind):
-    model = load_hf_mtp_model(str(model_dirs[kind]), horizon=2, max_seq_len=64).eval()
+def test_extra_heads_start_as_copies_of_the_last_layer_and_then_predict_on_their_own(hf_model_dirs, kind):
+    model = load_hf_mtp_model(str(hf_model_dirs[kind]), horizon=2, max_seq_len=64).eval()
     with torch.no_grad():
         before_BTKV = model(_tokens())
         torch.testing.assert_close(before_BTKV[:, :, 1], before_BTKV[:, :, 0])
@@ -72,8 +59,8 @@ def test_extra_heads_start_as_copies_of_the_last_layer_and_then_predict_on_their
     assert not torch.allclose(after_BTKV[:, :, 1], before_BTKV[:, :, 1])
 
 
-def test_values_read_the_trunk_output_and_gradients_reach_all_parts(model_dirs):
-    model = load_hf_mtp_model(str(model_dirs["llama"]), horizon=3, max_seq_len=64, with_value_head=True)
+def test_values_read_the_trunk_output_and_gradients_reach_all_parts(hf_model_dirs):
+    model = load_hf_mtp_model(str(hf_model_dirs["llama"]), horizon=3, max_seq_len=64, with_value_head=True)
     logits_BTKV, values_BT = model(_tokens(), return_values=True)
     torch.testing.assert_close(model.value_head(model.trunk_hidden(_tokens())), values_BT)
     torch.testing.assert_close(model(_tokens(), values_only=True), values_BT)
@@ -82,28 +69,28 @@ def test_values_read_the_trunk_output_and_gradients_reach_all_parts(model_dirs):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-def test_fsdp_shards_by_the_model_decoder_layer_class(model_dirs):
-    llama = load_hf_mtp_model(str(model_dirs["llama"]), horizon=2, max_seq_len=64)
-    gpt2 = load_hf_mtp_model(str(model_dirs["gpt2"]), horizon=2, max_seq_len=64)
+def test_fsdp_shards_by_the_model_decoder_layer_class(hf_model_dirs):
+    llama = load_hf_mtp_model(str(hf_model_dirs["llama"]), horizon=2, max_seq_len=64)
+    gpt2 = load_hf_mtp_model(str(hf_model_dirs["gpt2"]), horizon=2, max_seq_len=64)
     assert {cls.__name__ for cls in decoder_layer_classes(llama)} == {"LlamaDecoderLayer"}
     assert {cls.__name__ for cls in gpt2.fsdp_unit_classes()} == {"GPT2Block"}
 
 
-def test_a_sequence_longer_than_the_model_positions_is_refused(model_dirs):
+def test_a_sequence_longer_than_the_model_positions_is_refused(hf_model_dirs):
     with pytest.raises(
         ValueError, match=f"model.max_seq_len={MAX_POSITIONS + 1} exceeds the {MAX_POSITIONS} positions"
     ):
-        load_hf_mtp_model(str(model_dirs["gpt2"]), horizon=2, max_seq_len=MAX_POSITIONS + 1)
+        load_hf_mtp_model(str(hf_model_dirs["gpt2"]), horizon=2, max_seq_len=MAX_POSITIONS + 1)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_export_reloads_with_transformers_and_as_an_mtp_model_with_every_head(model_dirs, tmp_path, kind):
-    model = load_hf_mtp_model(str(model_dirs[kind]), horizon=3, max_seq_len=64).eval()
+def test_export_reloads_with_transformers_and_as_an_mtp_model_with_every_head(hf_model_dirs, tmp_path, kind):
+    model = load_hf_mtp_model(str(hf_model_dirs[kind]), horizon=3, max_seq_len=64).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.01 * torch.randn_like(param))  # "trained": no longer the weights it was loaded from
         expected_BTKV = model(_tokens())
-    export_pretrained(model, load_hf_tokenizer(str(model_dirs[kind])), tmp_path, model.state_dict())
+    export_pretrained(model, load_hf_tokenizer(str(hf_model_dirs[kind])), tmp_path, model.state_dict())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / HF_EXPORT_DIR).eval()
     again = load_hf_mtp_model(str(tmp_path / HF_EXPORT_DIR), horizon=3, max_seq_len=64).eval()
     with torch.no_grad():
@@ -113,8 +100,8 @@ def test_export_reloads_with_transformers_and_as_an_mtp_model_with_every_head(mo
         load_hf_mtp_model(str(tmp_path / HF_EXPORT_DIR), horizon=4, max_seq_len=64)
 
 
-def test_tokenizer_adapter_wraps_text_in_bos_eos_and_feeds_the_collator(model_dirs):
-    tokenizer = load_hf_tokenizer(str(model_dirs["llama"]))
+def test_tokenizer_adapter_wraps_text_in_bos_eos_and_feeds_the_collator(hf_model_dirs):
+    tokenizer = load_hf_tokenizer(str(hf_model_dirs["llama"]))
     assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
     text = "def add(a, b):\n    return a + b\n"
     ids = tokenizer.encode(text)
@@ -125,17 +112,17 @@ def test_tokenizer_adapter_wraps_text_in_bos_eos_and_feeds_the_collator(model_di
     assert batch["tokens"].max() < tokenizer.vocab_size and batch["labels"].shape[-1] == 3
 
 
-def test_a_tokenizer_without_pad_token_pads_with_eos_and_says_so(model_dirs, caplog):
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_says_so(hf_model_dirs, caplog):
     with caplog.at_level(logging.WARNING, logger="wmtp_core.models.hf_tokenizer"):
-        tokenizer = load_hf_tokenizer(str(model_dirs["gpt2"]))
+        tokenizer = load_hf_tokenizer(str(hf_model_dirs["gpt2"]))
     assert tokenizer.pad_id == tokenizer.eos_id == tokenizer.bos_id
     assert "no pad token: padding with eos" in caplog.text
 
 
-def test_tokenizers_that_differ_are_refused_naming_both(model_dirs):
-    llama, gpt2 = load_hf_tokenizer(str(model_dirs["llama"])), load_hf_tokenizer(str(model_dirs["gpt2"]))
+def test_tokenizers_that_differ_are_refused_naming_both(hf_model_dirs):
+    llama, gpt2 = load_hf_tokenizer(str(hf_model_dirs["llama"])), load_hf_tokenizer(str(hf_model_dirs["gpt2"]))
     check_tokenizers_agree(
-        llama, load_hf_tokenizer(str(model_dirs["llama-other-weights"])), trunk_source="a", reference_source="b"
+        llama, load_hf_tokenizer(str(hf_model_dirs["llama-seed-1"])), trunk_source="a", reference_source="b"
     )
     with pytest.raises(
         ValueError, match=r"reference's tokenizer \(ref-gpt2\) does not match the trunk's \(trunk-llama\)"
@@ -145,24 +132,24 @@ def test_tokenizers_that_differ_are_refused_naming_both(model_dirs):
         check_tokenizers_agree(llama, ByteTokenizer(), trunk_source="trunk", reference_source="builtin")
 
 
-def test_an_hf_reference_with_another_tokenizer_is_refused_before_training(model_dirs):
+def test_an_hf_reference_with_another_tokenizer_is_refused_before_training(hf_model_dirs):
     recipe = load_recipe(
         None,
         [
             *HF_OVERRIDES,
-            f"model.path={model_dirs['llama']}",
+            f"model.path={hf_model_dirs['llama']}",
             "train.algorithm=rho1-wmtp",
-            f"rho1.reference_hf_model={model_dirs['gpt2']}",
+            f"rho1.reference_hf_model={hf_model_dirs['gpt2']}",
         ],
     )
     plan = plan_run_devices(recipe, probe_environment())
-    trunk_tokenizer = load_hf_tokenizer(str(model_dirs["llama"]))
+    trunk_tokenizer = load_hf_tokenizer(str(hf_model_dirs["llama"]))
     with pytest.raises(
-        ValueError, match=f"rho1.reference_hf_model={model_dirs['gpt2']}.*model.path={model_dirs['llama']}"
+        ValueError, match=f"rho1.reference_hf_model={hf_model_dirs['gpt2']}.*model.path={hf_model_dirs['llama']}"
     ):
         load_reference(recipe, None, plan, trunk_tokenizer=trunk_tokenizer)
     matching = recipe.model_copy(
-        update={"rho1": recipe.rho1.model_copy(update={"reference_hf_model": str(model_dirs["llama-other-weights"])})}
+        update={"rho1": recipe.rho1.model_copy(update={"reference_hf_model": str(hf_model_dirs["llama-seed-1"])})}
     )
     reference = load_reference(matching, None, plan, trunk_tokenizer=trunk_tokenizer)
     assert reference.horizon == 1 and not reference.training
@@ -185,8 +172,8 @@ def test_recipe_refuses_inconsistent_model_and_reference_keys(overrides, message
         load_recipe(None, overrides)
 
 
-def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(model_dirs, tmp_path):
-    recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={model_dirs['gpt2']}", "train.max_steps=2"])
+def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(hf_model_dirs, tmp_path):
+    recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={hf_model_dirs['gpt2']}", "train.max_steps=2"])
     plan = plan_run_devices(recipe, probe_environment())
     checkpoint = Path(train(recipe, tmp_path / "run", plan=plan).latest_checkpoint)
     listed = verify_checkpoint(checkpoint)["files"]
@@ -201,9 +188,3 @@ def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(model_dir
         f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
     with pytest.raises(CheckpointError, match="does not match its manifest checksum"):
         verify_checkpoint(checkpoint)
-
-
-def test_the_builtin_training_path_does_not_import_transformers():
-    code = "import sys, wmtp_core.training.loop, wmtp_core.training.worker; print('transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "False"
