@@ -21,21 +21,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test suite's real-server helper
+from mlflow import MlflowClient
+from servers import MlflowServer  # benchmarks/servers.py, beside this script (the tests use it too)
 
-from mlflow import MlflowClient  # noqa: E402
-from servers import MlflowServer  # noqa: E402
-
-from tasks.metrics_buffer import BufferedMetrics  # noqa: E402
+from tasks.metrics_buffer import BufferedMetrics
 from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.recipes import load_recipe  # noqa: E402
-from wmtp_core.runtime.devices import probe_environment  # noqa: E402
-from wmtp_core.training.loop import train  # noqa: E402
+from wmtp_core.recipes import load_recipe
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.training.loop import train
 
 
 class CountingSender:

@@ -1,16 +1,13 @@
-"""Shared fixtures: a tiny recipe, an isolated $WMTP_HOME, and one Prefect test server per session.
+"""Fixtures: a tiny recipe, an isolated $WMTP_HOME, one Prefect test server per session, one MLflow server per
+module, the `wmtp` console script, and tiny Hugging Face models built once per session.
 
-Prefect settings are read when prefect is first imported, so its environment is set here, before any test
-module imports it.
+Prefect settings are read when prefect is first imported, so its environment is set here, before any test module
+imports it. Plain helpers (the tiny run, checkpoint reading, the console script's environment) are in tests/support/.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,37 +21,12 @@ os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "wmtp_core,tasks"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-from servers import MlflowServer  # noqa: E402
+from support.cli import run_wmtp_json  # noqa: E402
+from support.recipes import TINY_OVERRIDES  # noqa: E402
 
+from benchmarks.servers import MlflowServer  # noqa: E402
 from wmtp_core.config import Recipe  # noqa: E402  (after the Prefect environment above)
-from wmtp_core.recipes import TINY_MODEL, load_recipe  # noqa: E402
-
-TINY_RUN = [
-    "train.max_steps=4",
-    "train.warmup_steps=1",
-    "train.save_every=2",
-    "train.log_every=1",
-    "train.eval_every=2",
-    "train.eval_batches=2",
-    "seed=7",
-]
-"""The tiny run every test shares: 4 steps, saves and evals every 2."""
-TINY_OVERRIDES = [*TINY_MODEL, *TINY_RUN]
-
-
-def full_model_state(checkpoint: Path) -> dict:
-    """A checkpoint's full model weights: its model.safetensors or, for a sharded checkpoint, that of a converted
-    copy (torch.distributed.checkpoint's own consolidation). The checkpoint itself is left as it is."""
-    from safetensors.torch import load_file
-
-    from wmtp_core.checkpoint.storage import MODEL_FILE, convert_to_full
-
-    if (checkpoint / MODEL_FILE).is_file():
-        return load_file(checkpoint / MODEL_FILE)
-    with tempfile.TemporaryDirectory() as scratch:
-        copy = Path(scratch) / "checkpoints" / checkpoint.name
-        shutil.copytree(checkpoint, copy)
-        return load_file(convert_to_full(copy, Path(scratch)) / MODEL_FILE)
+from wmtp_core.recipes import load_recipe  # noqa: E402
 
 
 @pytest.fixture
@@ -86,35 +58,17 @@ def prefect_api_url() -> str:
 def run_wmtp():
     """Run the real `wmtp` console script with --json and return its summary (asserting exit 0).
 
-    With api_url the run uses that Prefect server instead of starting a temporary one (~20 s saved per call).
+    Pass api_url=prefect_api_url: without it the command starts a temporary Prefect server of its own (~20 s).
     """
 
     def run(
         args: list[str], *, home: Path, api_url: str | None = None, mlflow_uri: str | None = None, timeout: int = 600
     ) -> dict:
-        env = wmtp_environment(home, api_url=api_url, mlflow_uri=mlflow_uri)
-        out = subprocess.run([WMTP, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
+        out, summary = run_wmtp_json(args, home=home, api_url=api_url, mlflow_uri=mlflow_uri, timeout=timeout)
         assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return summary
 
     return run
-
-
-WMTP = str(Path(sys.executable).parent / "wmtp")
-
-
-def wmtp_environment(home: Path, *, api_url: str | None = None, mlflow_uri: str | None = None) -> dict[str, str]:
-    """The environment of a `wmtp` subprocess: this process's, minus Prefect/MLflow settings, plus the given ones.
-
-    Its PREFECT_HOME is its own (beside home): the user's profiles in ~/.prefect must not reach a test."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env["WMTP_HOME"] = str(home)
-    env["PREFECT_HOME"] = f"{home}-prefect-home"
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    if mlflow_uri:
-        env["MLFLOW_TRACKING_URI"] = mlflow_uri
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +87,29 @@ def mlflow_server(_module_mlflow_server):
     if _module_mlflow_server.process.poll() is not None:
         _module_mlflow_server.start()
     return _module_mlflow_server
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Hugging Face models saved with their tokenizers (read only: tests train from them, never into them):
+    llama, llama-seed-1 (the same shapes and tokenizer, other weights) and gpt2."""
+    from support.hf_models import build_tokenizer, save_gpt2, save_llama
+
+    root = tmp_path_factory.mktemp("hf-models")
+    llama_tokenizer = build_tokenizer()
+    return {
+        "llama": save_llama(root / "llama", llama_tokenizer),
+        "llama-seed-1": save_llama(root / "llama-seed-1", llama_tokenizer, seed=1),
+        "gpt2": save_gpt2(root / "gpt2", build_tokenizer(with_pad=False)),
+    }
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped where CUDA is not available (torch is imported only if any was collected)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_tests:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu_tests:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_OVERRIDES
+from support.recipes import TINY_OVERRIDES
 
 from tasks.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, torchrun_command
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint

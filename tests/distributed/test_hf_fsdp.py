@@ -4,28 +4,26 @@ to the same weights as a one-process run with the same global batch."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hf_models import HF_OVERRIDES, build_tokenizer, save_gpt2
 from safetensors.torch import load_file
+from support.hf_models import HF_OVERRIDES
+from support.torchrun import torchrun_worker
 from transformers import AutoModelForCausalLM
 
 from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
-from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.recipes import load_recipe
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
 pytestmark = pytest.mark.distributed
 
 
-def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tmp_path):
-    gpt2 = save_gpt2(tmp_path / "gpt2", build_tokenizer(with_pad=False))
+def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tmp_path, hf_model_dirs):
+    gpt2 = hf_model_dirs["gpt2"]
     common = [*HF_OVERRIDES, f"model.path={gpt2}", "train.max_steps=6", "train.keep_last=10", "train.lr_decay_steps=6"]
     two_processes = load_recipe(
         None,
@@ -38,7 +36,9 @@ def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tm
             "data.batch_size=2",
         ],
     )
-    result = _torchrun(two_processes, tmp_path / "fsdp")
+    out, outcome = torchrun_worker(two_processes, tmp_path / "fsdp")
+    assert "Warning" not in out.stderr, out.stderr[-3000:]
+    result = outcome["result"]
     checkpoint = Path(result["latest_checkpoint"])
     trained = load_hf_mtp_model(str(gpt2), horizon=3, max_seq_len=64).eval()
     trained.load_state_dict(load_file(checkpoint / "model.safetensors"))
@@ -58,28 +58,3 @@ def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tm
     actual = load_file(Path(resumed.latest_checkpoint) / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
-
-
-def _torchrun(recipe, run_dir: Path) -> dict:
-    run_dir.mkdir(parents=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "wmtp_core.training.worker",
-        "--recipe",
-        str(run_dir / "recipe.yaml"),
-        "--run-dir",
-        str(run_dir),
-        "--result",
-        str(run_dir / "result.json"),
-    ]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "Warning" not in out.stderr, out.stderr[-3000:]
-    return json.loads((run_dir / "result.json").read_text())["result"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import TINY_OVERRIDES
+from support.recipes import TINY_OVERRIDES
 
 from tasks.torchrun import LOG_DIR, run_torchrun, torchrun_command
 from wmtp_core.recipes import load_recipe, recipe_to_yaml

@@ -8,18 +8,17 @@ Every torchrun call is bounded by a subprocess timeout, so a hang fails the test
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, full_model_state
+from support.checkpoints import full_model_state
+from support.recipes import TINY_OVERRIDES
+from support.torchrun import torchrun_worker
 
 from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.recipes import load_recipe
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 from wmtp_core.training.worker import METRICS_PREFIX
@@ -53,32 +52,11 @@ def losses_of(reports: list[dict]) -> dict[int, float]:
 
 def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tuple[dict, list[dict]]:
     """Run the worker on 2 processes; return rank 0's outcome and its metric reports ({"step", "metrics"})."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "wmtp_core.training.worker",
-        "--recipe",
-        str(run_dir / "recipe.yaml"),
-        "--run-dir",
-        str(run_dir),
-        "--result",
-        str(run_dir / "result.json"),
-    ] + (["--resume", resume] if resume else [])
-    # faulthandler: a rank that dies of a signal prints every thread's Python stack into the failure message.
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    out = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out, outcome = torchrun_worker(recipe, run_dir, resume=resume, timeout=180)
     reports = [
         json.loads(line[len(METRICS_PREFIX) :]) for line in out.stdout.splitlines() if line.startswith(METRICS_PREFIX)
     ]
-    return json.loads((run_dir / "result.json").read_text()), reports
+    return outcome, reports
 
 
 def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:

@@ -1,0 +1,123 @@
+"""Real servers (`mlflow server`, `prefect server start`) on a free loopback port, stopped by their owner; used by
+benchmarks/tracking_overhead.py and the tests that talk to a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackServer:
+    """A server process on a free loopback port with its files (and server.log) under root."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def launch(
+        self, command: list[str], *, health_url: str, timeout_s: float, env: dict[str, str] | None = None
+    ) -> None:
+        """Start command and wait until health_url answers; a server that never does is stopped before raising."""
+        log = self.root / "server.log"
+        # Its own session, so stop() can end the server and its worker processes together.
+        self.process = subprocess.Popen(
+            command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_for_http(health_url, self.process, timeout_s=timeout_s, log=log)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_process_group(self.process, signal.SIGTERM, grace_s=15)
+
+
+class MlflowServer(LoopbackServer):
+    """A real `mlflow server` (SQLite backend, local artifact store) on a loopback port, to stop and restart."""
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180) -> None:
+        mlflow = str(Path(sys.executable).parent / "mlflow")
+        command = [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
+        # MLflow 3's server also starts a job runner (about ten huey consumer processes, for GenAI jobs) that
+        # takes two cores for a minute after every start; tracking needs none of it.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.launch(command, health_url=f"{self.uri}/health", timeout_s=timeout_s, env=env)
+
+
+class PrefectServer(LoopbackServer):
+    """A real `prefect server start` (SQLite in its own PREFECT_HOME, no UI, no scheduler service) on a loopback port.
+
+    The scheduler service is off so no cron schedule fires during a test; schedules are still stored and readable.
+    """
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self, timeout_s: float = 180) -> None:
+        prefect = str(Path(sys.executable).parent / "prefect")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(self.root),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_ENABLED="false",
+            PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        )
+        command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.launch(command, health_url=f"{self.api_url}/health", timeout_s=timeout_s, env=env)
+
+
+def stop_process_group(process: subprocess.Popen | None, first: signal.Signals, *, grace_s: float) -> None:
+    """Send `first` to the process's group (started with start_new_session=True), then SIGKILL after grace_s."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, first)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+
+
+def wait_for_http(url: str, process: subprocess.Popen, *, timeout_s: float, log: Path) -> None:
+    """Poll url until it answers; raise when the process exits or the time is up (the log says why)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"nothing answered on {url} within {timeout_s} s; see {log}")

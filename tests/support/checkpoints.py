@@ -1,0 +1,22 @@
+"""Reading what a checkpoint holds, whatever its format."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def full_model_state(checkpoint: Path) -> dict:
+    """A checkpoint's full model weights: its model.safetensors or, for a sharded checkpoint, that of a converted
+    copy (torch.distributed.checkpoint's own consolidation). The checkpoint itself is left as it is."""
+    from safetensors.torch import load_file
+
+    from wmtp_core.checkpoint.storage import MODEL_FILE, convert_to_full
+
+    if (checkpoint / MODEL_FILE).is_file():
+        return load_file(checkpoint / MODEL_FILE)
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "checkpoints" / checkpoint.name
+        shutil.copytree(checkpoint, copy)
+        return load_file(convert_to_full(copy, Path(scratch)) / MODEL_FILE)

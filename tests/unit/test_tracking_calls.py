@@ -1,0 +1,45 @@
+"""The MLflow calls themselves: synchronous even with MLflow's async logging on, no process-wide HTTP timeout, and
+the context tags (user, source, git commit) on a new run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mlflow import MlflowClient
+
+from benchmarks.servers import free_port
+from tasks import tracking
+
+
+@pytest.fixture
+def async_logging(monkeypatch, wmtp_home):
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    return wmtp_home
+
+
+def test_sent_points_are_stored_when_send_returns_even_with_async_logging(async_logging, tiny_recipe):
+    run_id = tracking.open_tracking_run(tiny_recipe, async_logging, run_name="sync", extra_tags={})
+    tracking.point_sender(run_id)([("loss", 0.5, 1000, 1), ("loss", 0.25, 2000, 2)])
+    history = MlflowClient(tracking.tracking_uri()).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25)]
+
+
+def test_a_send_to_a_dead_server_raises_instead_of_returning(async_logging, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(Exception, match="Connection refused|Max retries|Failed to establish"):
+        tracking.point_sender("0" * 32)([("loss", 0.5, 1000, 1)])
+
+
+def test_no_process_wide_http_timeout_bounds_artifact_uploads(async_logging):
+    tracking.client()
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_a_new_run_carries_user_source_and_git_commit_tags(async_logging, tiny_recipe):
+    run_id = tracking.open_tracking_run(tiny_recipe, async_logging, run_name="tagged", extra_tags={"x": "y"})
+    tags = MlflowClient(tracking.tracking_uri()).get_run(run_id).data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["x"] == "y"
