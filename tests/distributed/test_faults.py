@@ -17,7 +17,7 @@ from tasks.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, to
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every torchrun job takes 5-30 s here
 LONG_RUN = [
     "train.max_steps=5000",
     "train.save_every=20",
@@ -118,7 +118,6 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
     assert worker_pids(tmp_path) == {}
 
 
-@pytest.mark.slow
 def test_flow_trains_two_processes_and_logs_rank_zero_metrics(run_wmtp, prefect_api_url, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -19,7 +19,7 @@ from wmtp_core.recipes import load_recipe
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every torchrun job takes 5-30 s here
 
 
 def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tmp_path, hf_model_dirs):

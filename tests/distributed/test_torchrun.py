@@ -23,7 +23,7 @@ from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 from wmtp_core.training.worker import METRICS_PREFIX
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every torchrun job takes 5-30 s here
 STEPS = ["train.max_steps=6", "train.save_every=2", "train.keep_last=10", "train.eval_every=100", "train.log_every=1"]
 LAYOUTS = {
     "ddp": ["devices.strategy=ddp"],

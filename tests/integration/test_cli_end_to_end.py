@@ -10,6 +10,11 @@ import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.recipes import load_recipe
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.training.loop import train
+
 pytestmark = pytest.mark.slow
 
 
@@ -29,17 +34,28 @@ def test_default_train_command_succeeds_on_a_fresh_home(tmp_path, run_wmtp):
 
 
 def test_resume_reaches_the_same_weights_as_a_straight_run(tmp_path, tiny_recipe, prefect_api_url, run_wmtp):
+    """`wmtp train` stopped at step 4, then `wmtp resume` to step 8: the weights of an uninterrupted 8-step run of the
+    recipe (trained in this process: the training code is the same, only the resume goes through the CLI)."""
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe.model_dump(mode="json")))
-    common = ["--recipe", str(recipe), "--set", "train.max_steps=8", "--set", "train.lr_decay_steps=8"]
+    eight_steps = ["train.max_steps=8", "train.lr_decay_steps=8"]
     home = tmp_path / "home"
-    straight = run_wmtp(["train", *common, "--set", "run.name=straight"], home=home, api_url=prefect_api_url)
-    run_wmtp(
-        ["train", *common, "--set", "run.name=split", "--set", "train.max_steps=4"], home=home, api_url=prefect_api_url
+    split = run_wmtp(
+        [
+            "train",
+            "--recipe",
+            str(recipe),
+            *[f"--set={s}" for s in [*eight_steps, "run.name=split", "train.max_steps=4"]],
+        ],
+        home=home,
+        api_url=prefect_api_url,
     )
     resumed = run_wmtp(["resume", "split", "--set", "train.max_steps=8"], home=home, api_url=prefect_api_url)
-    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 8
-    assert resumed["mlflow_run_id"] != straight["mlflow_run_id"]
-    expected = load_file(Path(straight["latest_checkpoint"]) / "model.safetensors")
+    straight = load_recipe(recipe, eight_steps)
+    expected_run = train(straight, tmp_path / "straight", plan=plan_run_devices(straight, probe_environment()))
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == expected_run.steps == 8
+    assert resumed["mlflow_run_id"] == split["mlflow_run_id"]  # the resume continues the run's MLflow run
+    expected = load_file(Path(expected_run.latest_checkpoint) / "model.safetensors")
     actual = load_file(Path(resumed["latest_checkpoint"]) / "model.safetensors")
+    assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)

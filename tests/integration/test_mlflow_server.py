@@ -18,8 +18,9 @@ from support.cli import WMTP, wmtp_environment
 from wmtp_core.checkpoint.final_model import load_final_model
 from wmtp_core.config import Recipe
 
-# The default-size model (about 0.2 s a step on two cores), so training outlives a server restart.
-OUTAGE_TRAIN = dict(max_steps=240, log_every=2, save_every=60, eval_every=60, warmup_steps=10)
+# The default-size model (about 0.2 s a step on two cores): training goes on for about 20 s after the server stops at
+# step 6, longer than a restart takes (about 10 s); if the restart comes later, the run ends owing uploads.
+OUTAGE_TRAIN = dict(max_steps=120, log_every=2, save_every=60, eval_every=60, warmup_steps=10)
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +130,9 @@ def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, pre
     assert "metrics not sent" in stderr  # the outage really hit training
     _wmtp(tmp_path, mlflow_server, "upload", "outage")  # what the run still owes, if anything
     mlflow = MlflowClient(mlflow_server.uri)
-    assert [m.step for m in mlflow.get_metric_history(run_id, "loss")] == list(range(2, 241, 2))
+    assert [m.step for m in mlflow.get_metric_history(run_id, "loss")] == list(
+        range(2, OUTAGE_TRAIN["max_steps"] + 1, 2)
+    )
     assert not (run_dir / "pending_metrics.jsonl").exists()
     assert_checkpoints_uploaded_intact(mlflow, run_id, run_dir, tmp_path)
 
@@ -176,4 +179,4 @@ def test_trainer_killed_during_an_outage_then_resumed_and_uploaded_misses_no_ste
     _wmtp(tmp_path, mlflow_server, "resume", "killed", api_url=prefect_api_url)
     _wmtp(tmp_path, mlflow_server, "upload", "killed")
     steps = {m.step for m in MlflowClient(mlflow_server.uri).get_metric_history(run_id, "loss")}
-    assert sorted(set(range(2, 241, 2)) - steps) == []
+    assert sorted(set(range(2, OUTAGE_TRAIN["max_steps"] + 1, 2)) - steps) == []
