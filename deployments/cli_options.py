@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tasks.locations import run_dir
+from tasks.locations import runs_dir
 
 RecipeOption = typer.Option(None, "--recipe", help="YAML recipe file (flat and complete; see configs/).")
 SetOption = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
@@ -20,7 +20,7 @@ PrintRecipeOption = typer.Option(
 
 def complete_run_names(incomplete: str) -> list[str]:
     """Shell completion: the runs under $WMTP_HOME/runs whose name starts with what was typed."""
-    runs = run_dir("x").parent
+    runs = runs_dir()
     if not runs.is_dir():
         return []
     return sorted(p.name for p in runs.iterdir() if p.is_dir() and p.name.startswith(incomplete))

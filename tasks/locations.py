@@ -13,9 +13,14 @@ def wmtp_home() -> Path:
     return Path(os.environ.get("WMTP_HOME", ".wmtp")).expanduser().resolve()
 
 
+def runs_dir() -> Path:
+    """$WMTP_HOME/runs, where every run has its directory."""
+    return wmtp_home() / "runs"
+
+
 def run_dir(run_name: str) -> Path:
     """$WMTP_HOME/runs/<run_name>; the name is validated, so it cannot escape the home directory."""
-    runs = wmtp_home() / "runs"
+    runs = runs_dir()
     path = (runs / check_run_name(run_name)).resolve()
     if path.parent != runs:
         raise ValueError(f"run name {run_name!r} resolves outside {runs}")

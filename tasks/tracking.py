@@ -197,9 +197,8 @@ def upload_final_model(run_id: str, run_dir: Path) -> bool:
     step. A resume that trains on replaces it. Load it with
     `wmtp_core.checkpoint.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
     """
-    from wmtp_core.checkpoint.final_model import (
-        write_final_model,
-    )  # torch loads here, not when a flow module is imported
+    # torch loads here, not when a flow module is imported
+    from wmtp_core.checkpoint.final_model import write_final_model
 
     mlflow = client()
     latest = latest_valid_checkpoint(run_dir)

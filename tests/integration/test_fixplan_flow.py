@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from support.cli import run_wmtp_json
+from support.fixplan import report_row
 
 ROW_KEYS = {
     "stage",
@@ -18,18 +19,6 @@ ROW_KEYS = {
     "leaked_semaphores",
     "step_time_s",
 }
-
-
-def _row(stage="p1+p2+p3", **figures):
-    return {
-        "stage": stage,
-        "model": "plain",
-        "checkpoint_save_success": 1.0,
-        "resume_success": 1.0,
-        "warnings": 0,
-        "leaked_semaphores": 0,
-        **figures,
-    }
 
 
 def _verify(home, api_url, *args: str) -> tuple[int, dict]:
@@ -72,8 +61,10 @@ def test_report_task_writes_json_and_the_table_and_markdown_artifacts(prefect_ap
     from tasks.fixplan import write_report
 
     rows = [
-        _row("legacy", warnings=8, warnings_by_category={"UserWarning": 8}, leaked_semaphores=14, step_time_s=0.05),
-        _row(warnings_by_category={}, step_time_s=0.04),
+        report_row(
+            "legacy", warnings=8, warnings_by_category={"UserWarning": 8}, leaked_semaphores=14, step_time_s=0.05
+        ),
+        report_row(warnings_by_category={}, step_time_s=0.04),
     ]
 
     @flow

@@ -73,6 +73,15 @@ def test_flow_run_logs_params_metric_histories_and_artifacts(
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in trained.items())
 
 
+def _outage_run_logging(tmp_path, name: str, *, phases_api: str, api_url: str, server) -> tuple:
+    """`wmtp train` of an OUTAGE_TRAIN run in the background, once MLflow has its step-6 loss:
+    (process, run_dir, mlflow_run_id)."""
+    recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
+    run_dir = tmp_path / "home" / "runs" / name
+    process = _start_training(tmp_path, recipe, name=name, api_url=api_url, server=server, phases_api=phases_api)
+    return process, run_dir, _wait_for_logged_step(server, run_dir, 6, process)
+
+
 def _start_training(tmp_path, recipe, *, name, api_url, server, phases_api):
     args = [
         WMTP,
@@ -114,12 +123,9 @@ def _wait_for_logged_step(server, run_dir: Path, step: int, process, timeout_s: 
 
 
 def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, prefect_api_url, mlflow_server):
-    recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
-    run_dir = tmp_path / "home" / "runs" / "outage"
-    process = _start_training(
-        tmp_path, recipe, name="outage", api_url=prefect_api_url, server=mlflow_server, phases_api="true"
+    process, run_dir, run_id = _outage_run_logging(
+        tmp_path, "outage", phases_api="true", api_url=prefect_api_url, server=mlflow_server
     )
-    run_id = _wait_for_logged_step(mlflow_server, run_dir, 6, process)
     mlflow_server.stop()
     time.sleep(3)
     mlflow_server.start()
@@ -138,12 +144,9 @@ def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, pre
 
 
 def test_server_outage_fails_the_run_on_the_legacy_tracking_path(tmp_path, prefect_api_url, mlflow_server):
-    recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
-    run_dir = tmp_path / "home" / "runs" / "legacy"
-    process = _start_training(
-        tmp_path, recipe, name="legacy", api_url=prefect_api_url, server=mlflow_server, phases_api="false"
+    process, _, _ = _outage_run_logging(
+        tmp_path, "legacy", phases_api="false", api_url=prefect_api_url, server=mlflow_server
     )
-    _wait_for_logged_step(mlflow_server, run_dir, 6, process)
     mlflow_server.stop()
     stdout, _ = process.communicate(timeout=600)
     assert process.returncode == 1
@@ -161,12 +164,9 @@ def _wait_for(condition, process, what: str, timeout_s: float = 240) -> None:
 def test_trainer_killed_during_an_outage_then_resumed_and_uploaded_misses_no_step(
     tmp_path, prefect_api_url, mlflow_server
 ):
-    recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
-    run_dir = tmp_path / "home" / "runs" / "killed"
-    process = _start_training(
-        tmp_path, recipe, name="killed", api_url=prefect_api_url, server=mlflow_server, phases_api="true"
+    process, run_dir, run_id = _outage_run_logging(
+        tmp_path, "killed", phases_api="true", api_url=prefect_api_url, server=mlflow_server
     )
-    run_id = _wait_for_logged_step(mlflow_server, run_dir, 6, process)
     mlflow_server.stop()
     stderr = tmp_path / "killed.stderr"
     _wait_for(lambda: "metrics not sent" in stderr.read_text(), process, "a failed send")

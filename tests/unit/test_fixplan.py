@@ -4,20 +4,9 @@ the last rollout stage; earlier stages may miss them. The measuring runs: tests/
 from __future__ import annotations
 
 import pytest
+from support.fixplan import report_row
 
 from wmtp_core.fixplan.verification import passed
-
-
-def _row(stage="p1+p2+p3", **figures):
-    return {
-        "stage": stage,
-        "model": "plain",
-        "checkpoint_save_success": 1.0,
-        "resume_success": 1.0,
-        "warnings": 0,
-        "leaked_semaphores": 0,
-        **figures,
-    }
 
 
 @pytest.mark.parametrize(
@@ -31,4 +20,4 @@ def _row(stage="p1+p2+p3", **figures):
     ],
 )
 def test_targets_apply_to_the_last_stage(figures, expected):
-    assert passed([_row("legacy", warnings=9, leaked_semaphores=14), _row(**figures)]) is expected
+    assert passed([report_row("legacy", warnings=9, leaked_semaphores=14), report_row(**figures)]) is expected
