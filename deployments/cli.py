@@ -1,7 +1,8 @@
 """The `wmtp` command: train, resume, checkpoints, upload, verify, probe, serve. Input is validated before anything
 is written.
 
-Exit codes: 0 success, 2 invalid input (the message names the field or file), 1 any other failure.
+Exit codes: 0 success, 2 invalid input (the message names the field or file), 130 stopped by Ctrl-C (after saving a
+checkpoint at the step reached: `wmtp resume RUN` continues), 1 any other failure.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from tasks.locations import run_dir
 from wmtp_core.config import Recipe
 
 FAILURE = 1
+INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
@@ -27,8 +28,12 @@ def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
     wait_for_server(server_ready)
     from prefect import tags
 
-    with tags("wmtp-cli", "resume" if resume else "train"):  # CLI runs are told apart from served ones in the UI
-        state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
+    try:
+        with tags("wmtp-cli", "resume" if resume else "train"):  # CLI runs are told apart from served ones in the UI
+            state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
+    except KeyboardInterrupt:
+        _report_abort(recipe.run.name)
+        raise typer.Exit(INTERRUPTED) from None
     summary_file = run_dir(recipe.run.name) / "summary.json"
     if not summary_file.is_file():
         print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
@@ -36,8 +41,20 @@ def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
     summary = json.loads(summary_file.read_text())
     print_summary(summary, as_json=as_json)
     print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
+    if summary["status"] == "stopped" and summary["stop_reason"] == "Ctrl-C":
+        raise typer.Exit(INTERRUPTED)
     if summary["status"] != "completed":
         raise typer.Exit(FAILURE)
+
+
+def _report_abort(run_name: str) -> None:
+    """A second Ctrl-C ended the run without saving: say what is left on disk and how to go on."""
+    from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+
+    latest = latest_valid_checkpoint(run_dir(run_name))
+    kept = f"the newest checkpoint is step {latest.step}" if latest else "no checkpoint was saved yet"
+    go_on = f"continue with: wmtp resume {run_name}" if latest else f"start again with: wmtp train -n {run_name}"
+    print(f"run {run_name} aborted by a second Ctrl-C: {kept}\n{go_on}", file=sys.stderr)
 
 
 def wait_for_server(server_ready: Callable[[], None]) -> None:
@@ -55,9 +72,16 @@ def wait_for_server(server_ready: Callable[[], None]) -> None:
 
 def print_summary(summary: dict, *, as_json: bool) -> None:
     """The run's outcome for people (stdout, or stderr under --json), then the JSON summary under --json."""
+    from flows.train import stopped_by
     from tasks.tracking import ui_command
 
-    if summary["status"] != "completed":
+    if summary["status"] == "stopped":
+        print(
+            f"run {summary['run_name']} stopped by {stopped_by(summary['stop_reason'])} at step {summary['steps']}\n"
+            f"checkpoint: {summary['latest_checkpoint']}\ncontinue with: wmtp resume {summary['run_name']}",
+            file=sys.stderr,
+        )
+    elif summary["status"] != "completed":
         print(f"error: run {summary['run_name']} failed: {summary['reason']}", file=sys.stderr)
     else:
         print(

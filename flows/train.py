@@ -81,13 +81,18 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
     publish_checkpoints(run["run_name"], run["run_dir"])
     if summary["status"] == "stopped":
         return Completed(
-            message=f"stopped by the {summary['stop_reason']} at step {summary['steps']} of "
+            message=f"stopped by {stopped_by(summary['stop_reason'])} at step {summary['steps']} of "
             f"{recipe.train.max_steps}; checkpoint {summary['latest_checkpoint']}",
             data=summary,
         )
     if summary["status"] != "completed":
         return Failed(message=summary["reason"])
     return summary
+
+
+def stopped_by(stop_reason: str) -> str:
+    """'the time budget', 'Ctrl-C' or 'the SIGTERM': what stopped a run early, for a sentence."""
+    return stop_reason if stop_reason == "Ctrl-C" else f"the {stop_reason}"
 
 
 def build_summary(recipe: Recipe, run: dict, training: State, *, mlflow_run_id: str | None) -> dict:

@@ -4,8 +4,9 @@ torchrun runs `wmtp_core.training.worker` on every rank. Every rank's stdout and
 directory (logs/torchrun/<job>/attempt_<n>/<local rank>/); rank 0's are also streamed here line by line: progress
 lines go to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. A failed job names the rank that
 failed first, with the last lines of that rank's own log. The job is bounded by its own silence
-timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM to this process is passed on, so the
-ranks save a checkpoint before exiting; when any rank dies, torchrun stops the others and exits non-zero.
+timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM and Ctrl-C to this process are passed on
+(tasks.job_signals), so the ranks save a checkpoint before exiting; when any rank dies, torchrun stops the others and
+exits non-zero.
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ import logging
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from tasks.job_signals import forwarded_stop_signals, stop_job
 from wmtp_core.config import Recipe
 from wmtp_core.training.worker import EXIT_TERMINATED, METRICS_PREFIX, rank_result_file, worker_arguments
-
-TERMINATE_GRACE_S = 30  # Prefect's own grace between SIGTERM and SIGKILL on cancellation
 
 
 class WorkerInputError(ValueError):
@@ -105,11 +104,14 @@ def run_torchrun(
     log.info("launching: %s", " ".join(command))
     log_dir = _log_dir(command)
     jobs_before = _job_dirs(log_dir)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # A session of its own: the terminal's Ctrl-C reaches this process only, which passes it on (tasks.job_signals).
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
+    )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
     tail: list[str] = []
-    with _forward_sigterm(process):
+    with forwarded_stop_signals(process, log) as signals:
         while (line := _next_line(lines, process, silence_timeout_s)) is not None:
             if line.startswith(METRICS_PREFIX):
                 report = json.loads(line[len(METRICS_PREFIX) :])
@@ -121,7 +123,8 @@ def run_torchrun(
                 tail = (tail + [line])[-60:]
         status = process.wait()
     new_jobs = [job for job in _job_dirs(log_dir) if job not in jobs_before]
-    return _outcome(status, result_file, tail, job_dir=new_jobs[-1] if new_jobs else None)
+    job_dir = new_jobs[-1] if new_jobs else None
+    return _outcome(status, result_file, tail, job_dir=job_dir, interrupted=signals.interrupted)
 
 
 def _log_dir(command: list[str]) -> Path | None:
@@ -145,45 +148,24 @@ def _next_line(lines: queue.Queue, process: subprocess.Popen, silence_timeout_s:
     try:
         return lines.get(timeout=silence_timeout_s)
     except queue.Empty:
-        _stop(process)
+        stop_job(process)
         raise TimeoutError(
             f"torchrun printed nothing for {silence_timeout_s:.0f} s (devices.timeout_s): stopped it; "
             "a rank is probably stuck; resume continues from the newest checkpoint"
         ) from None
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM (torchrun passes it to every rank, which saves and exits), then SIGKILL after Prefect's grace."""
-    process.terminate()
-    try:
-        process.wait(timeout=TERMINATE_GRACE_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-class _forward_sigterm:
-    """While the job runs, a SIGTERM to this process is passed on to torchrun (main thread only: Python's rule)."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.process, self.previous = process, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.process.terminate())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        if self.process.poll() is None:
-            _stop(self.process)  # an exception here (e.g. a metrics callback) must not leave the job running
-
-
-def _outcome(status: int, result_file: Path, tail: list[str], *, job_dir: Path | None = None) -> dict:
+def _outcome(
+    status: int, result_file: Path, tail: list[str], *, job_dir: Path | None = None, interrupted: bool = False
+) -> dict:
     outcome = json.loads(result_file.read_text()) if result_file.is_file() else {"ok": False}
-    if status == 0 and outcome.get("ok"):
+    # After Ctrl-C torchrun exits non-zero (it re-raises the signal) though every rank saved and returned.
+    if outcome.get("ok") and (status == 0 or interrupted):
         return outcome["result"]
+    if interrupted:  # Ctrl-C before the ranks could stop cleanly (e.g. still starting): not a failure to retry
+        raise WorkerInterrupted(
+            f"stopped by Ctrl-C (torchrun exited {status}); resume continues from the newest checkpoint"
+        )
     failed_rank, failed_local_rank = _root_cause_rank(tail)
     if failed_rank not in (None, 0):
         outcome = _rank_outcome(result_file, failed_rank) or outcome

@@ -1,5 +1,6 @@
 """A torchrun job launched by the training task never hangs and never loses work: a dead rank fails the job within
-bounds, SIGTERM makes every rank stop at the same step with a checkpoint, and the whole flow runs 2 processes."""
+bounds, SIGTERM and Ctrl-C make every rank stop at the same step with a checkpoint, a second Ctrl-C kills every rank
+at once, and the whole flow runs 2 processes."""
 
 from __future__ import annotations
 
@@ -116,6 +117,38 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
     latest = latest_valid_checkpoint(tmp_path)
     assert latest.step > 20 and latest.step == max(metrics)  # saved where the job stopped
     assert worker_pids(tmp_path) == {}
+
+
+def _press_ctrl_c(times: int) -> None:
+    """SIGINT to this process, as the terminal sends it: the job runs in a session of its own, so only we get it."""
+    for _ in range(times):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+
+def test_ctrl_c_makes_every_rank_save_at_one_step_and_the_run_end_stopped(tmp_path):
+    command, result = prepared(tmp_path)
+    when_checkpoint_exists(tmp_path, 20, lambda: _press_ctrl_c(1))
+    trained = run_torchrun(
+        command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None
+    )
+    assert trained["stop_reason"] == "Ctrl-C"
+    assert latest_valid_checkpoint(tmp_path).step == trained["steps"] > 20
+    assert worker_pids(tmp_path) == {}
+
+
+def test_a_second_ctrl_c_kills_every_rank_at_once(tmp_path):
+    command, result = prepared(tmp_path)
+    pressed: list[float] = []
+    when_checkpoint_exists(tmp_path, 20, lambda: (pressed.append(time.monotonic()), _press_ctrl_c(2)))
+    with pytest.raises(KeyboardInterrupt):
+        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
+    assert time.monotonic() - pressed[0] < 10  # killed, not waited for (torchrun alone waits 30 s for its ranks)
+    assert worker_pids(tmp_path) == {}
+    assert not [
+        pid for pid, argv, env in processes() if b"torch.distributed.run" in argv and str(tmp_path).encode() in argv
+    ]
+    assert latest_valid_checkpoint(tmp_path).step >= 20  # what was saved before stays valid
 
 
 def test_flow_trains_two_processes_and_logs_rank_zero_metrics(run_wmtp, prefect_api_url, tmp_path):

@@ -1,7 +1,12 @@
-"""The `wmtp` console script as users run it: the default first run, and resume giving the same weights."""
+"""The `wmtp` console script as users run it: the default first run, resume giving the same weights, and Ctrl-C
+stopping a run with a checkpoint."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from support.cli import WMTP, wmtp_environment
 
 from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.recipes import load_recipe
@@ -59,3 +65,24 @@ def test_resume_reaches_the_same_weights_as_a_straight_run(tmp_path, tiny_recipe
     actual = load_file(Path(resumed["latest_checkpoint"]) / "model.safetensors")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_ctrl_c_saves_stops_and_exits_130_saying_how_to_continue(tmp_path, tiny_recipe, prefect_api_url):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe.model_dump(mode="json")))
+    home = tmp_path / "home"
+    long_run = ["train.max_steps=5000", "train.save_every=20", "train.eval_every=100000"]
+    command = [WMTP, "train", "--recipe", str(recipe), "-n", "pressed", *[f"--set={s}" for s in long_run]]
+    env = wmtp_environment(home, api_url=prefect_api_url)
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_save = home / "runs" / "pressed" / "checkpoints" / "step_00000020"
+    deadline = time.monotonic() + 120
+    while not first_save.exists() and cli.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cli.send_signal(signal.SIGINT)
+    _, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == 130, stderr[-3000:]
+    summary = json.loads((home / "runs" / "pressed" / "summary.json").read_text())
+    assert (summary["status"], summary["stop_reason"]) == ("stopped", "Ctrl-C")
+    assert 20 <= summary["steps"] < 5000 and Path(summary["latest_checkpoint"]).name == f"step_{summary['steps']:08d}"
+    assert f"stopped by Ctrl-C at step {summary['steps']}" in stderr and "wmtp resume pressed" in stderr

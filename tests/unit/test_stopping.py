@@ -1,9 +1,11 @@
-"""Stopping early never loses work: a time budget saves a checkpoint at the step reached (SIGTERM does too:
-tests/integration/test_worker_exit.py); async saves write the same bytes as synchronous ones and never leave a write
-pending."""
+"""Stopping early never loses work: a time budget and Ctrl-C save a checkpoint at the step reached (SIGTERM does
+too: tests/integration/test_worker_exit.py), a second Ctrl-C aborts at once; async saves write the same bytes as
+synchronous ones and never leave a write pending."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -36,6 +38,32 @@ def test_time_budget_saves_at_the_step_reached_and_resume_finishes(tiny_recipe, 
     assert latest_valid_checkpoint(tmp_path).step == 1
     finished = _train(recipe, tmp_path, resume_from=latest_valid_checkpoint(tmp_path).path)
     assert finished.stop_reason is None and finished.resumed_from_step == 1 and finished.steps == 8
+
+
+def _ctrl_c_at(step: int, times: int = 1):
+    """A metrics callback that presses Ctrl-C `times` times (SIGINT to this process) when step is reported."""
+
+    def report(reported: int, metrics: dict) -> None:
+        for _ in range(times if reported == step else 0):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return report
+
+
+def test_ctrl_c_saves_at_the_step_reached_and_returns_a_stopped_run(tiny_recipe, tmp_path):
+    recipe = _with(tiny_recipe, train={"max_steps": 50, "save_every": 100, "log_every": 1})
+    handler_before = signal.getsignal(signal.SIGINT)
+    stopped = _train(recipe, tmp_path, on_metrics=_ctrl_c_at(3))
+    assert (stopped.stop_reason, stopped.steps) == ("Ctrl-C", 3)
+    assert latest_valid_checkpoint(tmp_path).step == 3
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C means KeyboardInterrupt again after training
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tiny_recipe, tmp_path):
+    recipe = _with(tiny_recipe, train={"max_steps": 50, "save_every": 100, "log_every": 1})
+    with pytest.raises(KeyboardInterrupt):
+        _train(recipe, tmp_path, on_metrics=_ctrl_c_at(3, times=2))
+    assert latest_valid_checkpoint(tmp_path) is None  # no save after the first Ctrl-C was waited for
 
 
 def _slow_disk(monkeypatch, seconds: float = 0.3) -> None:

@@ -1,9 +1,13 @@
-"""Stopping a run early without losing work: SIGTERM (a Prefect cancellation, a spot reclaim) or a time budget.
+"""Stopping a run early without losing work: Ctrl-C, SIGTERM (a Prefect cancellation, a spot reclaim) or a time budget.
 
 The training loop polls `StopRequest.reason()` after every optimizer step; when it says stop, the loop saves a
 checkpoint at the current step and ends. A signal handler only sets a flag (the loop, not the handler, does the
 save) because a handler may run in the middle of an optimizer step. Prefect kills a cancelled run 30 s after
 SIGTERM, so one step plus one save must fit in that grace.
+
+Ctrl-C (SIGINT) stops the same way, but as a user's choice rather than a cancellation: training returns normally
+(stop_reason "Ctrl-C"), so the run is summarised and uploaded and `wmtp resume` continues it. A second Ctrl-C
+aborts at once (KeyboardInterrupt), without waiting for the step or the save.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import time
 from types import FrameType
 
 log = logging.getLogger(__name__)
-STOP_REASONS = (None, "time budget", "SIGTERM")
+STOP_REASONS = (None, "time budget", "Ctrl-C", "SIGTERM")
+"""Lowest severity first: ranks told different things agree on the most severe (see StopRequest.severity)."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -23,16 +28,17 @@ class TrainingInterrupted(RuntimeError):
 
 
 class StopRequest:
-    """Collects reasons to stop: SIGTERM while installed, and an optional wall-clock budget from construction."""
+    """Collects reasons to stop: SIGTERM and SIGINT while installed, and an optional wall-clock budget from
+    construction."""
 
-    def __init__(self, time_budget_s: float | None = None, *, handle_sigterm: bool = True):
+    def __init__(self, time_budget_s: float | None = None, *, handle_signals: bool = True):
         self.deadline = time.monotonic() + time_budget_s if time_budget_s is not None else None
-        self.handle_sigterm = handle_sigterm  # off: the legacy behaviour, SIGTERM ends the process at once
+        self.handle_signals = handle_signals  # off: the legacy behaviour, a signal ends the process at once
         self.signalled: str | None = None
         self._previous: dict[int, object] = {}
 
     def reason(self) -> str | None:
-        """'SIGTERM', 'time budget' or None (keep training)."""
+        """'SIGTERM', 'Ctrl-C', 'time budget' or None (keep training)."""
         if self.signalled:
             return self.signalled
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -40,14 +46,15 @@ class StopRequest:
         return None
 
     def severity(self) -> int:
-        """reason() as a number ranks can agree on with a max: 0 go on, 1 time budget, 2 signal."""
+        """reason() as a number ranks can agree on with a max: 0 go on, 1 time budget, 2 Ctrl-C, 3 SIGTERM."""
         return STOP_REASONS.index(self.reason())
 
     def __enter__(self) -> StopRequest:
         # Python delivers signals to the main thread only; elsewhere (a Prefect worker thread) there is nothing
-        # to install and the parent process owns the signal.
-        if self.handle_sigterm and threading.current_thread() is threading.main_thread():
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+        # to install and the parent process owns the signals.
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -55,6 +62,13 @@ class StopRequest:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = "SIGTERM"
-        log.warning("%s received: saving a checkpoint after the current step, then stopping", self.signalled)
+        log.warning("SIGTERM received: saving a checkpoint after the current step, then stopping")
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.signalled:
+            log.warning("second Ctrl-C: aborting without saving (the newest checkpoint on disk is kept)")
+            raise KeyboardInterrupt
+        self.signalled = "Ctrl-C"
+        log.warning("Ctrl-C: saving a checkpoint after the current step, then stopping (Ctrl-C again to abort)")

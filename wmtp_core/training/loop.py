@@ -99,7 +99,7 @@ def train(
     explicit = gates.explicit_cleanup
     try:
         with (
-            StopRequest(time_budget_s, handle_sigterm=explicit) as stop,
+            StopRequest(time_budget_s, handle_signals=explicit) as stop,
             training_resources(plan.device, explicit=explicit) as resources,
         ):
             batches = resources.track(batch_stream(parts, state))

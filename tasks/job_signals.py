@@ -1,0 +1,88 @@
+"""Stop signals while a torchrun job runs: this process passes them on, so every rank saves before it stops.
+
+The job runs in a session of its own, so the terminal's Ctrl-C reaches only this process, which decides:
+- SIGTERM (a Prefect cancellation) and a first Ctrl-C go to torchrun, which sends the same signal to every rank;
+  each rank saves a checkpoint after its current step and stops (Ctrl-C: the run ends "stopped", not failed).
+- A second Ctrl-C kills the ranks and torchrun at once and raises KeyboardInterrupt: abort without saving.
+torchrun waits 30 s for its ranks after passing a signal on, then kills them: one step plus one save must fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+TERMINATE_GRACE_S = 30  # Prefect's own grace between SIGTERM and SIGKILL on cancellation
+
+
+class forwarded_stop_signals:
+    """While the job runs, SIGTERM and SIGINT to this process are passed on to torchrun (main thread only:
+    Python's rule); on leaving, a job still running is stopped (an exception here must not leave it running)."""
+
+    def __init__(self, process: subprocess.Popen, log: logging.Logger):
+        self.process, self.log = process, log
+        self.interrupted = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> forwarded_stop_signals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.process.poll() is None:
+            stop_job(self.process)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:
+            self.log.warning("second Ctrl-C: killing every rank without saving (the newest checkpoint is kept)")
+            kill_job(self.process)
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.log.warning(
+            "Ctrl-C: every rank saves a checkpoint after its current step, then stops (Ctrl-C again to abort)"
+        )
+        self.process.send_signal(signal.SIGINT)
+
+
+def stop_job(process: subprocess.Popen) -> None:
+    """SIGTERM (torchrun passes it to every rank, which saves and exits), then SIGKILL after Prefect's grace."""
+    process.terminate()
+    try:
+        process.wait(timeout=TERMINATE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        kill_job(process)
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun's ranks (each leads a process group of its own, with its DataLoader workers), then torchrun."""
+    for rank_pid in child_pids(process.pid):
+        with contextlib.suppress(ProcessLookupError):  # the rank ended on its own meanwhile
+            os.killpg(rank_pid, signal.SIGKILL)
+    process.kill()
+    process.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid, read from /proc (Linux). Elsewhere none are found: the ranks, already
+    told to stop by the first signal, end after their save."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat.read_text().rsplit(")", 1)[1].split()  # "(name)" may hold spaces; state, ppid follow
+        except (OSError, IndexError):  # the process ended while we looked
+            continue
+        if int(after_name[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
