@@ -179,6 +179,16 @@ class DevicesConfig(_Section):
     timeout_s: PositiveInt = 600
     """Bound on every collective, barrier and torchrun silence: a dead rank fails the run, never hangs it."""
 
+    @model_validator(mode="after")
+    def _many_processes_need_a_parallel_strategy(self) -> DevicesConfig:
+        processes = self.nproc_per_node * self.nnodes
+        if processes > 1 and self.strategy == "single":
+            raise ValueError(
+                f"devices.nproc_per_node={self.nproc_per_node} x devices.nnodes={self.nnodes} starts {processes} "
+                "processes but devices.strategy=single trains one; set devices.strategy=ddp or fsdp"
+            )
+        return self
+
 
 class CheckpointConfig(_Section):
     format: Literal["full", "sharded"] = "full"

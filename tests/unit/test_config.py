@@ -139,6 +139,12 @@ def test_heads_not_dividing_width_error_names_both_fields():
         load_recipe(None, ["model.d_model=30", "model.num_heads=4"])
 
 
+def test_several_processes_with_the_single_strategy_are_refused_before_anything_starts():
+    with pytest.raises(RecipeError, match="devices.strategy=single trains one; set devices.strategy=ddp or fsdp"):
+        load_recipe(None, ["devices.nproc_per_node=2"])
+    assert load_recipe(None, ["devices.nproc_per_node=2", "devices.strategy=ddp"]).devices.nproc_per_node == 2
+
+
 def test_warmup_longer_than_training_is_rejected():
     with pytest.raises(RecipeError, match=r"train\.warmup_steps.*train\.max_steps"):
         load_recipe(None, ["train.warmup_steps=20", "train.max_steps=10"])
