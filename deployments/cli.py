@@ -24,6 +24,7 @@ from deployments.cli_options import (
     SetOption,
 )
 from deployments.flow_runs import run_flow, wait_for_server
+from deployments.progress_bars import byte_progress_bars
 from flows.temporary_server import configured_api_url, default_prefect_environment, start_temporary_server
 from tasks.locations import run_dir
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
@@ -151,9 +152,14 @@ def upload(run: str = RunArgument) -> None:
     summary_file = directory / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     run_id = json.loads(recorded.read_text())["mlflow_run_id"]
-    uploaded = upload_run(
-        run_id, directory, succeeded=summary.get("status") == "completed", finished=summary.get("status") != "stopped"
-    )
+    with byte_progress_bars() as on_progress:
+        uploaded = upload_run(
+            run_id,
+            directory,
+            succeeded=summary.get("status") == "completed",
+            finished=summary.get("status") != "stopped",
+            on_progress=on_progress,
+        )
     if summary:
         summary_file.write_text(json.dumps({**summary, "uploads": "done", "uploads_reason": None}, indent=2))
     print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")

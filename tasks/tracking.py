@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -21,11 +22,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
-from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, MANIFEST_FILE, latest_valid_checkpoint, list_checkpoints
 from wmtp_core.config import Recipe
 from wmtp_core.recipes import flatten_recipe
 
 log = logging.getLogger(__name__)
+ProgressCallback = Callable[[str, int, int], None]
+"""on_progress(description, done_bytes, total_bytes), called after each file (the CLI draws it as a bar)."""
 TRACKING_FILE = "tracking.json"
 PENDING_UPLOADS_FILE = "pending_uploads.json"
 _MAX_PARAMS_PER_BATCH = 100
@@ -179,19 +182,47 @@ def log_environment_tags(run_id: str, probe: dict) -> None:
     client().log_batch(run_id, tags=tags, synchronous=True)
 
 
-def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
-    """Upload each valid checkpoint directory not yet in the run's artifacts; returns the uploaded names."""
+def upload_checkpoints(run_id: str, run_dir: Path, *, on_progress: ProgressCallback | None = None) -> list[str]:
+    """Upload each valid checkpoint whose manifest is not yet in the run's artifacts (the manifest goes last, so an
+    upload cut short is redone whole); returns the uploaded names."""
     mlflow = client()
-    present = {Path(a.path).name for a in mlflow.list_artifacts(run_id, "checkpoints")}
-    uploaded = []
-    for info in list_checkpoints(run_dir):
-        if info.valid and info.path.name not in present:
-            mlflow.log_artifacts(run_id, str(info.path), f"checkpoints/{info.path.name}")
-            uploaded.append(info.path.name)
-    return uploaded
+    missing = [
+        info.path for info in list_checkpoints(run_dir) if info.valid and not _uploaded(mlflow, run_id, info.path.name)
+    ]
+    files = [f for path in missing for f in _folder_files(path, f"checkpoints/{path.name}", last=MANIFEST_FILE)]
+    _send_files(mlflow, run_id, files, description="uploading checkpoints", on_progress=on_progress)
+    return [checkpoint.name for checkpoint in missing]
 
 
-def upload_final_model(run_id: str, run_dir: Path) -> bool:
+def _uploaded(mlflow: MlflowClient, run_id: str, checkpoint_name: str) -> bool:
+    folder = f"checkpoints/{checkpoint_name}"
+    return f"{folder}/{MANIFEST_FILE}" in {artifact.path for artifact in mlflow.list_artifacts(run_id, folder)}
+
+
+def _folder_files(root: Path, folder: str, *, last: str) -> list[tuple[Path, str]]:
+    """(file, artifact folder) for every file under root, mirrored under folder, with the file named `last` last."""
+    files = sorted((f for f in root.rglob("*") if f.is_file()), key=lambda f: (f.name == last, str(f)))
+    return [(f, f"{folder}/{f.parent.relative_to(root).as_posix()}".removesuffix("/.")) for f in files]
+
+
+def _send_files(
+    mlflow: MlflowClient,
+    run_id: str,
+    files: list[tuple[Path, str]],
+    *,
+    description: str,
+    on_progress: ProgressCallback | None,
+) -> None:
+    """log_artifact each (file, artifact folder) in order, reporting the bytes sent after each file."""
+    total, done = sum(file.stat().st_size for file, _ in files), 0
+    for file, folder in files:
+        mlflow.log_artifact(run_id, str(file), folder)
+        done += file.stat().st_size
+        if on_progress is not None:
+            on_progress(description, done, total)
+
+
+def upload_final_model(run_id: str, run_dir: Path, *, on_progress: ProgressCallback | None = None) -> bool:
     """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a
     config, no pickle; an hf trunk as save_pretrained writes it), unless it is there already for that
     step. A resume that trains on replaces it. Load it with
@@ -209,9 +240,8 @@ def upload_final_model(run_id: str, run_dir: Path) -> bool:
         model_dir.mkdir()
         write_final_model(latest.path, model_dir)
         # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
-        config = (model_dir / FINAL_MODEL_CONFIG).rename(Path(scratch) / FINAL_MODEL_CONFIG)
-        mlflow.log_artifacts(run_id, str(model_dir), "final_model")
-        mlflow.log_artifact(run_id, str(config), "final_model")
+        uploads = _folder_files(model_dir, "final_model", last=FINAL_MODEL_CONFIG)
+        _send_files(mlflow, run_id, uploads, description="uploading the final model", on_progress=on_progress)
     return True
 
 
@@ -226,15 +256,22 @@ def _final_model_step(mlflow: MlflowClient, run_id: str) -> int | None:
         return json.loads(Path(config).read_text())["step"]
 
 
-def upload_run(run_id: str, run_dir: Path, *, succeeded: bool, finished: bool = True) -> list[str]:
+def upload_run(
+    run_id: str,
+    run_dir: Path,
+    *,
+    succeeded: bool,
+    finished: bool = True,
+    on_progress: ProgressCallback | None = None,
+) -> list[str]:
     """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
 
     Idempotent, so a retry, the next flow run or `wmtp upload` can repeat it; clears the pending marker.
     finished=False (a run stopped by its time budget, which a later resume continues) leaves the MLflow run open.
     """
-    uploaded = upload_checkpoints(run_id, run_dir)
+    uploaded = upload_checkpoints(run_id, run_dir, on_progress=on_progress)
     if succeeded:
-        upload_final_model(run_id, run_dir)
+        upload_final_model(run_id, run_dir, on_progress=on_progress)
     sent = upload_pending_metrics(run_id, run_dir)
     if (run_dir / "summary.json").is_file():
         client().log_artifact(run_id, str(run_dir / "summary.json"))

@@ -1,5 +1,5 @@
 """The habits users bring from other CLIs: -h, --version, --name/-n and --experiment, printing the resolved recipe,
-help text on every argument, and shell completion of run names."""
+help text on every argument, shell completion of run names, and progress bars on long commands."""
 
 from __future__ import annotations
 
@@ -57,3 +57,16 @@ def test_shell_completion_offers_the_runs_under_wmtp_home(wmtp_home):
     env = {**os.environ, "_WMTP_COMPLETE": "complete_bash", "COMP_WORDS": "wmtp resume al", "COMP_CWORD": "2"}
     out = subprocess.run([WMTP], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["alpha-1", "alpha-2"], out.stderr[-2000:]
+
+
+def test_progress_bars_draw_one_bar_per_description_on_stderr(capsys):
+    from deployments.progress_bars import byte_progress_bars
+
+    with byte_progress_bars() as on_progress:
+        for done in (1000, 2000, 3000):
+            on_progress("uploading checkpoints", done, 3000)
+        on_progress("uploading the final model", 500, 500)
+    drawn = capsys.readouterr()
+    assert drawn.out == ""  # stdout stays for --json
+    assert "uploading checkpoints" in drawn.err and "3.0/3.0 kB" in drawn.err
+    assert "uploading the final model" in drawn.err

@@ -4,6 +4,7 @@ the context tags (user, source, git commit) on a new run."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -43,3 +44,39 @@ def test_a_new_run_carries_user_source_and_git_commit_tags(async_logging, tiny_r
     tags = MlflowClient(tracking.tracking_uri()).get_run(run_id).data.tags
     assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["x"] == "y"
+
+
+@pytest.fixture
+def trained_run(wmtp_home, tiny_recipe):
+    """A run directory with two valid checkpoints (steps 2 and 4) and its MLflow run in the embedded store."""
+    from wmtp_core.fixplan.gates import plan_run_devices
+    from wmtp_core.runtime.devices import probe_environment
+    from wmtp_core.training.loop import train
+
+    recipe = tiny_recipe.model_copy(
+        update={"train": tiny_recipe.train.model_copy(update={"max_steps": 4, "save_every": 2})}
+    )
+    run_dir = wmtp_home / "runs" / "uploaded"
+    train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    return run_dir, tracking.open_tracking_run(recipe, run_dir, run_name="uploaded", extra_tags={})
+
+
+def test_a_checkpoint_upload_cut_short_before_its_manifest_is_redone_whole(trained_run):
+    run_dir, run_id = trained_run
+    mlflow = MlflowClient(tracking.tracking_uri())
+    cut_short = run_dir / "checkpoints" / "step_00000002"
+    mlflow.log_artifact(run_id, str(cut_short / "model.safetensors"), "checkpoints/step_00000002")  # no manifest
+    assert tracking.upload_checkpoints(run_id, run_dir) == ["step_00000002", "step_00000004"]
+    sent = {Path(a.path).name for a in mlflow.list_artifacts(run_id, "checkpoints/step_00000002")}
+    assert sent == {p.name for p in cut_short.iterdir()}
+    assert tracking.upload_checkpoints(run_id, run_dir) == []  # complete now: nothing sent twice
+
+
+def test_upload_progress_counts_every_byte_once_and_ends_at_the_total(trained_run):
+    run_dir, run_id = trained_run
+    reports: list[tuple[str, int, int]] = []
+    tracking.upload_checkpoints(run_id, run_dir, on_progress=lambda *report: reports.append(report))
+    on_disk = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
+    done = [report[1] for report in reports]
+    assert done == sorted(done) and done[-1] == reports[-1][2] == on_disk
+    assert {report[0] for report in reports} == {"uploading checkpoints"}

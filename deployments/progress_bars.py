@@ -1,0 +1,43 @@
+"""Progress bars for the CLI's long commands (rich, on stderr so that --json output stays one clean line).
+
+The work reports through a plain callback, on_progress(description, done_bytes, total_bytes), so the library and
+the tasks never import rich: each description gets a bar of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+@contextmanager
+def byte_progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """Yields on_progress(description, done_bytes, total_bytes); a bar per description, drawn until the block ends.
+    Off a terminal (CI logs, pipes) rich draws each bar once, as it ends."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        bars: dict[str, TaskID] = {}
+
+        def on_progress(description: str, done: int, total: int) -> None:
+            if description not in bars:
+                bars[description] = progress.add_task(description, total=total)
+            progress.update(bars[description], completed=done, total=total)
+
+        yield on_progress
