@@ -122,7 +122,7 @@ write(
     [
         "Meta's 7B multi-token model (4 heads) fine-tuned with FSDP on one node of 8 GPUs, bf16 "
         "autocast over fp32 master weights.",
-        "model.path: the output of `python -m wmtp_core.models.meta_mtp` (docs/real-models.md); data.path: your JSONL.",
+        "model.path: the output of `wmtp convert-meta` (docs/real-models.md); data.path: your JSONL.",
         "Run: uv sync --extra hf && uv run wmtp train --recipe configs/meta-7b-mtp-fsdp.yaml --set "
         "data.path=DATA.jsonl",
     ],

@@ -1,5 +1,5 @@
-"""The `wmtp` command: train, resume, checkpoints, upload, verify, probe, serve. Input is validated before anything
-is written.
+"""The `wmtp` command: train, resume, checkpoints, upload, convert-meta, verify, probe, serve. Input is validated
+before anything is written.
 
 Exit codes: 0 success, 2 invalid input (the message names the field or file), 130 stopped by Ctrl-C (after saving a
 checkpoint at the step reached: `wmtp resume RUN` continues), 1 any other failure.
@@ -163,6 +163,24 @@ def upload(run: str = RunArgument) -> None:
     if summary:
         summary_file.write_text(json.dumps({**summary, "uploads": "done", "uploads_reason": None}, indent=2))
     print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")
+
+
+@app.command("convert-meta")
+def convert_meta(
+    model_dir: Path = typer.Argument(..., help="Meta's checkpoint directory: consolidated*.pth and params.json."),
+    out_dir: Path = typer.Argument(..., help="Where to write the transformers directory (then model.path=OUT_DIR)."),
+    tokenizer: str = typer.Option(
+        ..., "--tokenizer", help="The transformers copy of the model's tokenizer (a directory or hub id; Llama 2's)."
+    ),
+) -> None:
+    """Convert a Meta multi-token-prediction checkpoint (e.g. the 7B models) for model.source=hf."""
+    from wmtp_core.models.meta_mtp import convert_meta_mtp  # torch and transformers load here
+
+    with byte_progress_bars() as on_progress:
+        out = _invalid_input_guard(
+            lambda: convert_meta_mtp(model_dir, out_dir, tokenizer=tokenizer, on_progress=on_progress)
+        )
+    print(f"wrote {out}: train it with --set model.source=hf --set model.path={out}")
 
 
 @app.command()

@@ -113,7 +113,7 @@ def test_every_dotted_module_name_exists(page):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_wmtp_command_shown_exists(page):
     commands = set(typer.main.get_command(app).commands)
-    shown = set(re.findall(r"\bwmtp ([a-z]\w*)", code_text(page.read_text())))
+    shown = set(re.findall(r"\bwmtp ([a-z][\w-]*\w)", code_text(page.read_text())))
     assert shown - commands == set()
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from support.hf_models import build_tokenizer
 
 from wmtp_core.models.hf import MTP_HEADS_FILE, load_hf_mtp_model
-from wmtp_core.models.meta_mtp import main
+from wmtp_core.models.meta_mtp import convert_meta_mtp
 
 PARAMS = {
     "dim": 32,
@@ -111,7 +111,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 def test_converted_meta_checkpoint_predicts_every_head_as_meta_does(tmp_path, tokenizer_dir):
     state = meta_checkpoint(tmp_path / "meta", vocab=320)
-    assert main([str(tmp_path / "meta"), str(tmp_path / "hf"), "--tokenizer", str(tokenizer_dir)]) == 0
+    reports: list[tuple[str, int, int]] = []
+    convert_meta_mtp(
+        tmp_path / "meta", tmp_path / "hf", tokenizer=str(tokenizer_dir), on_progress=lambda *r: reports.append(r)
+    )
+    finished = {stage: (done, total) for stage, done, total in reports}
+    assert list(finished) == ["converting", "writing the trunk", "writing the heads"]
+    assert all(done == total > 0 for done, total in finished.values())  # every bar ends full
     assert (tmp_path / "hf" / MTP_HEADS_FILE).is_file()
     model = load_hf_mtp_model(str(tmp_path / "hf"), horizon=3, max_seq_len=64).eval()
     assert model.lm.config.num_hidden_layers == 3 and len(model.extra_heads) == 2
@@ -125,4 +131,4 @@ def test_converted_meta_checkpoint_predicts_every_head_as_meta_does(tmp_path, to
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, tokenizer_dir):
     meta_checkpoint(tmp_path / "meta", vocab=300)
     with pytest.raises(ValueError, match="has 320 tokens but the model embeds 300"):
-        main([str(tmp_path / "meta"), str(tmp_path / "hf"), "--tokenizer", str(tokenizer_dir)])
+        convert_meta_mtp(tmp_path / "meta", tmp_path / "hf", tokenizer=str(tokenizer_dir))

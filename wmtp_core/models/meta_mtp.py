@@ -7,7 +7,7 @@ the layout of wmtp_core.models.hf (a Llama with L layers, then the extra heads a
 weights carry over one to one, except that Meta's rotary embedding pairs neighbouring dimensions of q and k and
 transformers' pairs the two halves: their rows are permuted.
 
-    uv run python -m wmtp_core.models.meta_mtp MODEL_DIR OUT_DIR --tokenizer LLAMA2_TOKENIZER_DIR_OR_HUB_ID
+    uv run wmtp convert-meta MODEL_DIR OUT_DIR --tokenizer LLAMA2_TOKENIZER_DIR_OR_HUB_ID
 
 The tokenizer comes from a transformers copy of the same tokenizer (Meta ships a sentencepiece tokenizer.model;
 the 7B models use Llama 2's 32000-token vocabulary); its size is checked against the embedding.
@@ -15,9 +15,8 @@ the 7B models use Llama 2's 32000-token vocabulary); its size is checked against
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,13 +38,19 @@ _LAYER_NAMES = {
 }
 
 
-def convert_meta_mtp(model_dir: Path, out_dir: Path, *, tokenizer: str) -> Path:
-    """Write out_dir (config, weights, tokenizer, mtp_heads.safetensors) from Meta's model_dir; returns out_dir."""
+def convert_meta_mtp(
+    model_dir: Path, out_dir: Path, *, tokenizer: str, on_progress: Callable[[str, int, int], None] | None = None
+) -> Path:
+    """Write out_dir (config, weights, tokenizer, mtp_heads.safetensors) from Meta's model_dir; returns out_dir.
+    on_progress(stage, done_bytes, total_bytes): the tensors converted, then each file written."""
+    report = on_progress or (lambda stage, done, total: None)
     transformers = import_transformers()
     params = json.loads((Path(model_dir) / "params.json").read_text())
     meta_state = _load_consolidated(Path(model_dir))
     config = llama_config(params, meta_state)
-    lm_state, heads_state = convert_state(meta_state, config)
+    lm_state, heads_state = convert_state(
+        meta_state, config, on_tensor=lambda done, total: report("converting", done, total)
+    )
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
     if len(hf_tokenizer) > config.vocab_size:
         raise ValueError(
@@ -54,11 +59,25 @@ def convert_meta_mtp(model_dir: Path, out_dir: Path, *, tokenizer: str) -> Path:
         )
     with torch.device("meta"):
         lm = transformers.LlamaForCausalLM(config)
-    lm.save_pretrained(out_dir, state_dict=lm_state)
-    hf_tokenizer.save_pretrained(out_dir)
+    # save_pretrained reports nothing while it writes (the mmap'd weights are read from disk then): a bar per file.
+    _written("writing the trunk", lm_state, report, lambda: lm.save_pretrained(out_dir, state_dict=lm_state))
     if heads_state:
-        save_file(heads_state, Path(out_dir) / MTP_HEADS_FILE)
+        _written(
+            "writing the heads", heads_state, report, lambda: save_file(heads_state, Path(out_dir) / MTP_HEADS_FILE)
+        )
+    hf_tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def _written(stage: str, state: dict, report: Callable[[str, int, int], None], write: Callable[[], object]) -> None:
+    size = _bytes(state.values())
+    report(stage, 0, size)
+    write()
+    report(stage, size, size)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def llama_config(params: dict, meta_state: dict[str, torch.Tensor]):
@@ -82,8 +101,12 @@ def llama_config(params: dict, meta_state: dict[str, torch.Tensor]):
     )
 
 
-def convert_state(meta_state: dict[str, torch.Tensor], config) -> tuple[dict, dict]:
-    """(the LlamaForCausalLM state dict, the extra heads' state dict keyed like HFMTPModel.extra_heads)."""
+def convert_state(
+    meta_state: dict[str, torch.Tensor], config, *, on_tensor: Callable[[int, int], None] | None = None
+) -> tuple[dict, dict]:
+    """(the LlamaForCausalLM state dict, the extra heads' state dict keyed like HFMTPModel.extra_heads);
+    on_tensor(done_bytes, total_bytes) after each tensor of meta_state."""
+    total, done = _bytes(meta_state.values()), 0
     lm_state = {
         "model.embed_tokens.weight": meta_state["tok_embeddings.weight"],
         "model.norm.weight": meta_state["norm.weight"],
@@ -91,14 +114,16 @@ def convert_state(meta_state: dict[str, torch.Tensor], config) -> tuple[dict, di
     }
     heads_state = {}
     for name, tensor in meta_state.items():
+        done += _bytes([tensor])
         group, index, rest = (name.split(".", 2) + ["", ""])[:3]
-        if group not in ("layers", "extra_heads") or rest not in _LAYER_NAMES:
-            continue
-        tensor = _rotary_rows(tensor, rest, config)
-        if group == "layers":
-            lm_state[f"model.layers.{index}.{_LAYER_NAMES[rest]}"] = tensor
-        else:
-            heads_state[f"{index}.{_LAYER_NAMES[rest]}"] = tensor.contiguous()
+        if group in ("layers", "extra_heads") and rest in _LAYER_NAMES:
+            converted = _rotary_rows(tensor, rest, config)
+            if group == "layers":
+                lm_state[f"model.layers.{index}.{_LAYER_NAMES[rest]}"] = converted
+            else:
+                heads_state[f"{index}.{_LAYER_NAMES[rest]}"] = converted.contiguous()
+        if on_tensor is not None:
+            on_tensor(done, total)
     return lm_state, heads_state
 
 
@@ -121,20 +146,3 @@ def _load_consolidated(model_dir: Path) -> dict[str, torch.Tensor]:
             "shards first (the 7B models ship as one)"
         )
     return torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Convert a Meta multi-token-prediction checkpoint for model.source=hf."
-    )
-    parser.add_argument("model_dir", type=Path, help="directory with consolidated*.pth and params.json")
-    parser.add_argument("out_dir", type=Path, help="where to write the transformers directory (model.path)")
-    parser.add_argument("--tokenizer", required=True, help="transformers tokenizer directory or hub id (Llama 2's)")
-    args = parser.parse_args(argv)
-    out = convert_meta_mtp(args.model_dir, args.out_dir, tokenizer=args.tokenizer)
-    print(f"wrote {out}: train it with --set model.source=hf --set model.path={out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
