@@ -33,7 +33,7 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """What one program may use; the child and everything it starts share the limits."""
+    """What one program may use; each process it starts inherits the same limits (they are per process)."""
 
     timeout_s: float = 10.0
     """Wall-clock seconds before the program's whole process group is killed."""
@@ -136,8 +136,8 @@ def _wait(child: subprocess.Popen, timeout_s: float) -> bool:
         timed_out = False
     except subprocess.TimeoutExpired:
         timed_out = True
-    # Also after a normal exit: descendants it left running die with it. The group's id cannot be reused by a new
-    # process while any member lives, so killing it after the leader was reaped reaches only the program's own.
+    # Also after a normal exit: descendants it left running die with it. The group's id is not reused while any
+    # member lives, so killing the group after its leader was reaped reaches only the program's own processes.
     _kill_group(child.pid)
     child.wait()
     return timed_out
