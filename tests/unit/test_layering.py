@@ -20,6 +20,7 @@ LAYERS = (
     ("wmtp_core.data",),
     ("wmtp_core.runtime",),
     ("wmtp_core.checkpoint",),
+    ("wmtp_core.evaluation",),
     ("wmtp_core.algorithms",),
     ("wmtp_core.fixplan",),
     ("wmtp_core.training",),

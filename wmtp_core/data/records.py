@@ -68,10 +68,15 @@ def _parse_record(line: str, *, where: str) -> Record:
     return Record(text=raw["text"], code=raw["code"], test_list=tests, is_correct=is_correct, reward=float(reward))
 
 
+def format_prompt(record: Record) -> str:
+    """The prompt part of the training text: the problem and its tests in a docstring; evaluation continues it."""
+    tests = "\n".join(record.test_list)
+    return f'"""{record.text}\n{tests}\n"""\n'
+
+
 def format_example(record: Record) -> str:
     """Training text: the prompt (problem and tests) followed by the solution, so the code is learned."""
-    tests = "\n".join(record.test_list)
-    return f'"""{record.text}\n{tests}\n"""\n{record.code}\n'
+    return f"{format_prompt(record)}{record.code}\n"
 
 
 def split_records(records: list[Record], *, eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
