@@ -18,6 +18,7 @@ LAYERS = (
     ("wmtp_core.config", "wmtp_core.recipes"),
     ("wmtp_core.models",),
     ("wmtp_core.data",),
+    ("wmtp_core.generation",),
     ("wmtp_core.runtime",),
     ("wmtp_core.checkpoint",),
     ("wmtp_core.evaluation",),

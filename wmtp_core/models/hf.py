@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from wmtp_core.models.hf_tokenizer import HFTokenizer, import_transformers
+from wmtp_core.models.kv_cache import HFKVCache, cache_keyword
 from wmtp_core.models.transformer import ValueHead, frozen_trunk_values
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,29 @@ class HFMTPModel(nn.Module):
             self.lm.base_model(input_ids=tokens_BT, use_cache=False)
         return last_layer.hidden_BTD
 
-    def _head_logits(self, head: nn.Module, last_layer: _LayerCall) -> torch.Tensor:
-        h_BTD = last_layer.call(head, last_layer.hidden_BTD)
+    def new_cache(self) -> HFKVCache:
+        """An empty cache for decode(): the LM's own and one per extra head."""
+        return HFKVCache(self.lm, num_extra_heads=len(self.extra_heads))
+
+    def decode(self, tokens_BT: torch.Tensor, cache: HFKVCache, *, num_heads: int) -> torch.Tensor:
+        """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only).
+
+        The LM reads and extends its own cache; each extra head gets the arguments the LM gave its last layer with
+        its own cache in place of the LM's (the attention mask and positions fit both: every cache is as long).
+        """
+        if cache.length + tokens_BT.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"decoding to {cache.length + tokens_BT.shape[1]} tokens exceeds model.max_seq_len={self.max_seq_len}"
+            )
+        with _LayerCall(self.decoder_layers()[-1]) as last_layer:
+            lm_cache = {cache_keyword(self.lm): cache.trunk}
+            head0_BTV = self.lm(input_ids=tokens_BT, use_cache=True, **lm_cache).logits
+        heads = zip(self.extra_heads[: num_heads - 1], cache.heads)
+        logits = [head0_BTV] + [self._head_logits(head, last_layer, swap=(cache.trunk, own)) for head, own in heads]
+        return torch.stack(logits, dim=2)
+
+    def _head_logits(self, head: nn.Module, last_layer: _LayerCall, swap: tuple = (None, None)) -> torch.Tensor:
+        h_BTD = last_layer.call(head, last_layer.hidden_BTD, swap=swap)
         final_norm = self.lm.get_submodule(self._final_norm_path)
         return self.lm.get_output_embeddings()(final_norm(h_BTD))
 
@@ -114,11 +136,16 @@ class _LayerCall:
         """The layer's input hidden state."""
         return self.args[0] if self.args else self.kwargs["hidden_states"]
 
-    def call(self, layer: nn.Module, hidden_BTD: torch.Tensor) -> torch.Tensor:
+    def call(self, layer: nn.Module, hidden_BTD: torch.Tensor, *, swap: tuple = (None, None)) -> torch.Tensor:
+        """layer(hidden_BTD, the recorded arguments), with the argument that is swap[0] (a cache, whatever the
+        architecture names it or wherever it passes it) replaced by swap[1]."""
+        old, new = swap
+        args = [new if old is not None and arg is old else arg for arg in self.args[1:]]
+        kwargs = {name: new if old is not None and arg is old else arg for name, arg in self.kwargs.items()}
         if self.args:
-            out = layer(hidden_BTD, *self.args[1:], **self.kwargs)
+            out = layer(hidden_BTD, *args, **kwargs)
         else:
-            out = layer(**{**self.kwargs, "hidden_states": hidden_BTD})
+            out = layer(**{**kwargs, "hidden_states": hidden_BTD})
         return out[0] if isinstance(out, tuple) else out  # older layers return (hidden, attention weights, ...)
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wmtp_core.config import ModelConfig
+from wmtp_core.models.kv_cache import LayerKVCache, TransformerKVCache
 
 
 class CausalSelfAttention(nn.Module):
@@ -23,13 +24,32 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        """With a cache, x_BTD continues the cached positions (decoding); without, it is the whole sequence."""
         B, T, D = x_BTD.shape
         q, k, v = self.qkv(x_BTD).split(D, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2) for t in (q, k, v))
-        # Padding sits at the end of each row, so the causal mask alone keeps real tokens from seeing it.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            # Padding sits at the end of each row, so the causal mask alone keeps real tokens from seeing it.
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:
+            y = _attend_cached(q, k, v, cache)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+def _attend_cached(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
+    past = cache.length
+    k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
+    T, S = q_BHTd.shape[2], k_BHSd.shape[2]
+    if T == 1:  # one new position sees every cached one: no mask
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd)
+    if past == 0:
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True)
+    # is_causal aligns the mask top-left; new position i (absolute past + i) must see keys 0..past + i.
+    allowed_TS = torch.arange(S, device=q_BHTd.device)[None, :] <= past + torch.arange(T, device=q_BHTd.device)[:, None]
+    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=allowed_TS)
 
 
 class MLP(nn.Module):
@@ -51,8 +71,8 @@ class Block(nn.Module):
         self.norm_mlp = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD))
+    def forward(self, x_BTD: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD), cache)
         return x_BTD + self.mlp(self.norm_mlp(x_BTD))
 
 
@@ -100,6 +120,14 @@ class MTPTransformer(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * depth))
 
+    @property
+    def horizon(self) -> int:
+        return self.cfg.horizon
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
     def trunk_hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """The shared trunk's last hidden state h_BTD (the input of every head)."""
         T = tokens_BT.shape[1]
@@ -127,6 +155,27 @@ class MTPTransformer(nn.Module):
         h_BTD = self.trunk_hidden(tokens_BT)
         logits_BTKV = self.heads_logits(h_BTD)
         return (logits_BTKV, self.value_head(h_BTD)) if return_values else logits_BTKV
+
+    def new_cache(self) -> TransformerKVCache:
+        """An empty cache for decode(), as long as model.max_seq_len."""
+        return TransformerKVCache(num_layers=len(self.trunk), num_heads=len(self.heads), capacity=self.max_seq_len)
+
+    def decode(self, tokens_BT: torch.Tensor, cache: TransformerKVCache, *, num_heads: int) -> torch.Tensor:
+        """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only).
+
+        Positions count from the cache's length, so position embeddings stay absolute. Only the heads asked for run
+        and are cached: a decode that drafts with k heads never reads the others.
+        """
+        start, T = cache.length, tokens_BT.shape[1]
+        if start + T > self.max_seq_len:
+            raise ValueError(f"decoding to {start + T} tokens exceeds model.max_seq_len={self.max_seq_len}")
+        positions_T = torch.arange(start, start + T, device=tokens_BT.device)
+        x_BTD = self.token_embedding(tokens_BT) + self.position_embedding(positions_T)
+        for block, layer_cache in zip(self.trunk, cache.trunk):
+            x_BTD = block(x_BTD, layer_cache)
+        heads = zip(self.heads[:num_heads], cache.heads)
+        head_states_BTKD = torch.stack([head(x_BTD, layer_cache) for head, layer_cache in heads], dim=2)
+        return self.unembedding(self.final_norm(head_states_BTKD))
 
 
 def _init_weights(module: nn.Module) -> None:
