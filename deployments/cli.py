@@ -1,5 +1,5 @@
-"""The `wmtp` command: train, resume, checkpoints, upload, convert-meta, verify, probe, serve. Input is validated
-before anything is written.
+"""The `wmtp` command: train, resume, checkpoints, upload, convert-meta, verify, probe, serve, evaluate, generate.
+Input is validated before anything is written.
 
 Exit codes: 0 success, 2 invalid input (the message names the field or file), 130 stopped by Ctrl-C (after saving a
 checkpoint at the step reached: `wmtp resume RUN` continues), 1 any other failure.
@@ -14,7 +14,10 @@ from pathlib import Path
 
 import typer
 
+from deployments import cli_evaluation
 from deployments.cli_options import (
+    FAILURE,
+    INVALID_INPUT,
     ExperimentOption,
     JsonOption,
     NameOption,
@@ -22,6 +25,8 @@ from deployments.cli_options import (
     RecipeOption,
     RunArgument,
     SetOption,
+    existing_run_dir,
+    invalid_input_guard,
 )
 from deployments.flow_runs import run_flow, wait_for_server
 from deployments.progress_bars import byte_progress_bars
@@ -37,7 +42,6 @@ app = typer.Typer(
     help="Weighted multi-token-prediction training pipeline.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-INVALID_INPUT, FAILURE = 2, 1
 
 
 def _show_version(value: bool) -> None:
@@ -74,9 +78,9 @@ def train(
         experiment is not None
     )
     if print_recipe:
-        print(recipe_to_yaml(_invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))), end="")
+        print(recipe_to_yaml(invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))), end="")
         return
-    loaded = _invalid_input_guard(lambda: _new_run_recipe(recipe, [*overrides, *shortcuts]))
+    loaded = invalid_input_guard(lambda: _new_run_recipe(recipe, [*overrides, *shortcuts]))
     run_flow(loaded, resume=False, as_json=as_json)
 
 
@@ -88,7 +92,7 @@ def resume(
     as_json: bool = JsonOption,
 ) -> None:
     """Continue RUN from its newest valid checkpoint, e.g. with --set train.max_steps=600."""
-    loaded = _invalid_input_guard(lambda: _resume_recipe(run, overrides))
+    loaded = invalid_input_guard(lambda: _resume_recipe(run, overrides))
     if print_recipe:
         print(recipe_to_yaml(loaded), end="")
         return
@@ -104,7 +108,7 @@ def checkpoints(
     ),
 ) -> None:
     """List RUN's checkpoints, each verified against its manifest (sha256 of every file)."""
-    directory = _invalid_input_guard(lambda: _existing_run_dir(run))
+    directory = invalid_input_guard(lambda: existing_run_dir(run))
     if convert is not None:
         _convert_checkpoint(directory, convert)
     infos = list_checkpoints(directory)
@@ -142,7 +146,7 @@ def _convert_checkpoint(directory: Path, step: int) -> None:
 @app.command()
 def upload(run: str = RunArgument) -> None:
     """Upload what RUN still owes MLflow (checkpoints, pending metrics, summary) and close its MLflow run."""
-    directory = _invalid_input_guard(lambda: _existing_run_dir(run))
+    directory = invalid_input_guard(lambda: existing_run_dir(run))
     recorded = directory / "tracking.json"
     if not recorded.is_file():
         print(f"error: run {run!r} has no MLflow run (was tracking.enabled false?)", file=sys.stderr)
@@ -177,7 +181,7 @@ def convert_meta(
     from wmtp_core.models.meta_mtp import convert_meta_mtp  # torch and transformers load here
 
     with byte_progress_bars() as on_progress:
-        out = _invalid_input_guard(
+        out = invalid_input_guard(
             lambda: convert_meta_mtp(model_dir, out_dir, tokenizer=tokenizer, on_progress=on_progress)
         )
     print(f"wrote {out}: train it with --set model.source=hf --set model.path={out}")
@@ -230,9 +234,9 @@ def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) 
     from wmtp_core.fixplan.gates import plan_run_devices
     from wmtp_core.runtime.devices import probe_environment
 
-    loaded = _invalid_input_guard(lambda: load_recipe(recipe, overrides))
+    loaded = invalid_input_guard(lambda: load_recipe(recipe, overrides))
     found = probe_environment()
-    plan = _invalid_input_guard(lambda: plan_run_devices(loaded, found))
+    plan = invalid_input_guard(lambda: plan_run_devices(loaded, found))
     print(json.dumps({"environment": found.to_dict(), "device_plan": plan.__dict__}, indent=2))
 
 
@@ -257,8 +261,8 @@ def serve(
         help="Wall-clock minutes each scheduled resume may train.",
     ),
 ) -> None:
-    """Serve wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify to the configured Prefect server
-    (PREFECT_API_URL from the environment, the active profile or prefect.toml)."""
+    """Serve wmtp-train/manual, wmtp-resume/scheduled, wmtp-evaluate/manual and wmtp-fixplan/verify to the
+    configured Prefect server (PREFECT_API_URL from the environment, the active profile or prefect.toml)."""
     default_prefect_environment()
     if configured_api_url() is None:
         print(
@@ -269,7 +273,7 @@ def serve(
         raise typer.Exit(INVALID_INPUT)
     from deployments.served import serve_deployments, served_deployments
 
-    deployments = _invalid_input_guard(
+    deployments = invalid_input_guard(
         lambda: served_deployments(
             resume_cron=resume_cron,
             resume_run=resume_run and check_run_name(resume_run),
@@ -277,6 +281,10 @@ def serve(
         )
     )
     serve_deployments(deployments)
+
+
+app.command()(cli_evaluation.evaluate)
+app.command()(cli_evaluation.generate)
 
 
 def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
@@ -291,7 +299,7 @@ def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
 
 
 def _resume_recipe(run: str, overrides: list[str]) -> Recipe:
-    directory = _existing_run_dir(run)
+    directory = existing_run_dir(run)
     if latest_valid_checkpoint(directory) is None:
         raise RecipeError(f"run {run!r} has no valid checkpoint to resume from (see `wmtp checkpoints {run}`)")
     loaded = load_recipe(directory / "recipe.yaml", overrides)
@@ -301,21 +309,5 @@ def _resume_recipe(run: str, overrides: list[str]) -> Recipe:
     return loaded
 
 
-def _existing_run_dir(run: str) -> Path:
-    directory = run_dir(run)
-    if not directory.is_dir():
-        raise RecipeError(f"run {run!r} does not exist under {directory.parent}")
-    return directory
-
-
 def _check_data_file(recipe: Recipe) -> None:
     load_records(Path(recipe.data.path) if recipe.data.path else builtin_dataset_path())
-
-
-def _invalid_input_guard(build):
-    """Run a validation step; a ValueError (RecipeError, DataError, bad run name) exits 2 with one line."""
-    try:
-        return build()
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(INVALID_INPUT) from None

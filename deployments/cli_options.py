@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import typer
 
-from tasks.locations import runs_dir
+from tasks.locations import run_dir, runs_dir
+from wmtp_core.config import RecipeError
+
+INVALID_INPUT, FAILURE = 2, 1  # exit codes (and 0 success, 130 stopped by Ctrl-C)
 
 RecipeOption = typer.Option(None, "--recipe", help="YAML recipe file (flat and complete; see configs/).")
 SetOption = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
@@ -29,3 +35,19 @@ def complete_run_names(incomplete: str) -> list[str]:
 RunArgument = typer.Argument(
     ..., help="The run's name (a directory under $WMTP_HOME/runs).", autocompletion=complete_run_names
 )
+
+
+def existing_run_dir(run: str) -> Path:
+    directory = run_dir(run)
+    if not directory.is_dir():
+        raise RecipeError(f"run {run!r} does not exist under {directory.parent}")
+    return directory
+
+
+def invalid_input_guard(build):
+    """Run a validation step; a ValueError (RecipeError, DataError, bad run name) exits 2 with one line."""
+    try:
+        return build()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(INVALID_INPUT) from None

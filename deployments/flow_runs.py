@@ -1,4 +1,5 @@
-"""Running wmtp-train from the CLI: Prefect's environment and temporary server, the flow run, and its summary."""
+"""Running wmtp-train and wmtp-evaluate from the CLI: Prefect's environment and temporary server, the flow run, and
+what it reports."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 
 from flows.temporary_server import default_prefect_environment, start_temporary_server, watch_live_hint
 from tasks.locations import run_dir
-from wmtp_core.config import Recipe
+from wmtp_core.config import EvaluationConfig, Recipe
 
 FAILURE = 1
 INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)
@@ -55,6 +56,30 @@ def _report_abort(run_name: str) -> None:
     kept = f"the newest checkpoint is step {latest.step}" if latest else "no checkpoint was saved yet"
     go_on = f"continue with: wmtp resume {run_name}" if latest else f"start again with: wmtp train -n {run_name}"
     print(f"run {run_name} aborted by a second Ctrl-C: {kept}\n{go_on}", file=sys.stderr)
+
+
+def run_evaluation_flow(run_name: str, *, step: int | None, evaluation: EvaluationConfig) -> dict:
+    """Run wmtp-evaluate on run_name's checkpoint and return its report; exit 1 when the flow run failed."""
+    default_prefect_environment()
+    server_ready = start_temporary_server()
+    import wmtp_core.evaluation.checkpoint_evaluation  # noqa: F401  (torch loads now, while the server starts)
+    from flows.evaluate import wmtp_evaluate
+
+    wait_for_server(server_ready)
+    from prefect import tags
+
+    try:
+        with tags("wmtp-cli", "evaluate"):
+            state = wmtp_evaluate(run_name=run_name, step=step, evaluation=evaluation, return_state=True)
+    except KeyboardInterrupt:
+        print(f"evaluation of {run_name} aborted by Ctrl-C", file=sys.stderr)
+        raise typer.Exit(INTERRUPTED) from None
+    report = state.result(raise_on_failure=False)
+    if not isinstance(report, dict):
+        print(f"error: wmtp-evaluate ended {state.name}: {state.message}", file=sys.stderr)
+        raise typer.Exit(FAILURE)
+    print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
+    return report
 
 
 def wait_for_server(server_ready: Callable[[], None]) -> None:

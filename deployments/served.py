@@ -1,4 +1,5 @@
-"""The deployments `wmtp serve` serves: wmtp-train/manual, wmtp-resume/scheduled and wmtp-fixplan/verify.
+"""The deployments `wmtp serve` serves: wmtp-train/manual, wmtp-resume/scheduled, wmtp-evaluate/manual and
+wmtp-fixplan/verify.
 
 Serving imports only the flow modules (no torch); each flow run executes in its own subprocess, which imports the
 flow's module again, so nothing here (nor in flows/) does work at import time.
@@ -13,6 +14,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Schedule
 
+from flows.evaluate import wmtp_evaluate
 from flows.fixplan import wmtp_fixplan
 from flows.resume import wmtp_resume
 from flows.train import wmtp_train
@@ -41,7 +43,7 @@ def resume_schedule(cron: str, *, run_name: str | None, budget_minutes: float | 
 def served_deployments(
     *, resume_cron: str | None = None, resume_run: str | None = None, resume_budget_minutes: float | None = None
 ) -> list[RunnerDeployment]:
-    """The three deployments (the resume schedule every 6 hours unless resume_cron says otherwise)."""
+    """The four deployments (the resume schedule every 6 hours unless resume_cron says otherwise)."""
     schedule = resume_schedule(
         resume_cron or DEFAULT_RESUME_CRON, run_name=resume_run, budget_minutes=resume_budget_minutes
     )
@@ -55,6 +57,11 @@ def served_deployments(
             description="Continue a run from its newest valid checkpoint (covers crashed runs).",
         ),
     ]
+    deployments.append(
+        wmtp_evaluate.to_deployment(
+            "manual", tags=["wmtp"], description="Evaluate a run's checkpoint: pass@k, per-head accuracy, decoding."
+        )
+    )
     deployments.append(
         wmtp_fixplan.to_deployment(
             "verify", tags=["wmtp"], description="Measure the fix plan's acceptance figures for each rollout stage."

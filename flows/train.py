@@ -1,14 +1,15 @@
 """Flow `wmtp-train`: probe the environment, prepare the run, train the brief rho1 reference when one is needed,
-train (retries resume), upload to MLflow, summarise."""
+train (retries resume), evaluate the final checkpoint when asked, upload to MLflow, summarise."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
+from flows.evaluate import evaluate_run
 from flows.parameters import ResumeFrom
 from tasks.environment import probe_environment
 from tasks.reporting import publish_checkpoints, publish_summary
@@ -35,7 +36,10 @@ def train_flow_run_name() -> str:
 
 @flow(name="wmtp-train", flow_run_name=train_flow_run_name)
 def wmtp_train(
-    recipe: Recipe = Recipe(), phases: PhaseGates | None = None, resume: ResumeFrom | None = None
+    recipe: Recipe = Recipe(),
+    phases: PhaseGates | None = None,
+    resume: ResumeFrom | None = None,
+    evaluate: bool | None = None,
 ) -> dict | State:
     """Train a WMTP model, checkpointing as it goes, and upload the checkpoints and a summary to MLflow.
 
@@ -44,9 +48,13 @@ def wmtp_train(
         phases: Fix-plan gates for this run; when set they replace recipe.phases.
         resume: Empty for a new run; else where run recipe.run.name continues: `latest` (its newest valid
             checkpoint), one of its steps, or a checkpoint directory (of any run) to start it from.
+        evaluate: Evaluate the final checkpoint after training (recipe.evaluation says how); empty follows
+            recipe.evaluation.enabled.
     """
     if phases is not None:
         recipe = recipe.model_copy(update={"phases": phases})
+    if evaluate is not None:
+        recipe = recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(update={"enabled": evaluate})})
     return train_and_upload(recipe, resume=resume)
 
 
@@ -72,6 +80,8 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
             return_state=True,
         )
     summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id)
+    if recipe.evaluation.enabled and summary["status"] == "completed":
+        summary["evaluation"] = evaluate_after_training(recipe, run)
     upload = upload_artifacts(run["run_dir"], summary, mlflow_run_id=mlflow_run_id, return_state=True)
     if upload.is_failed():
         if not tracking_policy(recipe.phases).never_stops_training:
@@ -88,6 +98,17 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
     if summary["status"] != "completed":
         return Failed(message=summary["reason"])
     return summary
+
+
+def evaluate_after_training(recipe: Recipe, run: dict) -> dict:
+    """pass@k of the final checkpoint (its figures also go to MLflow and the flow run's artifacts). A failed
+    evaluation does not fail the trained run: `wmtp evaluate RUN` repeats it."""
+    try:
+        report = evaluate_run(run["run_name"], run["run_dir"], step=None, evaluation=recipe.evaluation)
+    except Exception as error:
+        get_run_logger().warning("evaluation failed (the run is kept; repeat it with `wmtp evaluate`): %s", error)
+        return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    return {"benchmark": report["benchmark"], "pass_at_k": report["pass_at_k"], "directory": report["directory"]}
 
 
 def stopped_by(stop_reason: str) -> str:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from mlflow import MlflowClient
+from support.prefect import flow_run_artifact_keys
 
 import tasks.training
 from flows.train import wmtp_train
@@ -34,17 +35,6 @@ def _artifacts(run_id, path=None):
     return sorted(a.path for a in MlflowClient(tracking_uri()).list_artifacts(run_id, path))
 
 
-def _flow_run_artifact_keys(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return [artifact.key for artifact in found]
-
-
 def test_train_flow_checkpoints_logs_and_summarises(prefect_api_url, wmtp_home, tiny_recipe):
     state = wmtp_train(recipe=_named(tiny_recipe, "flow-ok"), return_state=True)
     assert state.is_completed(), state.message
@@ -61,7 +51,7 @@ def test_train_flow_checkpoints_logs_and_summarises(prefect_api_url, wmtp_home, 
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "eval_loss")] == [0, 2, 4]
     assert _artifacts(run.info.run_id, "checkpoints") == ["checkpoints/step_00000002", "checkpoints/step_00000004"]
     assert "summary.json" in _artifacts(run.info.run_id)
-    assert sorted(_flow_run_artifact_keys(state.state_details.flow_run_id)) == [
+    assert sorted(flow_run_artifact_keys(state)) == [
         "wmtp-checkpoints-flow-ok",
         "wmtp-progress-flow-ok",
         "wmtp-summary-flow-ok",

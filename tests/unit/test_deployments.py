@@ -15,7 +15,7 @@ def _by_name(deployments) -> dict:
 
 def test_serve_offers_manual_training_scheduled_resume_and_fixplan_verification():
     names = set(_by_name(served_deployments(resume_run="demo")))
-    assert names == {"wmtp-train/manual", "wmtp-resume/scheduled", "wmtp-fixplan/verify"}
+    assert names == {"wmtp-train/manual", "wmtp-resume/scheduled", "wmtp-evaluate/manual", "wmtp-fixplan/verify"}
 
 
 def test_resume_runs_every_6_hours_and_a_new_run_is_cancelled_while_one_is_active():

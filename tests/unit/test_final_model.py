@@ -1,5 +1,6 @@
 """The final model a run hands over (MLflow's final_model/): written from the newest checkpoint of either format
-and either model source, it loads back as the trained model, every head included."""
+and either model source, it loads back as the trained model, every head included; so does a checkpoint itself
+(load_checkpoint_model, what generation and evaluation read)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from support.hf_models import HF_OVERRIDES
 from support.recipes import TINY_OVERRIDES
 from transformers import AutoModelForCausalLM
 
-from wmtp_core.checkpoint.final_model import load_final_model, write_final_model
+from wmtp_core.checkpoint.final_model import load_checkpoint_model, load_final_model, write_final_model
 from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
 from wmtp_core.checkpoint.storage import MODEL_FILE
 from wmtp_core.fixplan.gates import plan_run_devices
@@ -53,6 +54,9 @@ def test_builtin_final_model_loads_with_the_trained_weights(tmp_path, overrides)
     assert model.state_dict().keys() == trained.keys()
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in trained.items())
     assert any(name.startswith("value_head.") for name in trained) == ("train.algorithm=critic-wmtp" in overrides)
+    from_checkpoint, tokenizer = load_checkpoint_model(checkpoint)
+    assert not from_checkpoint.training and tokenizer.vocab_size == from_checkpoint.unembedding.out_features
+    assert all(torch.equal(from_checkpoint.state_dict()[name], tensor) for name, tensor in trained.items())
 
 
 @pytest.mark.parametrize(("kind", "checkpoint_format"), [("gpt2", "full"), ("llama", "sharded")])
@@ -70,6 +74,9 @@ def test_hf_final_model_is_a_pretrained_directory_that_predicts_as_the_trained_m
     with torch.no_grad():
         expected_BTKV = trained(tokens_BT)
         torch.testing.assert_close(load_final_model(out)(tokens_BT), expected_BTKV)
+        from_checkpoint, tokenizer = load_checkpoint_model(checkpoint)
+        torch.testing.assert_close(from_checkpoint(tokens_BT), expected_BTKV)
+        assert tokenizer.vocab_size == expected_BTKV.shape[-1]
         next_token = AutoModelForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(next_token(input_ids=tokens_BT).logits, expected_BTKV[:, :, 0])
         untrained = AutoModelForCausalLM.from_pretrained(original).eval()

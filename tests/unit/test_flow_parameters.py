@@ -1,5 +1,5 @@
-"""The wmtp-train and wmtp-resume parameter forms as `prefect deploy` builds them from source (no torch, no import
-of the flows themselves)."""
+"""The wmtp-train, wmtp-resume and wmtp-evaluate parameter forms as `prefect deploy` builds them from source (no
+torch, no import of the flows themselves)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,19 @@ def _schema(entrypoint: str = "flows/train.py:wmtp_train") -> dict:
     return parameter_schema_from_entrypoint(entrypoint).model_dump()
 
 
-def test_recipe_phases_and_resume_are_typed_parameters_with_descriptions():
+def test_recipe_phases_resume_and_evaluate_are_typed_parameters_with_descriptions():
     schema = _schema()
     props = schema["properties"]
-    assert list(props) == ["recipe", "phases", "resume"]
+    assert list(props) == ["recipe", "phases", "resume", "evaluate"]
     assert props["recipe"]["$ref"] == "#/definitions/Recipe"
     assert {"$ref": "#/definitions/PhaseGates"} in props["phases"]["anyOf"]
+    assert all(props[name].get("description") for name in props)
+
+
+def test_the_evaluate_form_takes_a_run_a_step_and_the_evaluation_settings():
+    props = _schema("flows/evaluate.py:wmtp_evaluate")["properties"]
+    assert list(props) == ["run_name", "step", "evaluation"]
+    assert props["run_name"]["pattern"] and props["evaluation"]["$ref"] == "#/definitions/EvaluationConfig"
     assert all(props[name].get("description") for name in props)
 
 
