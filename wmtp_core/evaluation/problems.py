@@ -62,11 +62,14 @@ def load_problems(benchmark: str, *, eval_fraction: float, seed: int) -> list[Pr
 
 
 def builtin_problems(*, eval_fraction: float, seed: int) -> list[Problem]:
-    """The built-in set's held-out split, exactly the eval records training holds out for this eval_fraction and
-    seed (recipe.data.eval_fraction, recipe.seed), so no training record is scored."""
+    """The built-in set's held-out split for this eval_fraction and seed (recipe.data.eval_fraction, recipe.seed),
+    without the prompts training also saw: the split is by record, and a prompt with a correct and a buggy record
+    can land on both sides; scoring it would measure recall of the training text."""
     records = load_records(builtin_dataset_path())
-    _, held_out = split_records(records, eval_fraction=eval_fraction, seed=seed)
-    return _mbpp_problems(held_out, index=_indexer(records), name="builtin")
+    trained, held_out = split_records(records, eval_fraction=eval_fraction, seed=seed)
+    seen = {format_prompt(record) for record in trained}
+    unseen = [record for record in held_out if format_prompt(record) not in seen]
+    return _mbpp_problems(unseen, index=_indexer(records), name="builtin")
 
 
 def mbpp_problems(path: Path) -> list[Problem]:
