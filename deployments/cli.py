@@ -101,7 +101,7 @@ def checkpoints(
         None, "--convert", help="Rewrite this step's sharded checkpoint in the full format."
     ),
 ) -> None:
-    """List RUN's checkpoints, each verified against its manifest (sha256 of every file)."""
+    """List RUN's checkpoints, each verified against its manifest (the digest of every file)."""
     directory = _invalid_input_guard(lambda: _existing_run_dir(run))
     if convert is not None:
         _convert_checkpoint(directory, convert)

@@ -71,6 +71,22 @@ def test_checkpoints_json_lists_step_path_and_validity(wmtp_home):
     assert [(r["step"], r["path"], r["valid"]) for r in rows] == [(1, str(good), True), (2, str(bad), False)]
 
 
+def test_checkpoints_flags_a_format_2_checkpoint_with_one_flipped_byte(wmtp_home):
+    import torch
+
+    run = wmtp_home / "runs" / "flipped"
+    save_checkpoint(run, step=1, model_state={"w": torch.ones(8)}, train_state={}, manifest_extra={})
+    bad = save_checkpoint(run, step=2, model_state={"w": torch.ones(8)}, train_state={}, manifest_extra={})
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10  # same size: only the digest can tell
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    result = runner.invoke(app, ["checkpoints", "flipped"])
+    assert result.exit_code == 0
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().split()[:1] in (["1"], ["2"])]
+    assert [row[:2] for row in rows] == [["1", "valid"], ["2", "INVALID"]]
+    assert "(blake3 digest)" in result.stdout
+
+
 @pytest.mark.parametrize("recipe", sorted(ROOT.glob("configs/*.yaml")))
 def test_example_recipes_load_and_are_complete(recipe):
     raw = yaml.safe_load(recipe.read_text())

@@ -1,9 +1,10 @@
 """The one place that writes and loads checkpoints (wmtp_core.checkpoint.manifest verifies, lists and prunes them).
 
 Layout: <run_dir>/checkpoints/step_<8 digits>/ holding model.safetensors (full weights), train_state.pt
-(everything else, loadable with torch.load(weights_only=True)) and manifest.json (sha256 and size per file),
-written last. The sharded format (checkpoint.format=sharded) has a torch.distributed.checkpoint directory
-`sharded/` with model and optimizer shards instead of model.safetensors and the optimizer. The directory is built
+(everything else, loadable with torch.load(weights_only=True)) and manifest.json (BLAKE3 digest and size per file,
+format 2; format-1 sha256 manifests still load), written last. The sharded format (checkpoint.format=sharded) has
+a torch.distributed.checkpoint directory `sharded/` with model and optimizer shards instead of model.safetensors
+and the optimizer. The directory is built
 under a temporary name and appears by an atomic rename, and only directories whose manifest verifies count; it is
 fsynced on publishing or, for a run's saves, just after (make_durable), before anything older is pruned.
 """
@@ -54,10 +55,9 @@ def save_checkpoint(
     """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced.
 
     The two files are written at the same time, each hashed while it is written (wmtp_core.checkpoint.hashed_files):
-    the sha256
-    is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its hash, the
-    model file hashes in its own writing thread). export(staging, model_state) may add files (an hf
-    run's save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint.
+    the digest is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its
+    hash, the model file hashes in its own writing thread). export(staging, model_state) may add files (an hf run's
+    save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint.
     """
     staging = staging_dir(run_dir, step, owner=str(os.getpid()))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
