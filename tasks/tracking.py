@@ -21,7 +21,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
-from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, latest_valid_checkpoint, list_checkpoints
+from wmtp_core.checkpoint.manifest import (
+    FINAL_MODEL_CONFIG,
+    Verdicts,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    verdict_of,
+)
 from wmtp_core.config import Recipe
 from wmtp_core.recipes import flatten_recipe
 
@@ -179,35 +185,43 @@ def log_environment_tags(run_id: str, probe: dict) -> None:
     client().log_batch(run_id, tags=tags, synchronous=True)
 
 
-def upload_checkpoints(run_id: str, run_dir: Path) -> list[str]:
-    """Upload each valid checkpoint directory not yet in the run's artifacts; returns the uploaded names."""
+def upload_checkpoints(run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None) -> list[str]:
+    """Upload each valid checkpoint directory not yet in the run's artifacts; returns the uploaded names.
+
+    Only those not yet uploaded are verified, and not those verdicts (updated here) already holds a verdict for:
+    the flow's resume point and what its training saved.
+    """
     mlflow = client()
     present = {Path(a.path).name for a in mlflow.list_artifacts(run_id, "checkpoints")}
+    verdicts = verdicts if verdicts is not None else {}
     uploaded = []
-    for info in list_checkpoints(run_dir):
-        if info.valid and info.path.name not in present:
+    for info in list_checkpoints(run_dir, checksums=False):  # presence and sizes; digests below, where needed
+        if not info.valid or info.path.name in present:
+            continue
+        if verdict_of(info.path, verdicts) is None:
             mlflow.log_artifacts(run_id, str(info.path), f"checkpoints/{info.path.name}")
             uploaded.append(info.path.name)
     return uploaded
 
 
-def upload_final_model(run_id: str, run_dir: Path) -> bool:
+def upload_final_model(run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None) -> bool:
     """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a
     config, no pickle; an hf trunk as save_pretrained writes it), unless it is there already for that
     step. A resume that trains on replaces it. Load it with
     `wmtp_core.checkpoint.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
+    The newest checkpoint is hashed only when verdicts has none for it.
     """
     # torch loads here, not when a flow module is imported
     from wmtp_core.checkpoint.final_model import write_final_model
 
     mlflow = client()
-    latest = latest_valid_checkpoint(run_dir)
+    latest = latest_valid_checkpoint(run_dir, verdicts=verdicts)
     if latest is None or _final_model_step(mlflow, run_id) == latest.step:
         return False
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "final_model"
         model_dir.mkdir()
-        write_final_model(latest.path, model_dir)
+        write_final_model(latest.path, model_dir, verified=True)
         # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
         config = (model_dir / FINAL_MODEL_CONFIG).rename(Path(scratch) / FINAL_MODEL_CONFIG)
         mlflow.log_artifacts(run_id, str(model_dir), "final_model")
@@ -226,15 +240,19 @@ def _final_model_step(mlflow: MlflowClient, run_id: str) -> int | None:
         return json.loads(Path(config).read_text())["step"]
 
 
-def upload_run(run_id: str, run_dir: Path, *, succeeded: bool, finished: bool = True) -> list[str]:
+def upload_run(
+    run_id: str, run_dir: Path, *, succeeded: bool, finished: bool = True, verdicts: Verdicts | None = None
+) -> list[str]:
     """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
 
     Idempotent, so a retry, the next flow run or `wmtp upload` can repeat it; clears the pending marker.
     finished=False (a run stopped by its time budget, which a later resume continues) leaves the MLflow run open.
+    verdicts: what the flow run already knows of its checkpoints (none is hashed twice).
     """
-    uploaded = upload_checkpoints(run_id, run_dir)
+    verdicts = dict(verdicts or {})
+    uploaded = upload_checkpoints(run_id, run_dir, verdicts=verdicts)
     if succeeded:
-        upload_final_model(run_id, run_dir)
+        upload_final_model(run_id, run_dir, verdicts=verdicts)
     sent = upload_pending_metrics(run_id, run_dir)
     if (run_dir / "summary.json").is_file():
         client().log_artifact(run_id, str(run_dir / "summary.json"))

@@ -1,5 +1,6 @@
 """Manifest formats: format 2 (BLAKE3) is what saves write; a format-1 (sha256) checkpoint written by the code before
-it (tests/fixtures/checkpoint_v1) still verifies and resumes bitwise; one flipped byte fails a format-2 checkpoint."""
+it (tests/fixtures/checkpoint_v1) still verifies and resumes bitwise; one flipped byte fails a format-2 checkpoint.
+Verify once: a resume hashes the checkpoint it loads once, and a verdict passed along is not hashed again."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import shutil
 import pytest
 import torch
 from support import ROOT
+from support.hashing import HashedBytes
 from support.recipes import TINY_OVERRIDES
 
 from wmtp_core.checkpoint.manifest import (
     MANIFEST_FILE,
+    checkpoint_bytes,
     latest_valid_checkpoint,
     list_checkpoints,
     step_dir_name,
@@ -89,3 +92,48 @@ def test_a_format_2_checkpoint_with_one_flipped_byte_is_skipped_by_latest(tmp_pa
     listed = list_checkpoints(tmp_path)
     assert [(i.step, i.valid) for i in listed] == [(1, True), (2, False)]
     assert name in listed[1].problem and "blake3" in listed[1].problem
+
+
+def _five_kept_checkpoints(run_dir):
+    recipe = load_recipe(None, [*TINY_OVERRIDES, "train.save_every=1", "train.keep_last=5", "train.max_steps=5"])
+    train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    return recipe
+
+
+def test_a_resume_hashes_the_checkpoint_it_loads_once_and_nothing_else(tmp_path, monkeypatch):
+    recipe = _five_kept_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / step_dir_name(5)
+    hashed = HashedBytes(monkeypatch)
+    latest = latest_valid_checkpoint(tmp_path)  # newest first: stops at the first that verifies
+    longer = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 6})})
+    train(
+        longer,
+        tmp_path,
+        plan=plan_run_devices(longer, probe_environment()),
+        resume_from=latest.path,
+        resume_verified=True,
+    )
+    assert latest.path == newest
+    assert hashed.total == checkpoint_bytes(verify_checkpoint(newest)) and set(hashed.files) <= set(newest.iterdir())
+
+
+def test_the_load_itself_verifies_a_checkpoint_given_without_a_verdict(tmp_path, monkeypatch):
+    recipe = _five_kept_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / step_dir_name(5)
+    hashed = HashedBytes(monkeypatch)
+    longer = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 6})})
+    train(longer, tmp_path, plan=plan_run_devices(longer, probe_environment()), resume_from=newest)
+    assert hashed.total == checkpoint_bytes(verify_checkpoint(newest))
+
+
+def test_checkpoints_verified_earlier_are_not_hashed_again_and_broken_ones_stay_skipped(tmp_path, monkeypatch):
+    older = save_checkpoint(tmp_path, step=1, model_state={"w": torch.ones(8)}, train_state={}, manifest_extra={})
+    newer = save_checkpoint(tmp_path, step=2, model_state={"w": torch.ones(8)}, train_state={}, manifest_extra={})
+    _flip_one_byte(newer / MODEL_FILE, offset=(newer / MODEL_FILE).stat().st_size - 1)
+    verdicts = {}
+    assert latest_valid_checkpoint(tmp_path, verdicts=verdicts).path == older
+    assert verdicts[str(older)] is None and "blake3" in verdicts[str(newer)]
+    hashed = HashedBytes(monkeypatch)
+    assert latest_valid_checkpoint(tmp_path, verdicts=verdicts).path == older
+    assert latest_valid_checkpoint(tmp_path, checksums=False).path == newer  # sizes alone cannot tell
+    assert hashed.total == 0

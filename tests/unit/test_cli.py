@@ -119,3 +119,16 @@ def test_checkpoints_convert_turns_a_sharded_checkpoint_into_the_full_format(wmt
     assert torch.is_tensor(train_state["optimizer"]["state"]["token_embedding.weight"]["exp_avg"])
     again = runner.invoke(app, ["checkpoints", "sharded", "--convert", "4"])
     assert again.exit_code == 2 and "already in the full format" in again.output
+
+
+def test_resume_hands_the_verification_to_the_flow_and_hashes_nothing_itself(wmtp_home, monkeypatch):
+    from support.hashing import HashedBytes
+
+    from deployments.cli import _resume_recipe
+
+    run = wmtp_home / "runs" / "resumable"
+    save_checkpoint(run, step=1, model_state={}, train_state={}, manifest_extra={})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(load_recipe(None, ["run.name=resumable"]).model_dump(mode="json")))
+    hashed = HashedBytes(monkeypatch)
+    assert _resume_recipe("resumable", []).run.name == "resumable"
+    assert hashed.total == 0 and hashed.files == []

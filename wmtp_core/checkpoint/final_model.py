@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, verify_checkpoint
-from wmtp_core.checkpoint.storage import MODEL_FILE, load_sharded
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
+from wmtp_core.checkpoint.storage import MODEL_FILE, load_sharded, read_checkpoint_manifest
 from wmtp_core.config import ModelConfig
 from wmtp_core.models.build import build_model, build_tokenizer
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model, save_mtp_pretrained
@@ -29,9 +29,10 @@ from wmtp_core.models.tokenizer import ByteTokenizer
 from wmtp_core.models.transformer import MTPTransformer
 
 
-def write_final_model(checkpoint: Path, out: Path) -> None:
-    """Fill the empty directory out with the final model of a verified checkpoint directory (layout above)."""
-    manifest = verify_checkpoint(checkpoint)
+def write_final_model(checkpoint: Path, out: Path, *, verified: bool = False) -> None:
+    """Fill the empty directory out with the final model of a checkpoint directory (layout above), verifying it
+    first unless verified (the caller holds its verdict)."""
+    manifest = read_checkpoint_manifest(checkpoint, verified=verified)
     recipe = manifest["recipe"]
     model_cfg = ModelConfig(**recipe["model"])
     config = {"model": recipe["model"], "step": manifest["step"], "algorithm": recipe["train"]["algorithm"]}

@@ -90,22 +90,50 @@ def list_checkpoints(
     return [_checked(step, path, checksums=checksums, on_bytes=progress.add) for step, path in steps]
 
 
+Verdicts = dict[str, str | None]
+"""What a caller already knows of a run's checkpoints: directory (as a string) -> None when it verified (or was
+written, hashed while written, by this very run), else why it does not count. Passed along, between functions and
+Prefect tasks, so that no checkpoint is hashed twice."""
+
+
 def latest_valid_checkpoint(
-    run_dir: Path, *, verified_from_step: int | None = None, on_progress: ProgressCallback | None = None
+    run_dir: Path,
+    *,
+    verdicts: Verdicts | None = None,
+    checksums: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> CheckpointInfo | None:
     """The newest checkpoint whose manifest verifies; tampered or half-written ones are skipped.
 
     Scans newest first and stops at the first that verifies, so only the checkpoint returned (and any newer broken
-    one) is hashed. Checkpoints at verified_from_step or later were verified (or written) earlier by the caller's
-    run: they are checked for presence and sizes only. verified_from_step=0 checks no digest at all.
+    one) is hashed. A checkpoint with a verdict in `verdicts` is not hashed again (a valid one is still checked for
+    presence and sizes: it may have been pruned since); the verdicts reached here are added to it. checksums=False
+    checks presence and sizes only (nothing is hashed, no verdict recorded).
     """
+    known = verdicts if verdicts is not None else {}
     for step, path in reversed(_step_dirs(run_dir)):
-        trusted = verified_from_step is not None and step >= verified_from_step
-        on_bytes = None if trusted else _Progress(_listed_bytes(path), on_progress).add
-        info = _checked(step, path, checksums=not trusted, on_bytes=on_bytes)
+        if known.get(str(path)) is not None:
+            continue  # known not to count
+        hash_it = checksums and str(path) not in known
+        on_bytes = _Progress(_listed_bytes(path), on_progress).add if hash_it else None
+        info = _checked(step, path, checksums=hash_it, on_bytes=on_bytes)
+        if hash_it:
+            known[str(path)] = info.problem
         if info.valid:
             return info
     return None
+
+
+def verdict_of(path: Path, verdicts: Verdicts) -> str | None:
+    """None when the checkpoint at path verifies, else why not; taken from verdicts when it is there, else found
+    (hashing the checkpoint) and added to it."""
+    if str(path) not in verdicts:
+        try:
+            verify_checkpoint(path)
+            verdicts[str(path)] = None
+        except CheckpointError as error:
+            verdicts[str(path)] = str(error)
+    return verdicts[str(path)]
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:

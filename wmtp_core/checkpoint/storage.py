@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from safetensors import safe_open
 
 from wmtp_core.checkpoint.hashed_files import save_safetensors_hashed, torch_save_hashed
 from wmtp_core.checkpoint.manifest import (
@@ -138,17 +136,33 @@ def make_durable(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
-    """(model_state, train_state, manifest) of a verified checkpoint; model_state is None for the sharded format
-    (load_sharded reads it). Nothing is unpickled beyond plain data."""
-    manifest = verify_checkpoint(path)
-    model_state = load_file(path / MODEL_FILE) if manifest.get("format", "full") == "full" else None
+def load_checkpoint(path: Path, *, verified: bool = False) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
+    """(model_state, train_state, manifest) of a checkpoint; model_state is None for the sharded format
+    (load_sharded reads it). Nothing is unpickled beyond plain data, and nothing is copied into memory: tensors are
+    views of the files (read_checkpoint_manifest says what verified means)."""
+    manifest = read_checkpoint_manifest(path, verified=verified)
+    model_state = open_model_state(path) if manifest.get("format", "full") == "full" else None
     return model_state, load_train_state(path / STATE_FILE), manifest
 
 
+def read_checkpoint_manifest(path: Path, *, verified: bool) -> dict:
+    """The manifest of a checkpoint whose files are present at their sizes; their digests are checked too unless
+    verified (the caller holds a verdict for this checkpoint: wmtp_core.checkpoint.manifest.Verdicts)."""
+    return verify_checkpoint(path, checksums=not verified)
+
+
+def open_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full model weights of a full-format checkpoint, as tensors over a private memory map of
+    model.safetensors: a page is read when a tensor is first used, and never unless it is."""
+    with safe_open(path / MODEL_FILE, framework="pt", device="cpu") as weights:
+        return {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
 def load_train_state(path: Path) -> dict:
+    """train_state.pt as plain data, its tensors over a memory map of the file (torch.load(mmap=True)): what a
+    rank never uses (the optimizer state on a rank that receives rank 0's by broadcast) is never read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
         raise CheckpointError(
             f"{path} holds objects that are not plain data; refusing it ({error})".splitlines()[0]
@@ -160,22 +174,6 @@ def load_sharded(path: Path, template: dict) -> None:
     the saving job's world size does not matter (torch.distributed.checkpoint reshards)."""
     with _single_process_is_intended():
         dcp.load(template, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.is_initialized())
-
-
-def convert_to_full(path: Path, run_dir: Path) -> Path:
-    """Rewrite a sharded checkpoint as the full format (model.safetensors + optimizer in train_state.pt), in place."""
-    manifest = verify_checkpoint(path)
-    if manifest.get("format") != "sharded":
-        raise CheckpointError(f"{path} is already in the full format")
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        gathered = Path(scratch) / "gathered.pt"
-        dcp_to_torch_save(path / SHARDED_DIR, gathered)
-        full = torch.load(gathered, map_location="cpu", weights_only=True)
-    train_state = {**load_train_state(path / STATE_FILE), "optimizer": full["optimizer"]}
-    extra = {k: v for k, v in manifest.items() if k not in ("format_version", "step", "files", "format")}
-    return save_checkpoint(
-        run_dir, step=manifest["step"], model_state=full["model"], train_state=train_state, manifest_extra=extra
-    )
 
 
 def check_shapes_match(
