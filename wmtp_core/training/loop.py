@@ -82,7 +82,12 @@ def train(
     gates = resolve_gates(recipe)
     recipe = _adjusted_to_device(recipe, plan, gates, ctx)
     parts = build_run_parts(
-        recipe, plan, reference_checkpoint=_rho1_reference(recipe, run_dir, ctx), ctx=ctx, wrap_fsdp=gates.wrap_fsdp
+        recipe,
+        plan,
+        reference_checkpoint=_rho1_reference(recipe, run_dir, ctx),
+        ctx=ctx,
+        wrap_fsdp=gates.wrap_fsdp,
+        from_meta=gates.fsdp_from_meta,
     )
     state = TrainState()
     if resume_from:
