@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,8 +55,9 @@ class HashingFile:
     two cores are not shared by four busy threads.
     """
 
-    def __init__(self, path: Path, *, pipelined: bool = True):
+    def __init__(self, path: Path, *, pipelined: bool = True, on_bytes: Callable[[int], None] | None = None):
         self._file = path.open("wb", buffering=0)
+        self._on_bytes = on_bytes
         self._hasher = new_hasher(DIGEST_ALGORITHM)
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-digest")
         self._inline_bytes = _INLINE_BYTES if pipelined else float("inf")
@@ -71,6 +73,8 @@ class HashingFile:
             self._write_all(view)
             hashed.result()  # the caller may reuse its buffer once write returns
         self.size += view.nbytes
+        if self._on_bytes is not None:
+            self._on_bytes(view.nbytes)
         return view.nbytes
 
     def flush(self) -> None:
@@ -93,8 +97,8 @@ class HashingFile:
             view = view[self._file.write(view) :]
 
 
-def torch_save_hashed(obj, path: Path) -> dict:
-    """torch.save(obj) to path; return its manifest entry.
+def torch_save_hashed(obj, path: Path, *, on_bytes: Callable[[int], None] | None = None) -> dict:
+    """torch.save(obj) to path; return its manifest entry. on_bytes(n) follows the bytes written.
 
     torch's zip writer would also compute a CRC32 of every record: a second, slower checksum of bytes the manifest's
     digest already covers (about 40% of torch.save's time), so it is skipped; torch.load does not need it. torch
@@ -104,14 +108,20 @@ def torch_save_hashed(obj, path: Path) -> dict:
         previous = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
         try:
-            with HashingFile(path) as file:
+            with HashingFile(path, on_bytes=on_bytes) as file:
                 torch.save(obj, file)
                 return file.close()
         finally:
             torch.serialization.set_crc32_options(previous)
 
 
-def save_safetensors_hashed(tensors: dict[str, torch.Tensor], path: Path, *, pipelined: bool = True) -> dict:
+def save_safetensors_hashed(
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    pipelined: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict:
     """Write tensors in the safetensors format, byte for byte what safetensors.torch.save_file writes, streamed
     from the tensors' own memory (no intermediate copy); return the file's manifest entry.
     Tensors that share memory (tied weights, as GPT-2's embedding and unembedding) are each written in full, which
@@ -129,7 +139,7 @@ def save_safetensors_hashed(tensors: dict[str, torch.Tensor], path: Path, *, pip
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
-    with HashingFile(path, pipelined=pipelined) as file:
+    with HashingFile(path, pipelined=pipelined, on_bytes=on_bytes) as file:
         file.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
         for _, tensor in ordered:
             if tensor.numel():

@@ -49,18 +49,23 @@ def save_checkpoint(
     manifest_extra: dict,
     export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None,
     durable: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Path:
     """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced.
 
     The two files are written at the same time, each hashed while it is written (wmtp_core.checkpoint.hashed_files):
     the digest is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its
     hash, the model file hashes in its own writing thread). export(staging, model_state) may add files (an hf run's
-    save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint.
+    save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint. on_bytes(n), from
+    either writing thread, follows the bytes written.
     """
     staging = staging_dir(run_dir, step, owner=str(os.getpid()))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
-        model_file = pool.submit(save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False)
-        described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE), MODEL_FILE: model_file.result()}
+        model_file = pool.submit(
+            save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False, on_bytes=on_bytes
+        )
+        train_state_entry = torch_save_hashed(train_state, staging / STATE_FILE, on_bytes=on_bytes)
+        described = {STATE_FILE: train_state_entry, MODEL_FILE: model_file.result()}
     if export is not None:
         export(staging, model_state)
     return publish_checkpoint(
@@ -84,7 +89,7 @@ def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
 def write_sharded(staging: Path, shards: dict, *, process_group: dist.ProcessGroup | None = None) -> None:
     """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory); the
     write's collectives run on process_group (None: the default group)."""
-    with _single_process_is_intended():
+    with single_process_is_intended():
         dcp.save(
             shards, checkpoint_id=staging / SHARDED_DIR, process_group=process_group, no_dist=not dist.is_initialized()
         )
@@ -172,7 +177,7 @@ def load_train_state(path: Path) -> dict:
 def load_sharded(path: Path, template: dict) -> None:
     """Fill template (this rank's current state dicts, giving shapes and sharding) from path/sharded, in place;
     the saving job's world size does not matter (torch.distributed.checkpoint reshards)."""
-    with _single_process_is_intended():
+    with single_process_is_intended():
         dcp.load(template, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.is_initialized())
 
 
@@ -196,7 +201,7 @@ def check_shapes_match(
 
 
 @contextlib.contextmanager
-def _single_process_is_intended():
+def single_process_is_intended():
     """torch.distributed.checkpoint warns on every single-process save/load, even with no_dist=True; here one
     process is a supported way to save or read a sharded checkpoint, so that warning says nothing."""
     with warnings.catch_warnings():
