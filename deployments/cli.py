@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from deployments import cli_evaluation
+from deployments.checkpoint_commands import convert_checkpoint, print_checkpoints
 from deployments.cli_options import (
     FAILURE,
     INVALID_INPUT,
@@ -32,7 +33,7 @@ from deployments.flow_runs import run_flow, wait_for_server
 from deployments.progress_bars import byte_progress_bars
 from flows.temporary_server import configured_api_url, default_prefect_environment, start_temporary_server
 from tasks.locations import run_dir
-from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
+from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
 from wmtp_core.data.records import builtin_dataset_path, load_records
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
@@ -107,40 +108,11 @@ def checkpoints(
         None, "--convert", help="Rewrite this step's sharded checkpoint in the full format."
     ),
 ) -> None:
-    """List RUN's checkpoints, each verified against its manifest (sha256 of every file)."""
+    """List RUN's checkpoints, each verified against its manifest (the digest of every file)."""
     directory = invalid_input_guard(lambda: existing_run_dir(run))
     if convert is not None:
-        _convert_checkpoint(directory, convert)
-    infos = list_checkpoints(directory)
-    if as_json:
-        rows = [{"step": i.step, "path": str(i.path), "valid": i.valid, "problem": i.problem} for i in infos]
-        print(json.dumps(rows))
-        return
-    for info in infos:
-        print(f"{info.step:>10}  {'valid  ' if info.valid else 'INVALID'}  {info.path}  {info.problem or ''}")
-    if not infos:
-        print(f"run {run} has no checkpoints yet")
-
-
-def _convert_checkpoint(directory: Path, step: int) -> None:
-    from wmtp_core.checkpoint.manifest import CheckpointError, step_dir_name
-    from wmtp_core.checkpoint.storage import convert_to_full  # torch loads here, not for a plain listing
-
-    path = directory / "checkpoints" / step_dir_name(step)
-    if not path.is_dir():
-        print(
-            f"error: run {directory.name} has no checkpoint at step {step} (see `wmtp checkpoints {directory.name}`)",
-            file=sys.stderr,
-        )
-        raise typer.Exit(INVALID_INPUT)
-    try:
-        converted = convert_to_full(path, directory)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(INVALID_INPUT) from None
-    print(
-        f"converted {converted} to the full format (model.safetensors + optimizer in train_state.pt)", file=sys.stderr
-    )
+        convert_checkpoint(directory, convert)
+    print_checkpoints(directory, as_json=as_json)
 
 
 @app.command()
@@ -290,7 +262,7 @@ app.command()(cli_evaluation.generate)
 def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
     loaded = load_recipe(recipe, overrides)
     loaded = with_run_name(loaded, loaded.run.name or generate_run_name(loaded))
-    if latest_valid_checkpoint(run_dir(loaded.run.name)) is not None:
+    if latest_valid_checkpoint(run_dir(loaded.run.name), checksums=False) is not None:  # sizes only: no hashing
         raise RecipeError(
             f"run.name: run {loaded.run.name!r} already has checkpoints; use `wmtp resume {loaded.run.name}`"
         )
@@ -300,7 +272,8 @@ def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
 
 def _resume_recipe(run: str, overrides: list[str]) -> Recipe:
     directory = existing_run_dir(run)
-    if latest_valid_checkpoint(directory) is None:
+    # Presence and sizes only: the flow verifies the checkpoint it resumes from, once (prepare_run).
+    if latest_valid_checkpoint(directory, checksums=False) is None:
         raise RecipeError(f"run {run!r} has no valid checkpoint to resume from (see `wmtp checkpoints {run}`)")
     loaded = load_recipe(directory / "recipe.yaml", overrides)
     if loaded.run.name != run:

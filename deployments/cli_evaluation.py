@@ -52,7 +52,7 @@ def evaluate(
     if run is None:
         invalid_input_guard(lambda: _refuse("name the RUN to evaluate, or score a file with --completions FILE"))
     recipe = invalid_input_guard(lambda: load_recipe(existing_run_dir(run) / "recipe.yaml", sets))
-    invalid_input_guard(lambda: _check_step(run, step))
+    invalid_input_guard(lambda: _check_step(run, step, checksums=False))  # the flow verifies it, once
     from deployments.flow_runs import run_evaluation_flow
 
     report = run_evaluation_flow(run, step=step, evaluation=recipe.evaluation)
@@ -80,7 +80,7 @@ def generate(
     from wmtp_core.checkpoint.final_model import load_checkpoint_model  # torch loads here
     from wmtp_core.generation.generate import generate as continue_prompts
 
-    model, tokenizer = load_checkpoint_model(checkpoint)
+    model, tokenizer = load_checkpoint_model(checkpoint, verified=True)  # _check_step verified it
     [generation], stats = invalid_input_guard(
         lambda: continue_prompts(model, tokenizer, [prompt], settings, heads=heads)
     )
@@ -145,19 +145,20 @@ def print_report(report: dict, *, as_json: bool) -> None:
         print(json.dumps(report), flush=True)
 
 
-def _check_step(run: str, step: int | None) -> Path:
-    """The checkpoint to use: the run's step (verified), or its newest valid one; RecipeError says what exists."""
+def _check_step(run: str, step: int | None, *, checksums: bool = True) -> Path:
+    """The checkpoint to use: the run's step, or its newest valid one (digests checked unless checksums=False:
+    presence and sizes only); RecipeError says what exists."""
     from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint, step_dir_name, verify_checkpoint
 
     directory = existing_run_dir(run)
     if step is None:
-        latest = latest_valid_checkpoint(directory)
+        latest = latest_valid_checkpoint(directory, checksums=checksums)
         if latest is None:
             raise RecipeError(f"run {run!r} has no valid checkpoint yet (see `wmtp checkpoints {run}`)")
         return latest.path
     path = directory / "checkpoints" / step_dir_name(step)
     try:
-        verify_checkpoint(path)
+        verify_checkpoint(path, checksums=checksums)
     except CheckpointError as error:
         raise RecipeError(f"--step {step}: {error} (see `wmtp checkpoints {run}`)") from None
     return path

@@ -29,7 +29,8 @@ def wmtp_resume(
             next invocation continues. Empty trains to the target.
     """
     directory = run_dir(run_name)
-    latest = latest_valid_checkpoint(directory)
+    verdicts = {}  # the newest checkpoint is verified here, once: prepare_run and the tasks after it get this verdict
+    latest = latest_valid_checkpoint(directory, verdicts=verdicts)
     if latest is None:
         return Failed(
             message=f"run {run_name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from; "
@@ -44,4 +45,5 @@ def wmtp_resume(
         get_run_logger().info(message)
         return Completed(message=message)
     get_run_logger().info("run %s: step %d -> %d", run_name, latest.step, recipe.train.max_steps)
-    return train_and_upload(recipe, resume="latest", time_budget_s=budget_minutes * 60 if budget_minutes else None)
+    budget_s = budget_minutes * 60 if budget_minutes else None
+    return train_and_upload(recipe, resume="latest", time_budget_s=budget_s, verdicts=verdicts)

@@ -18,7 +18,7 @@ from tasks.tracking import run_link
 from tasks.training import train_model, train_reference
 from tasks.upload import open_tracking_run, record_pending_uploads, upload_artifacts
 from wmtp_core.algorithms.brief_reference import needs_brief_reference
-from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+from wmtp_core.checkpoint.manifest import Verdicts, latest_valid_checkpoint
 from wmtp_core.config import PhaseGates, Recipe, with_run_name
 from wmtp_core.fixplan.gates import tracking_policy
 
@@ -58,10 +58,20 @@ def wmtp_train(
     return train_and_upload(recipe, resume=resume)
 
 
-def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s: float | None = None) -> dict | State:
-    """The body of wmtp-train and wmtp-resume: probe, prepare, train (retries resume), upload, publish the artifacts."""
+def train_and_upload(
+    recipe: Recipe,
+    *,
+    resume: ResumeFrom | None,
+    time_budget_s: float | None = None,
+    verdicts: Verdicts | None = None,
+) -> dict | State:
+    """The body of wmtp-train and wmtp-resume: probe, prepare, train (retries resume), upload, publish the artifacts.
+
+    The checkpoint a resume starts from is verified once (by the caller, which passes its verdicts, or by
+    prepare_run); its verdict and those of the checkpoints training saves travel on, so no task hashes them again.
+    """
     probe = probe_environment()
-    run = prepare_run(recipe, resume=resume)
+    run = prepare_run(recipe, resume=resume, verdicts=verdicts)
     recipe = with_run_name(recipe, run["run_name"])
     mlflow_run_id = open_tracking_run(
         recipe, run["run_dir"], run_name=run["run_name"], flow_run_id=flow_run.id, probe=probe
@@ -77,12 +87,16 @@ def train_and_upload(recipe: Recipe, *, resume: ResumeFrom | None, time_budget_s
             mlflow_run_id=mlflow_run_id,
             time_budget_s=time_budget_s,
             start_from=run["start_checkpoint"],
+            verdicts=run["verdicts"],
             return_state=True,
         )
-    summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id)
+    verdicts = {**run["verdicts"], **saved_by(training)}
+    summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id, verdicts=verdicts)
     if recipe.evaluation.enabled and summary["status"] == "completed":
         summary["evaluation"] = evaluate_after_training(recipe, run)
-    upload = upload_artifacts(run["run_dir"], summary, mlflow_run_id=mlflow_run_id, return_state=True)
+    upload = upload_artifacts(
+        run["run_dir"], summary, mlflow_run_id=mlflow_run_id, verdicts=verdicts, return_state=True
+    )
     if upload.is_failed():
         if not tracking_policy(recipe.phases).never_stops_training:
             return Failed(message=f"upload to MLflow failed (phases.api off): {_one_line(upload)}")
@@ -116,9 +130,17 @@ def stopped_by(stop_reason: str) -> str:
     return stop_reason if stop_reason == "Ctrl-C" else f"the {stop_reason}"
 
 
-def build_summary(recipe: Recipe, run: dict, training: State, *, mlflow_run_id: str | None) -> dict:
+def saved_by(training: State) -> Verdicts:
+    """The checkpoints a completed training task saved, each valid (hashed while it was written)."""
+    result = training.result() if training.is_completed() else {}
+    return {path: None for path in result.get("saved_checkpoints", ())}
+
+
+def build_summary(
+    recipe: Recipe, run: dict, training: State, *, mlflow_run_id: str | None, verdicts: Verdicts | None = None
+) -> dict:
     """The run summary: training figures when training returned (status completed, or stopped early by a time budget),
-    a one-line reason and the newest checkpoint on failure."""
+    a one-line reason and the newest checkpoint on failure (verdicts: checkpoints not to hash again)."""
     summary = {
         "run_name": run["run_name"],
         "run_dir": run["run_dir"],
@@ -127,9 +149,10 @@ def build_summary(recipe: Recipe, run: dict, training: State, *, mlflow_run_id: 
     }
     if training.is_completed():
         result = training.result()
-        summary.update(status="stopped" if result.get("stop_reason") else "completed", reason=None, **result)
+        figures = {key: value for key, value in result.items() if key != "saved_checkpoints"}
+        summary.update(status="stopped" if result.get("stop_reason") else "completed", reason=None, **figures)
     else:
-        latest = latest_valid_checkpoint(Path(run["run_dir"]))
+        latest = latest_valid_checkpoint(Path(run["run_dir"]), verdicts=dict(verdicts or {}))
         summary.update(
             status="failed",
             reason=_one_line(training),

@@ -60,7 +60,9 @@ def torchrun_command(
     result_file: Path,
     manifest_extra: dict,
     time_budget_s: float | None,
+    resume_verified: bool = False,
 ) -> list[str]:
+    """The torchrun command line; resume_verified: this process has verified resume, so no rank hashes it again."""
     devices = recipe.devices
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(devices.nproc_per_node)]
     # Every rank's output to files in the run directory; only local rank 0's also to the console (and so to us).
@@ -85,7 +87,12 @@ def torchrun_command(
             recipe.run.name or "wmtp",
         ]
     worker = worker_arguments(
-        run_dir, result_file=result_file, resume=resume, manifest_extra=manifest_extra, time_budget_s=time_budget_s
+        run_dir,
+        result_file=result_file,
+        resume=resume,
+        resume_verified=resume_verified,
+        manifest_extra=manifest_extra,
+        time_budget_s=time_budget_s,
     )
     return launcher + worker
 

@@ -22,7 +22,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from tasks.locations import wmtp_home
 from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
-from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, MANIFEST_FILE, latest_valid_checkpoint, list_checkpoints
+from wmtp_core.checkpoint.manifest import (
+    FINAL_MODEL_CONFIG,
+    MANIFEST_FILE,
+    Verdicts,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    verdict_of,
+)
 from wmtp_core.config import Recipe
 from wmtp_core.recipes import flatten_recipe
 
@@ -182,12 +189,21 @@ def log_environment_tags(run_id: str, probe: dict) -> None:
     client().log_batch(run_id, tags=tags, synchronous=True)
 
 
-def upload_checkpoints(run_id: str, run_dir: Path, *, on_progress: ProgressCallback | None = None) -> list[str]:
+def upload_checkpoints(
+    run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: ProgressCallback | None = None
+) -> list[str]:
     """Upload each valid checkpoint whose manifest is not yet in the run's artifacts (the manifest goes last, so an
-    upload cut short is redone whole); returns the uploaded names."""
+    upload cut short is redone whole); returns the uploaded names.
+
+    Only those not yet uploaded are verified, and not those verdicts (updated here) already holds a verdict for:
+    the flow's resume point and what its training saved.
+    """
     mlflow = client()
+    verdicts = verdicts if verdicts is not None else {}
     missing = [
-        info.path for info in list_checkpoints(run_dir) if info.valid and not _uploaded(mlflow, run_id, info.path.name)
+        info.path
+        for info in list_checkpoints(run_dir, checksums=False)  # presence and sizes; digests below, where needed
+        if info.valid and not _uploaded(mlflow, run_id, info.path.name) and verdict_of(info.path, verdicts) is None
     ]
     files = [f for path in missing for f in _folder_files(path, f"checkpoints/{path.name}", last=MANIFEST_FILE)]
     _send_files(mlflow, run_id, files, description="uploading checkpoints", on_progress=on_progress)
@@ -222,23 +238,26 @@ def _send_files(
             on_progress(description, done, total)
 
 
-def upload_final_model(run_id: str, run_dir: Path, *, on_progress: ProgressCallback | None = None) -> bool:
+def upload_final_model(
+    run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: ProgressCallback | None = None
+) -> bool:
     """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a
     config, no pickle; an hf trunk as save_pretrained writes it), unless it is there already for that
     step. A resume that trains on replaces it. Load it with
     `wmtp_core.checkpoint.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
+    The newest checkpoint is hashed only when verdicts has none for it.
     """
     # torch loads here, not when a flow module is imported
     from wmtp_core.checkpoint.final_model import write_final_model
 
     mlflow = client()
-    latest = latest_valid_checkpoint(run_dir)
+    latest = latest_valid_checkpoint(run_dir, verdicts=verdicts)
     if latest is None or _final_model_step(mlflow, run_id) == latest.step:
         return False
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "final_model"
         model_dir.mkdir()
-        write_final_model(latest.path, model_dir)
+        write_final_model(latest.path, model_dir, verified=True)
         # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
         uploads = _folder_files(model_dir, "final_model", last=FINAL_MODEL_CONFIG)
         _send_files(mlflow, run_id, uploads, description="uploading the final model", on_progress=on_progress)
@@ -262,16 +281,19 @@ def upload_run(
     *,
     succeeded: bool,
     finished: bool = True,
+    verdicts: Verdicts | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> list[str]:
     """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
 
     Idempotent, so a retry, the next flow run or `wmtp upload` can repeat it; clears the pending marker.
     finished=False (a run stopped by its time budget, which a later resume continues) leaves the MLflow run open.
+    verdicts: what the flow run already knows of its checkpoints (none is hashed twice).
     """
-    uploaded = upload_checkpoints(run_id, run_dir, on_progress=on_progress)
+    verdicts = dict(verdicts or {})
+    uploaded = upload_checkpoints(run_id, run_dir, verdicts=verdicts, on_progress=on_progress)
     if succeeded:
-        upload_final_model(run_id, run_dir, on_progress=on_progress)
+        upload_final_model(run_id, run_dir, verdicts=verdicts, on_progress=on_progress)
     sent = upload_pending_metrics(run_id, run_dir)
     if (run_dir / "summary.json").is_file():
         client().log_artifact(run_id, str(run_dir / "summary.json"))

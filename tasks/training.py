@@ -14,7 +14,7 @@ from tasks.progress import TrainingProgress
 from tasks.torchrun import WorkerInterrupted, needs_torchrun, run_torchrun, torchrun_command
 from tasks.tracking import metrics_sink
 from wmtp_core.algorithms.brief_reference import brief_reference_dir, brief_reference_recipe, finished_brief_reference
-from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint
+from wmtp_core.checkpoint.manifest import CheckpointError, Verdicts, latest_valid_checkpoint
 from wmtp_core.config import Recipe, RecipeError
 from wmtp_core.fixplan.gates import tracking_policy
 from wmtp_core.recipes import recipe_to_yaml
@@ -88,9 +88,11 @@ def train_model(
     mlflow_run_id: str | None,
     time_budget_s: float | None = None,
     start_from: str | None = None,
+    verdicts: Verdicts | None = None,
 ) -> dict:
     """Train to recipe.train.max_steps; an attempt (or retry) resumes from the newest valid checkpoint of the run,
-    or from start_from (another run's checkpoint) while the run has none of its own."""
+    or from start_from (another run's checkpoint, verified) while the run has none of its own. verdicts: what
+    prepare_run found of the run's checkpoints, so the one it verified is not hashed again."""
     return train_in_run_dir(
         recipe,
         Path(run_dir),
@@ -99,6 +101,7 @@ def train_model(
         time_budget_s=time_budget_s,
         start_from=Path(start_from) if start_from else None,
         progress_name=Path(run_dir).name,
+        verdicts=verdicts,
     )
 
 
@@ -111,14 +114,17 @@ def train_in_run_dir(
     progress_name: str,
     time_budget_s: float | None = None,
     start_from: Path | None = None,
+    verdicts: Verdicts | None = None,
 ) -> dict:
-    """Hold the run's lock, resume from its newest valid checkpoint (else start_from), and train: one process
-    here, more (devices.nproc_per_node or devices.nnodes above 1) under torchrun. Returns the TrainResult."""
+    """Hold the run's lock, resume from its newest valid checkpoint (else start_from, verified by the caller), and
+    train: one process here, more (devices.nproc_per_node or devices.nnodes above 1) under torchrun. The checkpoint
+    is hashed here at most once (not at all when verdicts has it) and never again by the training processes.
+    Returns the TrainResult."""
     logger = get_run_logger()
     for name in ("wmtp_core", "tasks"):
         logging.getLogger(name).setLevel(logging.INFO)
     with run_lock(directory):
-        latest = latest_valid_checkpoint(directory)
+        latest = latest_valid_checkpoint(directory, verdicts=dict(verdicts or {}))
         if latest is not None:
             logger.info("resuming from %s (step %d)", latest.path, latest.step)
         elif start_from is not None:
@@ -156,7 +162,13 @@ def _with_device_profile(recipe: Recipe, probe: dict) -> Recipe:
 def _train_under_torchrun(recipe, directory, resume, report, extra, time_budget_s) -> dict:
     result_file = directory / "torchrun_result.json"
     command = torchrun_command(
-        recipe, directory, resume=resume, result_file=result_file, manifest_extra=extra, time_budget_s=time_budget_s
+        recipe,
+        directory,
+        resume=resume,
+        resume_verified=True,  # train_in_run_dir verified it (or holds its verdict)
+        result_file=result_file,
+        manifest_extra=extra,
+        time_budget_s=time_budget_s,
     )
     return run_torchrun(
         command,
@@ -178,6 +190,7 @@ def _train_here(recipe, directory, probe, resume, report, extra, time_budget_s) 
         directory,
         plan=plan,
         resume_from=resume,
+        resume_verified=True,  # train_in_run_dir verified it (or holds its verdict)
         on_metrics=report,
         manifest_extra=extra,
         time_budget_s=time_budget_s,

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from tasks import tracking
+from wmtp_core.checkpoint.manifest import Verdicts
 from wmtp_core.config import Recipe
 
 
@@ -38,8 +39,11 @@ def open_tracking_run(
 @task(
     name="upload_artifacts", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE
 )
-def upload_artifacts(run_dir: str, summary: dict, *, mlflow_run_id: str | None) -> list[str]:
-    """Write summary.json, then upload it, every checkpoint and any pending metrics not yet uploaded (idempotent)."""
+def upload_artifacts(
+    run_dir: str, summary: dict, *, mlflow_run_id: str | None, verdicts: Verdicts | None = None
+) -> list[str]:
+    """Write summary.json, then upload it, every checkpoint and any pending metrics not yet uploaded (idempotent);
+    verdicts: checkpoints the flow run has verified or saved already, not hashed again."""
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     if mlflow_run_id is None:
         return []
@@ -48,6 +52,7 @@ def upload_artifacts(run_dir: str, summary: dict, *, mlflow_run_id: str | None) 
         Path(run_dir),
         succeeded=summary["status"] == "completed",
         finished=summary["status"] != "stopped",
+        verdicts=verdicts,
     )
 
 

@@ -1,17 +1,21 @@
 """The wmtp-resume flow (and wmtp-train from another run's checkpoint) on the tiny model against the session's Prefect
 test server: a branch, no checkpoint, already complete, a time budget per invocation, and a training failure that the
-task retry resumes from its last save. Where a run resumes from: tests/unit/test_run_setup.py."""
+task retry resumes from its last save; a whole resume hashes its checkpoint once. Where a run resumes from:
+tests/unit/test_run_setup.py."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from support.hashing import HashedBytes
 
 import tasks.training
 from flows.resume import wmtp_resume
 from flows.train import wmtp_train
 from tasks.progress import TrainingProgress
+from wmtp_core.checkpoint.manifest import checkpoint_bytes, read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +137,33 @@ def test_a_training_failure_is_retried_from_the_last_save_and_reaches_the_same_s
     assert ("wmtp_core.training.loop", 20) in {
         (name, level) for name, level, m in messages if m.startswith("step 8/8 loss")
     }
+
+
+def test_a_whole_resume_hashes_the_checkpoint_it_loads_once_and_nothing_else(
+    prefect_api_url, wmtp_home, tiny_recipe, monkeypatch
+):
+    """prepare_run verifies the newest checkpoint; train_model, the load, upload_checkpoints and upload_final_model
+    take its verdict (and the new saves' own) instead of hashing again, with 4 kept checkpoints to tempt them."""
+    recipe = tiny_recipe.model_copy(
+        update={
+            "run": tiny_recipe.run.model_copy(update={"name": "counted"}),
+            "train": tiny_recipe.train.model_copy(update={"save_every": 1, "keep_last": 5}),
+        }
+    )
+    assert wmtp_train(recipe=recipe, return_state=True).is_completed()  # steps 1-4, uploaded to MLflow
+    hashed = HashedBytes(monkeypatch)
+    state = wmtp_resume(run_name="counted", target_steps=6, return_state=True)
+    assert state.is_completed(), state.message
+    step_4 = wmtp_home / "runs" / "counted" / "checkpoints" / "step_00000004"
+    assert hashed.total == checkpoint_bytes(read_manifest(step_4)) and {p.parent for p in hashed.files} == {step_4}
+    summary = _summary(wmtp_home, "counted")
+    assert (summary["resumed_from_step"], summary["steps"], summary["uploads"]) == (4, 6, "done")
+    assert _uploaded_checkpoints(summary["mlflow_run_id"]) == [f"step_{step:08d}" for step in range(1, 7)]
+
+
+def _uploaded_checkpoints(run_id):
+    from mlflow import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    return sorted(Path(a.path).name for a in MlflowClient(tracking_uri()).list_artifacts(run_id, "checkpoints"))

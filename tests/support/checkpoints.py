@@ -12,7 +12,8 @@ def full_model_state(checkpoint: Path) -> dict:
     copy (torch.distributed.checkpoint's own consolidation). The checkpoint itself is left as it is."""
     from safetensors.torch import load_file
 
-    from wmtp_core.checkpoint.storage import MODEL_FILE, convert_to_full
+    from wmtp_core.checkpoint.conversion import convert_to_full
+    from wmtp_core.checkpoint.storage import MODEL_FILE
 
     if (checkpoint / MODEL_FILE).is_file():
         return load_file(checkpoint / MODEL_FILE)

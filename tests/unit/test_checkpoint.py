@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,23 @@ def test_state_saved_by_either_api_gate_restores_under_either(saved_with_api, lo
     for a, b in zip(model.parameters(), fresh_model.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(optimizer.state[a]["exp_avg"], fresh_optimizer.state[b]["exp_avg"])
+
+
+def _anonymous_memory_kib() -> int:
+    """This process's resident anonymous memory (what a copy into memory adds; a file's mapped pages are not)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:")))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_a_checkpoint_loads_as_maps_of_its_files_not_copies(tmp_path):
+    big = torch.randn(8 * 2**20)  # 32 MiB in each file
+    path = save_checkpoint(
+        tmp_path, step=1, model_state={"w": big}, train_state={"optimizer": {"m": big}}, manifest_extra={}
+    )
+    del big
+    before = _anonymous_memory_kib()
+    model_state, train_state, _ = load_checkpoint(path, verified=True)
+    grown_mib = (_anonymous_memory_kib() - before) / 1024
+    assert grown_mib < 8, f"loading copied {grown_mib:.0f} MiB into memory"
+    assert model_state["w"].shape == train_state["optimizer"]["m"].shape == (8 * 2**20,)

@@ -71,6 +71,22 @@ def test_checkpoints_json_lists_step_path_and_validity(wmtp_home):
     assert [(r["step"], r["path"], r["valid"]) for r in rows] == [(1, str(good), True), (2, str(bad), False)]
 
 
+def test_checkpoints_flags_a_format_2_checkpoint_with_one_flipped_byte(wmtp_home):
+    import torch
+
+    run = wmtp_home / "runs" / "flipped"
+    save_checkpoint(run, step=1, model_state={"w": torch.ones(8)}, train_state={}, manifest_extra={})
+    bad = save_checkpoint(run, step=2, model_state={"w": torch.ones(8)}, train_state={}, manifest_extra={})
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10  # same size: only the digest can tell
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    result = runner.invoke(app, ["checkpoints", "flipped"])
+    assert result.exit_code == 0
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().split()[:1] in (["1"], ["2"])]
+    assert [row[:2] for row in rows] == [["1", "valid"], ["2", "INVALID"]]
+    assert "(blake3 digest)" in result.stdout
+
+
 @pytest.mark.parametrize("recipe", sorted(ROOT.glob("configs/*.yaml")))
 def test_example_recipes_load_and_are_complete(recipe):
     raw = yaml.safe_load(recipe.read_text())
@@ -103,3 +119,16 @@ def test_checkpoints_convert_turns_a_sharded_checkpoint_into_the_full_format(wmt
     assert torch.is_tensor(train_state["optimizer"]["state"]["token_embedding.weight"]["exp_avg"])
     again = runner.invoke(app, ["checkpoints", "sharded", "--convert", "4"])
     assert again.exit_code == 2 and "already in the full format" in again.output
+
+
+def test_resume_hands_the_verification_to_the_flow_and_hashes_nothing_itself(wmtp_home, monkeypatch):
+    from support.hashing import HashedBytes
+
+    from deployments.cli import _resume_recipe
+
+    run = wmtp_home / "runs" / "resumable"
+    save_checkpoint(run, step=1, model_state={}, train_state={}, manifest_extra={})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(load_recipe(None, ["run.name=resumable"]).model_dump(mode="json")))
+    hashed = HashedBytes(monkeypatch)
+    assert _resume_recipe("resumable", []).run.name == "resumable"
+    assert hashed.total == 0 and hashed.files == []

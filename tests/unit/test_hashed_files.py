@@ -1,9 +1,9 @@
-"""Checkpoint files hashed while they are written: the same bytes as the reference writers, the right sha256."""
+"""Checkpoint files hashed while they are written: the same bytes as the reference writers, the right BLAKE3 digest
+(the one `b3sum` prints)."""
 
 from __future__ import annotations
 
-import hashlib
-
+import blake3
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from wmtp_core.checkpoint.hashed_files import _INLINE_BYTES, HashingFile, save_safetensors_hashed, torch_save_hashed
 
 
-def _sha256_of(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _entry_of(path) -> dict:
+    return {"algorithm": "blake3", "digest": blake3.blake3(path.read_bytes()).hexdigest(), "size": path.stat().st_size}
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -34,10 +34,7 @@ def test_safetensors_file_is_byte_identical_to_save_file(tmp_path):
     entry = save_safetensors_hashed(tensors, tmp_path / "ours.safetensors")
     save_file({name: t.contiguous() for name, t in tensors.items()}, tmp_path / "reference.safetensors")
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
-    assert entry == {
-        "sha256": _sha256_of(tmp_path / "ours.safetensors"),
-        "size": (tmp_path / "ours.safetensors").stat().st_size,
-    }
+    assert entry == _entry_of(tmp_path / "ours.safetensors")
 
 
 def test_safetensors_file_loads_back_every_tensor_exactly(tmp_path):
@@ -70,7 +67,7 @@ def test_hashing_file_digest_matches_the_bytes_on_disk_for_small_and_large_chunk
         entry = file.close()
     expected = b"".join(bytes(chunk) for chunk in chunks)
     assert (tmp_path / "f.bin").read_bytes() == expected
-    assert entry == {"sha256": hashlib.sha256(expected).hexdigest(), "size": len(expected)}
+    assert entry == {"algorithm": "blake3", "digest": blake3.blake3(expected).hexdigest(), "size": len(expected)}
 
 
 def test_torch_state_loads_back_and_its_entry_matches_the_file(tmp_path):
@@ -79,7 +76,7 @@ def test_torch_state_loads_back_and_its_entry_matches_the_file(tmp_path):
     loaded = torch.load(tmp_path / "s.pt", weights_only=True)
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
     assert loaded["step"] == 7
-    assert entry == {"sha256": _sha256_of(tmp_path / "s.pt"), "size": (tmp_path / "s.pt").stat().st_size}
+    assert entry == _entry_of(tmp_path / "s.pt")
 
 
 def test_torch_save_leaves_torchs_crc_setting_as_it_was_even_on_failure(tmp_path):
@@ -88,3 +85,10 @@ def test_torch_save_leaves_torchs_crc_setting_as_it_was_even_on_failure(tmp_path
     with pytest.raises(Exception):
         torch_save_hashed({"x": lambda: None}, tmp_path / "bad.pt")  # a lambda cannot be pickled
     assert torch.serialization.get_crc32_options() is True
+
+
+def test_digest_of_an_empty_file_is_the_blake3_reference_value(tmp_path):
+    with HashingFile(tmp_path / "empty") as file:
+        entry = file.close()
+    # BLAKE3's published digest of no input (what `b3sum` prints for an empty file)
+    assert entry["digest"] == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"

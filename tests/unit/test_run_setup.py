@@ -8,7 +8,13 @@ import json
 import pytest
 
 from tasks.run_setup import start_checkpoint
-from wmtp_core.checkpoint.manifest import MANIFEST_FILE, CheckpointError, describe_files, step_dir_name
+from wmtp_core.checkpoint.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    CheckpointError,
+    describe_files,
+    step_dir_name,
+)
 
 
 def _fake_checkpoints(run_dir, steps):
@@ -17,7 +23,7 @@ def _fake_checkpoints(run_dir, steps):
         path = run_dir / "checkpoints" / step_dir_name(step)
         path.mkdir(parents=True)
         (path / "model.safetensors").write_bytes(b"weights %d" % step)
-        manifest = {"format_version": 1, "step": step, "files": describe_files(path)}
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": describe_files(path)}
         (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     return run_dir
 

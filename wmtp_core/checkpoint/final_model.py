@@ -7,8 +7,8 @@ pickle, written from the run's newest checkpoint of either format and either mod
   model.path=<that directory> trains on), its tokenizer, the extra heads in mtp_heads.safetensors
   + model_config.json. A critic run's value head is training-only and is not exported.
 
-A sharded checkpoint has neither file: its model shards (not the optimizer's) are read into a model built from the
-checkpoint's recipe, so this needs memory for one full copy of the weights.
+A sharded checkpoint has neither file: its model shards (not the optimizer's) are gathered into a scratch file mapped
+into memory and written from there, so no copy of the weights is held in memory.
 """
 
 from __future__ import annotations
@@ -19,21 +19,24 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG, verify_checkpoint
-from wmtp_core.checkpoint.storage import MODEL_FILE, load_sharded
+from wmtp_core.checkpoint.conversion import gather_mapped
+from wmtp_core.checkpoint.hashed_files import save_safetensors_hashed
+from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
+from wmtp_core.checkpoint.storage import MODEL_FILE, SHARDED_DIR, read_checkpoint_manifest
 from wmtp_core.config import ModelConfig
-from wmtp_core.models.build import build_model, build_tokenizer
+from wmtp_core.models.build import build_model_skeleton, build_tokenizer
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model, save_mtp_pretrained
 from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
 from wmtp_core.models.tokenizer import ByteTokenizer, Tokenizer
 from wmtp_core.models.transformer import MTPTransformer
 
 
-def write_final_model(checkpoint: Path, out: Path) -> None:
-    """Fill the empty directory out with the final model of a verified checkpoint directory (layout above)."""
-    manifest = verify_checkpoint(checkpoint)
+def write_final_model(checkpoint: Path, out: Path, *, verified: bool = False) -> None:
+    """Fill the empty directory out with the final model of a checkpoint directory (layout above), verifying it
+    first unless verified (the caller holds its verdict)."""
+    manifest = read_checkpoint_manifest(checkpoint, verified=verified)
     recipe = manifest["recipe"]
     model_cfg = ModelConfig(**recipe["model"])
     config = {"model": recipe["model"], "step": manifest["step"], "algorithm": recipe["train"]["algorithm"]}
@@ -59,14 +62,15 @@ def load_final_model(directory: Path) -> torch.nn.Module:
     return _builtin_model(model_cfg, load_file(directory / MODEL_FILE))
 
 
-def load_checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, Tokenizer]:
-    """The model of a verified checkpoint directory (either format, either source) in eval mode on the CPU, and its
-    tokenizer: what generation and evaluation run. A sharded checkpoint is gathered through a temporary final model."""
-    manifest = verify_checkpoint(checkpoint)
+def load_checkpoint_model(checkpoint: Path, *, verified: bool = False) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model of a checkpoint directory (either format, either source) in eval mode on the CPU, and its
+    tokenizer: what generation and evaluation run. Verified first unless verified (the caller holds its verdict);
+    a sharded checkpoint is gathered through a temporary final model."""
+    manifest = read_checkpoint_manifest(checkpoint, verified=verified)
     model_cfg = ModelConfig(**manifest["recipe"]["model"])
     if manifest.get("format", "full") == "sharded":
         with tempfile.TemporaryDirectory() as scratch:
-            write_final_model(checkpoint, Path(scratch))
+            write_final_model(checkpoint, Path(scratch), verified=True)
             return load_final_model(Path(scratch)), _final_model_tokenizer(Path(scratch), model_cfg)
     if model_cfg.source == "hf":
         exported = checkpoint / HF_EXPORT_DIR
@@ -87,11 +91,14 @@ def _builtin_model(model_cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> 
 
 
 def _write_from_shards(checkpoint: Path, out: Path, model_cfg: ModelConfig, *, with_value_head: bool) -> None:
-    tokenizer = build_tokenizer(model_cfg)
-    model = build_model(model_cfg, tokenizer, with_value_head=with_value_head)
-    model_state = model.state_dict()  # shares the parameters' memory: loading fills the model
-    load_sharded(checkpoint, {"model": model_state})  # only the keys asked for are read: the optimizer stays on disk
-    if model_cfg.source == "hf":
-        save_mtp_pretrained(model, tokenizer, out, model_state)
-    else:
-        save_file({name: tensor.contiguous() for name, tensor in model_state.items()}, out / MODEL_FILE)
+    """The model shards (not the optimizer's) gathered into a scratch file mapped into memory, next to the
+    checkpoint (out is uploaded whole), and written from there: no copy of the weights is held in memory."""
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent, prefix=".tmp-export-") as scratch:
+        model_state = gather_mapped(checkpoint / SHARDED_DIR, Path(scratch) / "model", only="model")["model"]
+        if model_cfg.source == "hf":
+            tokenizer = build_tokenizer(model_cfg)
+            # save_pretrained takes its config from the model and its tensors from model_state: no weights needed
+            skeleton = build_model_skeleton(model_cfg, tokenizer, with_value_head=with_value_head)
+            save_mtp_pretrained(skeleton, tokenizer, out, model_state)
+        else:
+            save_safetensors_hashed(model_state, out / MODEL_FILE)  # streamed from the map, tied tensors written twice

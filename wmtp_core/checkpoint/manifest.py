@@ -1,21 +1,24 @@
-"""Checkpoint directories without tensors: naming, manifests (sha256 and size per file), listing, pruning.
+"""Checkpoint directories without tensors: naming, manifests (digest and size per file), listing, pruning.
 
 Imports no torch, so the CLI and Prefect tasks can list and verify checkpoints cheaply. A step directory
-counts only when its manifest.json, written last, verifies against every file it lists.
+counts only when its manifest.json, written last, verifies against every file it lists. Format 2 records a BLAKE3
+digest per file; format 1 (sha256) still verifies.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = 1
+from wmtp_core.checkpoint import digests
+from wmtp_core.checkpoint.digests import DIGEST_ALGORITHM, ProgressCallback
+
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 FINAL_MODEL_CONFIG = "model_config.json"  # beside model.safetensors in an exported final model
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -41,11 +44,8 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def verify_checkpoint(path: Path, *, checksums: bool = True) -> dict:
-    """Return the manifest if every listed file matches its size and sha256, else raise CheckpointError.
-
-    checksums=False checks presence and sizes only: enough to tell a finished save from a torn one, at no read cost.
-    """
+def read_manifest(path: Path) -> dict:
+    """The manifest of the checkpoint directory path, checked for a readable format; no file is hashed."""
     manifest_path = path / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -55,41 +55,92 @@ def verify_checkpoint(path: Path, *, checksums: bool = True) -> dict:
         ) from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({error.msg})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise CheckpointError(
-            f"{manifest_path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}"
+            f"{manifest_path}: format_version {manifest.get('format_version')} is not one this version reads "
+            f"{list(READABLE_FORMAT_VERSIONS)}; upgrade wmtp to load it"
         )
-    for name, expected in manifest["files"].items():
-        _verify_file(path / name, expected, checksum=checksums)
     return manifest
 
 
-def list_checkpoints(run_dir: Path, *, checksums: bool = True) -> list[CheckpointInfo]:
-    """Every step directory of the run, oldest first, each verified against its manifest."""
-    found = []
-    parent = checkpoints_dir(run_dir)
-    for entry in sorted(parent.iterdir()) if parent.is_dir() else []:
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir():
-            try:
-                verify_checkpoint(entry, checksums=checksums)
-                found.append(CheckpointInfo(int(match.group(1)), entry, valid=True))
-            except CheckpointError as error:
-                found.append(CheckpointInfo(int(match.group(1)), entry, valid=False, problem=str(error)))
-    return found
+def verify_checkpoint(path: Path, *, checksums: bool = True, on_progress: ProgressCallback | None = None) -> dict:
+    """Return the manifest if every listed file matches its size and digest, else raise CheckpointError.
+
+    checksums=False checks presence and sizes only: enough to tell a finished save from a torn one, at no read cost.
+    on_progress(done_bytes, total_bytes) follows the hashing.
+    """
+    manifest = read_manifest(path)
+    progress = _Progress(checkpoint_bytes(manifest) if checksums else 0, on_progress)
+    _verify_files(path, manifest, checksums=checksums, on_bytes=progress.add)
+    return manifest
 
 
-def latest_valid_checkpoint(run_dir: Path) -> CheckpointInfo | None:
-    """The newest checkpoint whose manifest verifies; tampered or half-written ones are skipped."""
-    valid = [info for info in list_checkpoints(run_dir) if info.valid]
-    return valid[-1] if valid else None
+def checkpoint_bytes(manifest: dict) -> int:
+    """The bytes a manifest lists: what verifying its checkpoint hashes."""
+    return sum(entry["size"] for entry in manifest["files"].values())
+
+
+def list_checkpoints(
+    run_dir: Path, *, checksums: bool = True, on_progress: ProgressCallback | None = None
+) -> list[CheckpointInfo]:
+    """Every step directory of the run, oldest first, each verified against its manifest; on_progress follows the
+    hashing of them all."""
+    steps = _step_dirs(run_dir)
+    progress = _Progress(sum(_listed_bytes(path) for _, path in steps) if checksums else 0, on_progress)
+    return [_checked(step, path, checksums=checksums, on_bytes=progress.add) for step, path in steps]
+
+
+Verdicts = dict[str, str | None]
+"""What a caller already knows of a run's checkpoints: directory (as a string) -> None when it verified (or was
+written, hashed while written, by this very run), else why it does not count. Passed along, between functions and
+Prefect tasks, so that no checkpoint is hashed twice."""
+
+
+def latest_valid_checkpoint(
+    run_dir: Path,
+    *,
+    verdicts: Verdicts | None = None,
+    checksums: bool = True,
+    on_progress: ProgressCallback | None = None,
+) -> CheckpointInfo | None:
+    """The newest checkpoint whose manifest verifies; tampered or half-written ones are skipped.
+
+    Scans newest first and stops at the first that verifies, so only the checkpoint returned (and any newer broken
+    one) is hashed. A checkpoint with a verdict in `verdicts` is not hashed again (a valid one is still checked for
+    presence and sizes: it may have been pruned since); the verdicts reached here are added to it. checksums=False
+    checks presence and sizes only (nothing is hashed, no verdict recorded).
+    """
+    known = verdicts if verdicts is not None else {}
+    for step, path in reversed(_step_dirs(run_dir)):
+        if known.get(str(path)) is not None:
+            continue  # known not to count
+        hash_it = checksums and str(path) not in known
+        on_bytes = _Progress(_listed_bytes(path), on_progress).add if hash_it else None
+        info = _checked(step, path, checksums=hash_it, on_bytes=on_bytes)
+        if hash_it:
+            known[str(path)] = info.problem
+        if info.valid:
+            return info
+    return None
+
+
+def verdict_of(path: Path, verdicts: Verdicts) -> str | None:
+    """None when the checkpoint at path verifies, else why not; taken from verdicts when it is there, else found
+    (hashing the checkpoint) and added to it."""
+    if str(path) not in verdicts:
+        try:
+            verify_checkpoint(path)
+            verdicts[str(path)] = None
+        except CheckpointError as error:
+            verdicts[str(path)] = str(error)
+    return verdicts[str(path)]
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     """Delete all but the newest keep_last valid checkpoints (and anything older); return what was removed.
 
     Validity here is presence and size (no re-hashing of every kept checkpoint at every save); loading still
-    verifies the sha256 of the checkpoint it uses, and skips to an older one when it does not match.
+    verifies the digests of the checkpoint it uses, and skips to an older one when they do not match.
     """
     infos = list_checkpoints(run_dir, checksums=False)
     valid_steps = [info.step for info in infos if info.valid]
@@ -104,7 +155,7 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
 
 def describe_files(directory: Path, *, skip: set[str] = frozenset()) -> dict[str, dict]:
     """describe_file of every file under directory (subdirectories included, names in skip left out), keyed by
-    relative POSIX path. Files are hashed in parallel threads (hashlib releases the GIL)."""
+    relative POSIX path. Files are hashed in parallel threads (the hashers release the GIL)."""
     files = [
         path
         for path in sorted(directory.rglob("*"))
@@ -117,26 +168,74 @@ def describe_files(directory: Path, *, skip: set[str] = frozenset()) -> dict[str
 
 def describe_file(path: Path) -> dict:
     """The manifest entry of one file already on disk (read back to hash it)."""
-    return file_entry(_sha256(path), path.stat().st_size)
+    return file_entry(digests.file_digest(path, DIGEST_ALGORITHM), path.stat().st_size)
 
 
-def file_entry(sha256_hex: str, size: int) -> dict:
-    """One file's manifest entry: its sha256 and its size in bytes."""
-    return {"sha256": sha256_hex, "size": size}
+def file_entry(digest_hex: str, size: int, *, algorithm: str = DIGEST_ALGORITHM) -> dict:
+    """One file's manifest entry (format 2): the digest's algorithm, the digest and the size in bytes."""
+    return {"algorithm": algorithm, "digest": digest_hex, "size": size}
 
 
-def _verify_file(path: Path, expected: dict, *, checksum: bool = True) -> None:
+def entry_digest(entry: dict) -> tuple[str, str]:
+    """(algorithm, hex digest) of a manifest entry of either format (format 1 entries hold only a sha256)."""
+    if "algorithm" in entry:
+        return entry["algorithm"], entry["digest"]
+    return "sha256", entry["sha256"]
+
+
+def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    parent = checkpoints_dir(run_dir)
+    entries = sorted(parent.iterdir()) if parent.is_dir() else []
+    return [(int(m.group(1)), e) for e in entries if (m := _STEP_DIR.match(e.name)) and e.is_dir()]
+
+
+def _checked(step: int, path: Path, *, checksums: bool, on_bytes) -> CheckpointInfo:
     try:
-        matches = path.stat().st_size == expected["size"] and (not checksum or _sha256(path) == expected["sha256"])
+        _verify_files(path, read_manifest(path), checksums=checksums, on_bytes=on_bytes)
+    except CheckpointError as error:
+        return CheckpointInfo(step, path, valid=False, problem=str(error))
+    return CheckpointInfo(step, path, valid=True)
+
+
+def _listed_bytes(path: Path) -> int:
+    """What verifying path would hash; 0 for a checkpoint whose manifest cannot be read (verifying it fails fast)."""
+    try:
+        return checkpoint_bytes(read_manifest(path))
+    except CheckpointError:
+        return 0
+
+
+def _verify_files(path: Path, manifest: dict, *, checksums: bool, on_bytes) -> None:
+    for name, expected in manifest["files"].items():
+        _verify_file(path / name, expected, checksum=checksums, on_bytes=on_bytes)
+
+
+def _verify_file(path: Path, expected: dict, *, checksum: bool, on_bytes) -> None:
+    try:
+        algorithm, digest = entry_digest(expected)
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(
+                f"{path} does not match its manifest checksum: {size} bytes where the manifest lists "
+                f"{expected['size']} (the file was truncated or rewritten)"
+            )
+        if checksum and digests.file_digest(path, algorithm, on_bytes=on_bytes) != digest:
+            raise CheckpointError(
+                f"{path} does not match its manifest checksum ({algorithm} digest): the file was modified"
+            )
     except FileNotFoundError:  # also when a concurrent prune removes the directory while it is being listed
         raise CheckpointError(f"{path} is listed in the manifest but missing") from None
-    if not matches:
-        raise CheckpointError(f"{path} does not match its manifest checksum: the file was modified or truncated")
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: its manifest entry {expected} is malformed ({error})") from None
 
 
-def _sha256(path: Path) -> str:
-    """Hash through a memory map: no copy of the file into Python memory, and the GIL is released while hashing."""
-    if path.stat().st_size == 0:
-        return hashlib.sha256(b"").hexdigest()
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        return hashlib.sha256(mapped).hexdigest()
+class _Progress:
+    """Adds up hashed bytes and reports (done, total) to an optional callback."""
+
+    def __init__(self, total: int, on_progress: ProgressCallback | None):
+        self.total, self.done, self.on_progress = total, 0, on_progress
+
+    def add(self, num_bytes: int) -> None:
+        self.done += num_bytes
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)

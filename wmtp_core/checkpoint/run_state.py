@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from wmtp_core.checkpoint.hashed_files import torch_save_hashed
-from wmtp_core.checkpoint.manifest import prune_checkpoints
+from wmtp_core.checkpoint.manifest import CheckpointError, prune_checkpoints
 from wmtp_core.checkpoint.state_dicts import (
     StateDictAPI,
     gather_sharded_state,
@@ -27,10 +27,12 @@ from wmtp_core.checkpoint.state_dicts import (
 from wmtp_core.checkpoint.storage import (
     STATE_FILE,
     check_shapes_match,
-    load_checkpoint,
     load_sharded,
+    load_train_state,
     make_durable,
+    open_model_state,
     publish_checkpoint,
+    read_checkpoint_manifest,
     save_checkpoint,
     staging_dir,
     write_sharded,
@@ -195,21 +197,28 @@ def _publish_sharded(
     return broadcast_object(path, ctx, group)
 
 
-def restore_run_checkpoint(pieces: RunPieces, path: Path, *, ctx: DistContext, state_dicts: StateDictAPI) -> dict:
-    """Load model, optimizer, scheduler, scaler and this rank's RNG from a checkpoint; return the saved progress."""
-    model_state, train_state, manifest = load_checkpoint(path)
-    if model_state is None:
+def restore_run_checkpoint(
+    pieces: RunPieces, path: Path, *, ctx: DistContext, state_dicts: StateDictAPI, verified: bool = False
+) -> dict:
+    """Load model, optimizer, scheduler, scaler and this rank's RNG from a checkpoint; return the saved progress.
+
+    Unless verified (the caller holds its verdict), rank 0 alone hashes the checkpoint, and its verdict reaches every
+    rank. Files are read through memory maps: a rank that receives rank 0's state by broadcast reads only the small
+    parts of train_state.pt it uses, never the weights or the optimizer state.
+    """
+    manifest = _checked_on_rank0(pieces, path, ctx=ctx, verified=verified)
+    train_state = load_train_state(path / STATE_FILE)
+    if manifest.get("format", "full") == "sharded":
         template = gather_sharded_state(pieces.model, pieces.optimizer)
         load_sharded(path, template)
         restore_sharded_state(pieces.model, pieces.optimizer, template)
     else:
-        check_shapes_match(model_state, unwrap(pieces.model).state_dict(), source=path)
-        full_here = ctx.is_main or not state_dicts.reads_on_rank0_only
+        reads_state = ctx.is_main or not state_dicts.reads_on_rank0_only
         state_dicts.restore(
             pieces.model,
             pieces.optimizer,
-            model_state if full_here else {},
-            train_state["optimizer"] if full_here else {},
+            open_model_state(path) if reads_state else {},
+            train_state["optimizer"] if reads_state else {},
             ctx,
         )
     pieces.scheduler.load_state_dict(train_state["scheduler"])
@@ -225,6 +234,23 @@ def restore_run_checkpoint(pieces: RunPieces, path: Path, *, ctx: DistContext, s
         ctx.world_size,
     )
     return progress
+
+
+def _checked_on_rank0(pieces: RunPieces, path: Path, *, ctx: DistContext, verified: bool) -> dict:
+    """The checkpoint's manifest, once rank 0 has checked the checkpoint (digests unless verified, and that its
+    weights fit the model); a problem is raised on every rank, so none waits for a broadcast that never comes."""
+    problem = None
+    if ctx.is_main:
+        try:
+            manifest = read_checkpoint_manifest(path, verified=verified)
+            if manifest.get("format", "full") == "full":
+                check_shapes_match(open_model_state(path), unwrap(pieces.model).state_dict(), source=path)
+        except CheckpointError as error:
+            problem = str(error)
+    problem = broadcast_object(problem, ctx)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return read_checkpoint_manifest(path, verified=True)  # sizes only: rank 0 has checked the digests
 
 
 def capture_rng() -> dict:

@@ -1,9 +1,10 @@
 """The one place that writes and loads checkpoints (wmtp_core.checkpoint.manifest verifies, lists and prunes them).
 
 Layout: <run_dir>/checkpoints/step_<8 digits>/ holding model.safetensors (full weights), train_state.pt
-(everything else, loadable with torch.load(weights_only=True)) and manifest.json (sha256 and size per file),
-written last. The sharded format (checkpoint.format=sharded) has a torch.distributed.checkpoint directory
-`sharded/` with model and optimizer shards instead of model.safetensors and the optimizer. The directory is built
+(everything else, loadable with torch.load(weights_only=True)) and manifest.json (BLAKE3 digest and size per file,
+format 2; format-1 sha256 manifests still load), written last. The sharded format (checkpoint.format=sharded) has
+a torch.distributed.checkpoint directory `sharded/` with model and optimizer shards instead of model.safetensors
+and the optimizer. The directory is built
 under a temporary name and appears by an atomic rename, and only directories whose manifest verifies count; it is
 fsynced on publishing or, for a run's saves, just after (make_durable), before anything older is pruned.
 """
@@ -15,7 +16,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from safetensors import safe_open
 
 from wmtp_core.checkpoint.hashed_files import save_safetensors_hashed, torch_save_hashed
 from wmtp_core.checkpoint.manifest import (
@@ -50,19 +49,23 @@ def save_checkpoint(
     manifest_extra: dict,
     export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None,
     durable: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Path:
     """Write one full-format checkpoint atomically and return its directory; one for the same step is replaced.
 
     The two files are written at the same time, each hashed while it is written (wmtp_core.checkpoint.hashed_files):
-    the sha256
-    is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its hash, the
-    model file hashes in its own writing thread). export(staging, model_state) may add files (an hf
-    run's save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint.
+    the digest is the bound on a save, and this spreads it over two cores (the larger train_state.pt pipelines its
+    hash, the model file hashes in its own writing thread). export(staging, model_state) may add files (an hf run's
+    save_pretrained copy under hf/); the manifest covers them. durable: see publish_checkpoint. on_bytes(n), from
+    either writing thread, follows the bytes written.
     """
     staging = staging_dir(run_dir, step, owner=str(os.getpid()))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
-        model_file = pool.submit(save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False)
-        described = {STATE_FILE: torch_save_hashed(train_state, staging / STATE_FILE), MODEL_FILE: model_file.result()}
+        model_file = pool.submit(
+            save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False, on_bytes=on_bytes
+        )
+        train_state_entry = torch_save_hashed(train_state, staging / STATE_FILE, on_bytes=on_bytes)
+        described = {STATE_FILE: train_state_entry, MODEL_FILE: model_file.result()}
     if export is not None:
         export(staging, model_state)
     return publish_checkpoint(
@@ -86,7 +89,7 @@ def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
 def write_sharded(staging: Path, shards: dict, *, process_group: dist.ProcessGroup | None = None) -> None:
     """Every rank writes its own shards into staging/sharded (a torch.distributed.checkpoint directory); the
     write's collectives run on process_group (None: the default group)."""
-    with _single_process_is_intended():
+    with single_process_is_intended():
         dcp.save(
             shards, checkpoint_id=staging / SHARDED_DIR, process_group=process_group, no_dist=not dist.is_initialized()
         )
@@ -138,17 +141,33 @@ def make_durable(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
-    """(model_state, train_state, manifest) of a verified checkpoint; model_state is None for the sharded format
-    (load_sharded reads it). Nothing is unpickled beyond plain data."""
-    manifest = verify_checkpoint(path)
-    model_state = load_file(path / MODEL_FILE) if manifest.get("format", "full") == "full" else None
+def load_checkpoint(path: Path, *, verified: bool = False) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
+    """(model_state, train_state, manifest) of a checkpoint; model_state is None for the sharded format
+    (load_sharded reads it). Nothing is unpickled beyond plain data, and nothing is copied into memory: tensors are
+    views of the files (read_checkpoint_manifest says what verified means)."""
+    manifest = read_checkpoint_manifest(path, verified=verified)
+    model_state = open_model_state(path) if manifest.get("format", "full") == "full" else None
     return model_state, load_train_state(path / STATE_FILE), manifest
 
 
+def read_checkpoint_manifest(path: Path, *, verified: bool) -> dict:
+    """The manifest of a checkpoint whose files are present at their sizes; their digests are checked too unless
+    verified (the caller holds a verdict for this checkpoint: wmtp_core.checkpoint.manifest.Verdicts)."""
+    return verify_checkpoint(path, checksums=not verified)
+
+
+def open_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full model weights of a full-format checkpoint, as tensors over a private memory map of
+    model.safetensors: a page is read when a tensor is first used, and never unless it is."""
+    with safe_open(path / MODEL_FILE, framework="pt", device="cpu") as weights:
+        return {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
 def load_train_state(path: Path) -> dict:
+    """train_state.pt as plain data, its tensors over a memory map of the file (torch.load(mmap=True)): what a
+    rank never uses (the optimizer state on a rank that receives rank 0's by broadcast) is never read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
         raise CheckpointError(
             f"{path} holds objects that are not plain data; refusing it ({error})".splitlines()[0]
@@ -158,24 +177,8 @@ def load_train_state(path: Path) -> dict:
 def load_sharded(path: Path, template: dict) -> None:
     """Fill template (this rank's current state dicts, giving shapes and sharding) from path/sharded, in place;
     the saving job's world size does not matter (torch.distributed.checkpoint reshards)."""
-    with _single_process_is_intended():
+    with single_process_is_intended():
         dcp.load(template, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.is_initialized())
-
-
-def convert_to_full(path: Path, run_dir: Path) -> Path:
-    """Rewrite a sharded checkpoint as the full format (model.safetensors + optimizer in train_state.pt), in place."""
-    manifest = verify_checkpoint(path)
-    if manifest.get("format") != "sharded":
-        raise CheckpointError(f"{path} is already in the full format")
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        gathered = Path(scratch) / "gathered.pt"
-        dcp_to_torch_save(path / SHARDED_DIR, gathered)
-        full = torch.load(gathered, map_location="cpu", weights_only=True)
-    train_state = {**load_train_state(path / STATE_FILE), "optimizer": full["optimizer"]}
-    extra = {k: v for k, v in manifest.items() if k not in ("format_version", "step", "files", "format")}
-    return save_checkpoint(
-        run_dir, step=manifest["step"], model_state=full["model"], train_state=train_state, manifest_extra=extra
-    )
 
 
 def check_shapes_match(
@@ -198,7 +201,7 @@ def check_shapes_match(
 
 
 @contextlib.contextmanager
-def _single_process_is_intended():
+def single_process_is_intended():
     """torch.distributed.checkpoint warns on every single-process save/load, even with no_dist=True; here one
     process is a supported way to save or read a sharded checkpoint, so that warning says nothing."""
     with warnings.catch_warnings():

@@ -28,6 +28,8 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.latest: Path | None = None
+        self.saved: list[Path] = []
+        """Every checkpoint this writer published, in order (hashed while written: valid by construction)."""
 
     def submit(self, write: Callable[[], Path], settle: Callable[[Path], None] | None = None) -> None:
         self.wait()
@@ -35,6 +37,7 @@ class CheckpointWriter:
             self._start(lambda: self._save(write, settle))
             return
         self.latest = path = write()
+        self.saved.append(path)
         if settle is not None:
             self._start(lambda: settle(path))
 
@@ -66,6 +69,7 @@ class CheckpointWriter:
 
     def _save(self, write: Callable[[], Path], settle: Callable[[Path], None] | None) -> None:
         self.latest = path = write()
+        self.saved.append(path)
         if settle is not None:
             settle(path)
 

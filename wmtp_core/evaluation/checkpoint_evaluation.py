@@ -31,12 +31,17 @@ BATCH = 16  # prompts per generate() call, so progress moves during long generat
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, evaluation: EvaluationConfig, *, runs_under: Path, on_progress: ProgressCallback | None = None
+    checkpoint: Path,
+    evaluation: EvaluationConfig,
+    *,
+    runs_under: Path,
+    verified: bool = False,
+    on_progress: ProgressCallback | None = None,
 ) -> dict:
-    """Evaluate the checkpoint (verified on load); writes its files under runs_under/evaluations/ and returns the
-    report: pass@k, per-head scores, decoding figures and a few completions."""
+    """Evaluate the checkpoint (verified on load unless verified); writes its files under runs_under/evaluations/
+    and returns the report: pass@k, per-head scores, decoding figures and a few completions."""
     report_progress = on_progress or (lambda stage, done, total: None)
-    model, tokenizer = load_checkpoint_model(checkpoint)
+    model, tokenizer = load_checkpoint_model(checkpoint, verified=verified)
     manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
     recipe = Recipe.model_validate(manifest["recipe"])
     problems = load_problems(evaluation.benchmark, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)

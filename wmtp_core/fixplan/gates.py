@@ -4,8 +4,9 @@
   whatever model is given (KeyError(None) on a plain module).
 - phases.mps (Phase 2): on, device-aware precision, DataLoader workers 0 and the mps_optimized profile on MPS; off,
   autocast with the configured dtype on any device, workers as configured.
-- phases.api (Phase 3): on, torch.distributed.checkpoint state dicts, FSDP2, tracking that never stops training and
-  explicit cleanup; off, FSDP.state_dict_type, FSDP1, tracking errors propagate, no explicit cleanup.
+- phases.api (Phase 3): on, torch.distributed.checkpoint state dicts, FSDP2 (built on the meta device), tracking
+  that never stops training and explicit cleanup; off, FSDP.state_dict_type, FSDP1, tracking errors propagate, no
+  explicit cleanup.
 
 The rest of the library is handed these behaviours and never reads a gate. This module loads no torch until
 resolve_gates is called, so Prefect tasks and flows can read the tracking policy cheaply.
@@ -46,6 +47,9 @@ class Behaviours:
     """Recipe keys the chosen device changes (the MPS profile)."""
     wrap_fsdp: FsdpWrapper
     """How devices.strategy=fsdp shards the model."""
+    fsdp_from_meta: bool
+    """FSDP builds the model on the meta device, shards it, then fills it from rank 0's full weights (FSDP2); off,
+    every rank builds the full model first (FSDP1)."""
     explicit_cleanup: bool
     """Release DataLoader workers and device caches on every exit, stop in order (with a checkpoint) on SIGTERM,
     and end a finished torchrun rank without the interpreter teardown that can abort it."""
@@ -79,6 +83,7 @@ def resolve_gates(recipe: Recipe) -> Behaviours:
         plan_devices=devices.plan_devices if phases.mps else legacy.plan_devices_as_configured,
         apply_device_profile=devices.apply_device_profile if phases.mps else legacy.recipe_as_configured,
         wrap_fsdp=distributed.shard_fully if phases.api else legacy.wrap_fsdp1,
+        fsdp_from_meta=phases.api,
         explicit_cleanup=phases.api,
         tracking=tracking_policy(phases),
     )

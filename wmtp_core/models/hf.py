@@ -165,11 +165,28 @@ def load_hf_mtp_model(
     """
     transformers = import_transformers()
     lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    _check_positions(lm, path, max_seq_len)
+    extra_heads = _extra_heads(lm, path, count=horizon - 1)
+    return HFMTPModel(lm, extra_heads=extra_heads.to(dtype), with_value_head=with_value_head, max_seq_len=max_seq_len)
+
+
+def hf_mtp_skeleton(path: str, *, horizon: int, max_seq_len: int, with_value_head: bool = False) -> HFMTPModel:
+    """The module tree load_hf_mtp_model builds (fp32), on the meta device: every shape and tie, no weights, and
+    nothing read from path but its config. Filled later from full weights held elsewhere (another rank's)."""
+    transformers = import_transformers()
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        lm = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _check_positions(lm, path, max_seq_len)
+        last = lm.get_submodule(_decoder_layers_path(lm))[-1]
+        extra_heads = nn.ModuleList(copy.deepcopy(last) for _ in range(horizon - 1))
+        return HFMTPModel(lm, extra_heads=extra_heads, with_value_head=with_value_head, max_seq_len=max_seq_len)
+
+
+def _check_positions(lm: nn.Module, path: str, max_seq_len: int) -> None:
     positions = getattr(lm.config, "max_position_embeddings", None)
     if positions is not None and max_seq_len > positions:
         raise ValueError(f"model.max_seq_len={max_seq_len} exceeds the {positions} positions of {path}; lower it")
-    extra_heads = _extra_heads(lm, path, count=horizon - 1)
-    return HFMTPModel(lm, extra_heads=extra_heads.to(dtype), with_value_head=with_value_head, max_seq_len=max_seq_len)
 
 
 def _extra_heads(lm: nn.Module, path: str, *, count: int) -> nn.ModuleList:

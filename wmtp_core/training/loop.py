@@ -56,6 +56,9 @@ class TrainResult:
     resumed_from_step: int | None
     stop_reason: str | None = None
     """None when train.max_steps was reached; 'time budget' when time_budget_s ran out (a checkpoint was saved)."""
+    saved_checkpoints: tuple[str, ...] = ()
+    """The checkpoints this call saved (some may have been pruned since): valid by construction, so whoever gets
+    this result need not hash them again."""
 
 
 def train(
@@ -64,6 +67,7 @@ def train(
     *,
     plan: DevicePlan,
     resume_from: Path | None = None,
+    resume_verified: bool = False,
     on_metrics: MetricsCallback | None = None,
     manifest_extra: dict | None = None,
     time_budget_s: float | None = None,
@@ -73,17 +77,24 @@ def train(
 
     Stops early with a checkpoint at the step reached when time_budget_s runs out (returns, stop_reason set) or on
     SIGTERM (raises TrainingInterrupted). Under torchrun every rank calls this with its DistContext.
+    resume_verified: the caller has verified resume_from (its digests are not checked again).
     """
     gates = resolve_gates(recipe)
     recipe = _adjusted_to_device(recipe, plan, gates, ctx)
     parts = build_run_parts(
-        recipe, plan, reference_checkpoint=_rho1_reference(recipe, run_dir, ctx), ctx=ctx, wrap_fsdp=gates.wrap_fsdp
+        recipe,
+        plan,
+        reference_checkpoint=_rho1_reference(recipe, run_dir, ctx),
+        ctx=ctx,
+        wrap_fsdp=gates.wrap_fsdp,
+        from_meta=gates.fsdp_from_meta,
     )
     state = TrainState()
     if resume_from:
-        state = TrainState(
-            **restore_run_checkpoint(parts.pieces(), resume_from, ctx=ctx, state_dicts=gates.state_dicts)
+        restored = restore_run_checkpoint(
+            parts.pieces(), resume_from, ctx=ctx, state_dicts=gates.state_dicts, verified=resume_verified
         )
+        state = TrainState(**restored)
     resumed_from = state.step if resume_from else None
     report = (on_metrics or (lambda step, metrics: None)) if ctx.is_main else (lambda step, metrics: None)
     writer = CheckpointWriter(background=recipe.checkpoint.async_save)
@@ -120,6 +131,7 @@ def train(
         skipped_steps=state.skipped_steps,
         resumed_from_step=resumed_from,
         stop_reason=stop_reason,
+        saved_checkpoints=tuple(str(path) for path in writer.saved),
     )
 
 

@@ -16,11 +16,12 @@ from wmtp_core.checkpoint.run_state import RunPieces
 from wmtp_core.config import Recipe
 from wmtp_core.data.records import builtin_dataset_path, load_records, split_records
 from wmtp_core.data.sequences import MTPCollator, TokenSequences, epoch_batches, make_loader
-from wmtp_core.models.build import build_model, build_tokenizer
+from wmtp_core.models.build import build_tokenizer
 from wmtp_core.models.hf import HFMTPModel, export_pretrained
 from wmtp_core.runtime.devices import DevicePlan
-from wmtp_core.runtime.distributed import SINGLE, DistContext, FsdpWrapper, shard_fully, wrap_model
-from wmtp_core.training.optim import build_optimizer, build_scheduler, decayed_parameter_names
+from wmtp_core.runtime.distributed import SINGLE, DistContext, FsdpWrapper, shard_fully
+from wmtp_core.training.model_init import build_wrapped_model
+from wmtp_core.training.optim import build_optimizer, build_scheduler
 
 
 @dataclass
@@ -79,19 +80,27 @@ def build_run_parts(
     reference_checkpoint: Path | None = None,
     ctx: DistContext = SINGLE,
     wrap_fsdp: FsdpWrapper = shard_fully,
+    from_meta: bool = False,
 ) -> RunParts:
     """Tokenize the data, build the model on the plan's device, wrap it for DDP/FSDP, then build the optimizer
-    (after wrapping: FSDP replaces the parameters, an optimizer built earlier would update stale ones)."""
+    (after wrapping: FSDP replaces the parameters, an optimizer built earlier would update stale ones).
+    from_meta: FSDP2 builds on the meta device and fills the shards from rank 0 (wmtp_core.training.model_init)."""
     tokenizer = build_tokenizer(recipe.model)
     records = load_records(recipe.data.path or builtin_dataset_path())
     train_records, eval_records = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     max_len = recipe.model.max_seq_len
     collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
     critic = recipe.train.algorithm == "critic-wmtp"
-    model = build_model(recipe.model, tokenizer, with_value_head=critic).to(plan.device)
-    export = partial(export_pretrained, model, tokenizer) if isinstance(model, HFMTPModel) else None
-    decayed = decayed_parameter_names(model)  # before wrapping: FSDP1 flattens the shapes it is decided by
-    model = wrap_model(model, recipe.devices.strategy, ctx, plan.device, fsdp=wrap_fsdp)
+    model, unwrapped, decayed = build_wrapped_model(
+        recipe,
+        tokenizer,
+        device=plan.device,
+        ctx=ctx,
+        wrap_fsdp=wrap_fsdp,
+        from_meta=from_meta,
+        with_value_head=critic,
+    )
+    export = partial(export_pretrained, unwrapped, tokenizer) if isinstance(unwrapped, HFMTPModel) else None
     optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr, decayed=decayed)
     return RunParts(
         model=model,

@@ -44,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(ctx.rank, prefix=f"[rank {ctx.rank}] " if launched_by_torchrun() else "")
     outcome, status = {"ok": False}, EXIT_FAILED
     try:
-        resume_from = _resume_path(args.resume, args.run_dir)
+        resume_from, verified = _resume_path(args.resume, args.run_dir, ctx, verified=args.resume_verified)
         result = train(
             recipe,
             args.run_dir,
             plan=plan,
             resume_from=resume_from,
+            resume_verified=verified,
             on_metrics=print_metrics,
             manifest_extra=json.loads(args.manifest_extra),
             time_budget_s=args.time_budget_s,
@@ -75,14 +76,17 @@ def worker_arguments(
     *,
     result_file: Path,
     resume: str | Path | None = None,
+    resume_verified: bool = False,
     manifest_extra: dict | None = None,
     time_budget_s: float | None = None,
 ) -> list[str]:
     """`-m wmtp_core.training.worker ...`: what follows `python` (or torchrun) to train the run in run_dir from its
-    recipe.yaml; resume is a checkpoint directory or "latest"."""
+    recipe.yaml; resume is a checkpoint directory or "latest"; resume_verified: the caller has verified that
+    directory, so no rank hashes it again."""
     arguments = ["-m", __name__, "--recipe", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir)]
     arguments += ["--result", str(result_file), "--manifest-extra", json.dumps(manifest_extra or {})]
     arguments += ["--resume", str(resume)] if resume else []
+    arguments += ["--resume-verified"] if resume and resume_verified else []
     arguments += ["--time-budget-s", str(time_budget_s)] if time_budget_s is not None else []
     return arguments
 
@@ -96,11 +100,16 @@ def print_metrics(step: int, metrics: dict[str, float]) -> None:
     print(METRICS_PREFIX + json.dumps({"step": step, "metrics": metrics}), flush=True)
 
 
-def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
+def _resume_path(resume: str | None, run_dir: Path, ctx, *, verified: bool) -> tuple[Path | None, bool]:
+    """(checkpoint to resume from, whether it is verified): "latest" is found and verified by rank 0 alone, and
+    every rank gets its path."""
     if resume != "latest":
-        return Path(resume) if resume else None
-    latest = latest_valid_checkpoint(run_dir)
-    return latest.path if latest else None
+        return (Path(resume), verified) if resume else (None, False)
+    from wmtp_core.runtime.distributed import broadcast_object
+
+    latest = latest_valid_checkpoint(run_dir) if ctx.is_main else None
+    path = broadcast_object(latest.path if latest else None, ctx)
+    return path, path is not None
 
 
 def _failure(error: BaseException) -> dict:
@@ -124,6 +133,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipe", type=Path, required=True, help="complete recipe YAML (run_dir/recipe.yaml)")
     parser.add_argument("--run-dir", type=Path, required=True, help="the run directory checkpoints go to")
     parser.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' for the newest valid one")
+    parser.add_argument(
+        "--resume-verified", action="store_true", help="the --resume directory is verified already: hash nothing"
+    )
     parser.add_argument("--result", type=Path, default=None, help="where rank 0 writes the outcome as JSON")
     parser.add_argument("--time-budget-s", type=float, default=None, help="save and stop after this many seconds")
     parser.add_argument("--manifest-extra", default="{}", help="JSON object added to every checkpoint manifest")
