@@ -1,7 +1,6 @@
 """The recipe: one pydantic tree that describes a WMTP run (wmtp_core.recipes reads, overrides and writes it).
 
-This module imports no torch, so flows can use it as a Prefect parameter type and the UI form
-can be built from source.
+This module imports no torch, so flows can use it as a Prefect parameter type and the UI form can be built from source.
 """
 
 from __future__ import annotations
@@ -110,6 +109,10 @@ class TrainConfig(_Section):
     """Compute the eval loss every this many optimizer steps (and at the start and end)."""
     eval_batches: PositiveInt = 8
     """Eval micro-batches per evaluation: the first ones of the held-out split, the same every time."""
+    activation_checkpointing: Literal["none", "blocks"] = "none"
+    """blocks: keep only each transformer block's input for backward and recompute the rest there (one more forward)."""
+    compile: bool = False
+    """torch.compile each transformer block (compiled once, reused by every block); worth it on CUDA, slow on CPU."""
 
 
 class LossConfig(_Section):
@@ -121,6 +124,8 @@ class LossConfig(_Section):
     """Softmax temperature applied to the weighting scores (lower is peakier)."""
     max_weight: float = Field(default=3.0, ge=1.0)
     """Upper clip of a token_mean1_clip weight."""
+    sequential_heads: Literal["auto", "on", "off"] = "auto"
+    """on: one head's logits alive at a time, recomputed in backward (a forward of the heads more); auto: on on GPUs."""
 
 
 class Rho1Config(_Section):
@@ -263,16 +268,12 @@ class Recipe(_Section):
     """Fix-plan gates: on is the fixed path, off the legacy one."""
 
     @model_validator(mode="after")
-    def _heads_exist(self) -> Recipe:
+    def _sections_agree(self) -> Recipe:
         if self.evaluation.heads > self.model.horizon:
             raise ValueError(
                 f"evaluation.heads ({self.evaluation.heads}) exceeds model.horizon ({self.model.horizon}): the model "
                 "has no head to draft with beyond its horizon"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _cadences_fit(self) -> Recipe:
         if self.train.warmup_steps > self.train.max_steps:
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})"
