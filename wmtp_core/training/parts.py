@@ -19,8 +19,9 @@ from wmtp_core.data.sequences import MTPCollator, TokenSequences, epoch_batches,
 from wmtp_core.models.build import build_model, build_tokenizer
 from wmtp_core.models.hf import HFMTPModel, export_pretrained
 from wmtp_core.runtime.devices import DevicePlan
-from wmtp_core.runtime.distributed import SINGLE, DistContext, FsdpWrapper, shard_fully, wrap_model
+from wmtp_core.runtime.distributed import SINGLE, DistContext, FsdpWrapper, shard_fully
 from wmtp_core.training.optim import build_optimizer, build_scheduler, decayed_parameter_names
+from wmtp_core.training.parallelize import parallelize, shard_reference
 
 
 @dataclass
@@ -91,8 +92,9 @@ def build_run_parts(
     model = build_model(recipe.model, tokenizer, with_value_head=critic).to(plan.device)
     export = partial(export_pretrained, model, tokenizer) if isinstance(model, HFMTPModel) else None
     decayed = decayed_parameter_names(model)  # before wrapping: FSDP1 flattens the shapes it is decided by
-    model = wrap_model(model, recipe.devices.strategy, ctx, plan.device, fsdp=wrap_fsdp)
+    model = parallelize(model, recipe, plan, ctx, fsdp=wrap_fsdp)
     optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr, decayed=decayed)
+    reference = load_reference(recipe, reference_checkpoint, plan, trunk_tokenizer=tokenizer)
     return RunParts(
         model=model,
         optimizer=optimizer,
@@ -106,7 +108,7 @@ def build_run_parts(
         num_workers=plan.num_workers,
         worker_start=recipe.data.worker_start,
         seed=recipe.seed,
-        reference=load_reference(recipe, reference_checkpoint, plan, trunk_tokenizer=tokenizer),
+        reference=shard_reference(reference, recipe, plan, ctx, fsdp=wrap_fsdp),
         ctx=ctx,
         export=export,
     )
