@@ -60,6 +60,8 @@ def shard_reference(
 ) -> torch.nn.Module | None:
     """rho1's frozen reference sharded like the model under devices.strategy=fsdp (gathered block by block in its
     forward, resharded after it), as it is otherwise."""
-    if reference is None or recipe.devices.strategy != "fsdp":
+    if reference is None or recipe.devices.strategy != "fsdp" or not ctx.active:
         return reference
+    if ctx.is_main:
+        log.info("rho1 reference sharded over %d processes like the model", ctx.world_size)
     return wrap_model(reference, "fsdp", ctx, plan.device, fsdp=fsdp, param_dtype=sharded_param_dtype(recipe, plan))
