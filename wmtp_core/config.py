@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -113,6 +113,11 @@ class TrainConfig(_Section):
     """blocks: keep only each transformer block's input for backward and recompute the rest there (one more forward)."""
     compile: bool = False
     """torch.compile each transformer block (compiled once, reused by every block); worth it on CUDA, slow on CPU."""
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _none_is_a_choice(cls, value: object) -> object:
+        return "none" if value is None else value  # `--set train.activation_checkpointing=none` arrives as null
 
 
 class LossConfig(_Section):

@@ -10,6 +10,7 @@ import torch
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
 from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.hf import load_hf_mtp_model
+from wmtp_core.recipes import load_recipe
 from wmtp_core.runtime.blocks import transformer_blocks, wrap_block_forwards
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train_step
@@ -97,3 +98,8 @@ def test_compiled_blocks_match_eager_within_tolerance(tiny_recipe):
     worst = max(float((weights[name] - eager_weights[name]).abs().max()) for name in weights)
     assert worst < 1e-4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+
+
+def test_activation_checkpointing_none_can_be_set_with_an_override():
+    """--set parses `none` as null; the key takes it for its choice of that name."""
+    assert load_recipe(None, ["train.activation_checkpointing=none"]).train.activation_checkpointing == "none"
