@@ -130,7 +130,7 @@ class LossConfig(_Section):
     max_weight: float = Field(default=3.0, ge=1.0)
     """Upper clip of a token_mean1_clip weight."""
     sequential_heads: Literal["auto", "on", "off"] = "auto"
-    """on: one head's logits alive at a time, recomputed in backward (a forward of the heads more); auto: on on GPUs."""
+    """on: one head's logits alive at a time, recomputed in backward (another forward of the heads); auto: CUDA, MPS."""
 
 
 class Rho1Config(_Section):
