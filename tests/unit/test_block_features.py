@@ -103,3 +103,13 @@ def test_compiled_blocks_match_eager_within_tolerance(tiny_recipe):
 def test_activation_checkpointing_none_can_be_set_with_an_override():
     """--set parses `none` as null; the key takes it for its choice of that name."""
     assert load_recipe(None, ["train.activation_checkpointing=none"]).train.activation_checkpointing == "none"
+
+
+@pytest.mark.gpu
+def test_every_feature_together_trains_on_cuda_like_plain_bf16(tiny_recipe):
+    recipe = _with(tiny_recipe, devices={"backend": "cuda", "precision": "bf16"})
+    plain_losses, _ = _train(_with(recipe, loss={"sequential_heads": "off"}), steps=3, same_batch=True)
+    torch._dynamo.reset()
+    features = {"activation_checkpointing": "blocks", "compile": True}
+    losses, _ = _train(_with(recipe, loss={"sequential_heads": "on"}, train=features), steps=3, same_batch=True)
+    assert losses == pytest.approx(plain_losses, rel=2e-2)  # bf16 rounding, in a different order
