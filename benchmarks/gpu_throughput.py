@@ -92,7 +92,7 @@ def measure(features: tuple[str, ...], args, device: str) -> dict:
         model = shard_fully(
             model, transformer_blocks(model), SINGLE, device, param_dtype=sharded_param_dtype(recipe, plan)
         )
-    optimizer = build_optimizer(model, recipe.train, fused=True if "fused_adamw" in features else False)
+    optimizer = build_optimizer(model, recipe.train, fused="fused_adamw" in features)
     torch.manual_seed(1)
     items = [
         {"tokens": torch.randint(3, args.shape["vocab_size"], (args.seq,)), "reward": 1.0} for _ in range(args.batch)
