@@ -122,6 +122,9 @@ write(
     [
         "Meta's 7B multi-token model (4 heads) fine-tuned with FSDP on one node of 8 GPUs, bf16 "
         "autocast over fp32 master weights.",
+        "FSDP2 gathers weights in bf16 and the heads run one at a time (loss.sequential_heads=auto on CUDA): "
+        "about 46 GB per GPU;",
+        "on 40 GB GPUs add --set train.activation_checkpointing=blocks (about 20 GB; docs/real-models.md).",
         "model.path: the output of `wmtp convert-meta` (docs/real-models.md); data.path: your JSONL.",
         "Run: uv sync --extra hf && uv run wmtp train --recipe configs/meta-7b-mtp-fsdp.yaml --set "
         "data.path=DATA.jsonl",

@@ -1,7 +1,6 @@
 """The recipe: one pydantic tree that describes a WMTP run (wmtp_core.recipes reads, overrides and writes it).
 
-This module imports no torch, so flows can use it as a Prefect parameter type and the UI form
-can be built from source.
+This module imports no torch, so flows can use it as a Prefect parameter type and the UI form can be built from source.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -110,6 +109,15 @@ class TrainConfig(_Section):
     """Compute the eval loss every this many optimizer steps (and at the start and end)."""
     eval_batches: PositiveInt = 8
     """Eval micro-batches per evaluation: the first ones of the held-out split, the same every time."""
+    activation_checkpointing: Literal["none", "blocks"] = "none"
+    """blocks: keep only each transformer block's input for backward and recompute the rest there (one more forward)."""
+    compile: bool = False
+    """torch.compile each transformer block (compiled once, reused by every block); worth it on CUDA, slow on CPU."""
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _none_is_a_choice(cls, value: object) -> object:
+        return "none" if value is None else value  # `--set train.activation_checkpointing=none` arrives as null
 
 
 class LossConfig(_Section):
@@ -121,6 +129,8 @@ class LossConfig(_Section):
     """Softmax temperature applied to the weighting scores (lower is peakier)."""
     max_weight: float = Field(default=3.0, ge=1.0)
     """Upper clip of a token_mean1_clip weight."""
+    sequential_heads: Literal["auto", "on", "off"] = "auto"
+    """on: one head's logits alive at a time, recomputed in backward (another forward of the heads); auto: CUDA, MPS."""
 
 
 class Rho1Config(_Section):
@@ -263,16 +273,12 @@ class Recipe(_Section):
     """Fix-plan gates: on is the fixed path, off the legacy one."""
 
     @model_validator(mode="after")
-    def _heads_exist(self) -> Recipe:
+    def _sections_agree(self) -> Recipe:
         if self.evaluation.heads > self.model.horizon:
             raise ValueError(
                 f"evaluation.heads ({self.evaluation.heads}) exceeds model.horizon ({self.model.horizon}): the model "
                 "has no head to draft with beyond its horizon"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _cadences_fit(self) -> Recipe:
         if self.train.warmup_steps > self.train.max_steps:
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})"

@@ -1,4 +1,4 @@
-"""wmtp_core.training.optim: the learning-rate schedule in optimizer steps and AdamW's weight-decay groups."""
+"""wmtp_core.training.optim: the schedule in optimizer steps, AdamW's weight-decay groups, fused AdamW on CUDA."""
 
 from __future__ import annotations
 
@@ -114,3 +114,17 @@ def test_frozen_parameters_are_left_out_of_the_optimizer(model, tiny_recipe):
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert id(model.token_embedding.weight) not in in_optimizer
     assert len(in_optimizer) == len(list(model.parameters())) - 1
+
+
+def test_adamw_is_fused_on_cuda_only(model, tiny_recipe):
+    assert build_optimizer(model, tiny_recipe.train).defaults["fused"] is None  # CPU: torch's default, as before
+    assert build_optimizer(model, tiny_recipe.train, fused=False).defaults["fused"] is False
+
+
+@pytest.mark.gpu
+def test_adamw_on_cuda_is_fused_and_steps(model, tiny_recipe):
+    model = model.cuda()
+    optimizer = build_optimizer(model, tiny_recipe.train)
+    assert optimizer.defaults["fused"] is True
+    model(torch.zeros(2, 8, dtype=torch.long, device="cuda")).float().pow(2).mean().backward()
+    optimizer.step()

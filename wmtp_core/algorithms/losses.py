@@ -23,6 +23,19 @@ def head_cross_entropy(logits_BTKV: torch.Tensor, labels_BTK: torch.Tensor) -> t
     return ce.view(B, T, K)
 
 
+def one_head_cross_entropy(logits_BTV: torch.Tensor, k: int, *, labels_BTK: torch.Tensor) -> torch.Tensor:
+    """Head k's per-token cross-entropy ce_BT in fp32 against labels_BTK[..., k]: the head_loss a model's
+    forward(head_loss=partial(one_head_cross_entropy, labels_BTK=...)) computes one head at a time."""
+    B, T, V = logits_BTV.shape
+    ce = F.cross_entropy(
+        logits_BTV.float().reshape(B * T, V),
+        labels_BTK[..., k].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return ce.view(B, T)
+
+
 def weighted_mtp_loss(ce_BTK: torch.Tensor, weights_BTK: torch.Tensor, mask_BTK: torch.Tensor) -> torch.Tensor:
     """mean over valid positions t of sum_k w*m*ce / sum_k w*m; weights are constants for the gradient."""
     wm_BTK = weights_BTK.detach() * mask_BTK

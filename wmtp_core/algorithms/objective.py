@@ -8,12 +8,14 @@ Shapes: B batch, T time, D width, K heads, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from wmtp_core.algorithms.losses import (
     head_cross_entropy,
     mean_ce_per_head,
+    one_head_cross_entropy,
     token_weighted_loss,
     valid_mask,
     weighted_mtp_loss,
@@ -30,6 +32,7 @@ from wmtp_core.algorithms.weights import (
 )
 from wmtp_core.config import Recipe
 from wmtp_core.runtime.devices import DevicePlan, autocast_context
+from wmtp_core.runtime.distributed import reshard_after_forward_only
 
 Metrics = dict[str, torch.Tensor]
 
@@ -55,15 +58,38 @@ class MicroBatch:
         )
 
 
+def sequential_heads(recipe: Recipe, plan: DevicePlan) -> bool:
+    """Whether the heads run one at a time (loss.sequential_heads): auto is on for a model with several heads on an
+    accelerator, whose memory is what limits batch and length; on a CPU the extra forward of the heads costs time
+    that memory rarely needs."""
+    match recipe.loss.sequential_heads:
+        case "on" | "off" as setting:
+            return setting == "on"
+    return recipe.model.horizon > 1 and plan.device != "cpu"
+
+
+def head_losses(
+    model: torch.nn.Module, tokens_BT: torch.Tensor, labels_BTK: torch.Tensor, *, sequential: bool, values: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ce_BTK, values_BT or None) through the model's forward (which DDP and FSDP hook): all heads' logits at once,
+    or with sequential one head at a time, its logits recomputed in backward (wmtp_core.models.heads)."""
+    head_loss = partial(one_head_cross_entropy, labels_BTK=labels_BTK) if sequential else None
+    outputs = model(tokens_BT, return_values=values, head_loss=head_loss)
+    first, values_BT = outputs if values else (outputs, None)
+    return (first if sequential else head_cross_entropy(first, labels_BTK)), values_BT
+
+
 def algorithm_loss(
     model: torch.nn.Module, mb: MicroBatch, *, recipe: Recipe, plan: DevicePlan, reference: torch.nn.Module | None
 ) -> tuple[torch.Tensor, Metrics]:
-    """The scaled weighted MTP loss (+ the critic's value loss) and its metrics as 0-dim tensors."""
+    """The scaled weighted MTP loss (+ the critic's value loss) and its metrics as 0-dim tensors.
+
+    The weights are computed from every head's CE (and the values) before any gradient flows; with sequential heads
+    that CE comes from a forward that keeps no logits, and backward recomputes one head at a time."""
     critic = recipe.train.algorithm == "critic-wmtp"
+    sequential = sequential_heads(recipe, plan)
     with autocast_context(plan):
-        outputs = model(mb.tokens_BT, return_values=critic)
-    logits_BTKV, values_BT = outputs if critic else (outputs, None)
-    ce_BTK = head_cross_entropy(logits_BTKV, mb.labels_BTK)
+        ce_BTK, values_BT = head_losses(model, mb.tokens_BT, mb.labels_BTK, sequential=sequential, values=critic)
     metrics: Metrics = {}
     extra_loss = torch.zeros((), device=ce_BTK.device)
     match recipe.train.algorithm:
@@ -88,6 +114,7 @@ def rho1_weights(
         raise ValueError("rho1-wmtp needs a reference model; set rho1.reference_checkpoint or leave it null")
     with torch.no_grad(), autocast_context(plan):
         ref_logits_BTV = reference(mb.tokens_BT)[:, :, 0]  # the reference's next-token head
+    reshard_after_forward_only(reference)  # a sharded reference has no backward to free its gathered root
     ref_ce_BT = reference_next_token_ce(ref_logits_BTV, mb.labels_BTK)
     excess_BTK = rho1_excess(ce_BTK, ref_ce_BT, mb.mask_BTK, min_ce_diff=recipe.rho1.min_ce_diff)
     if recipe.rho1.selection_mode == "weighted":

@@ -70,8 +70,16 @@ def restore_with_state_dict_type(
     optimizer.load_state_dict(_optimizer_state_by_index(plain, optimizer, optim_state))
 
 
-def wrap_fsdp1(model: torch.nn.Module, blocks: list[torch.nn.Module], ctx: DistContext, device: str) -> torch.nn.Module:
-    """The deprecated FullyShardedDataParallel wrapper, one unit per block class."""
+def wrap_fsdp1(
+    model: torch.nn.Module,
+    blocks: list[torch.nn.Module],
+    ctx: DistContext,
+    device: str,
+    *,
+    param_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """The deprecated FullyShardedDataParallel wrapper, one unit per block class; param_dtype is not used (the legacy
+    path computes with autocast's per-op weight casts)."""
     policy = ModuleWrapPolicy({type(b) for b in blocks})
     # FSDP1 on CPU must be told so (device_id cpu), else it looks for an accelerator and refuses.
     device_id = torch.device(device, ctx.local_rank) if device == "cuda" else torch.device("cpu")

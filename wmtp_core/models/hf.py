@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import copy
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from wmtp_core.models.heads import HeadLoss, reduce_heads_one_at_a_time
 from wmtp_core.models.hf_tokenizer import HFTokenizer, import_transformers
 from wmtp_core.models.kv_cache import HFKVCache, cache_keyword
 from wmtp_core.models.transformer import ValueHead, frozen_trunk_values
@@ -61,17 +63,42 @@ class HFMTPModel(nn.Module):
         """What FSDP shards one by one (wmtp_core.runtime.distributed asks the model): see decoder_layer_classes."""
         return decoder_layer_classes(self)
 
-    def forward(self, tokens_BT: torch.Tensor, *, return_values: bool = False, values_only: bool = False):
+    def head_blocks(self) -> list[nn.Module]:
+        """The decoder layers only the extra heads run (forward(head_loss=...) recomputes them one head at a time;
+        head 0's layer is the LM's last, run with the trunk)."""
+        return list(self.extra_heads)
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        *,
+        return_values: bool = False,
+        values_only: bool = False,
+        head_loss: HeadLoss | None = None,
+    ):
         """logits_BTKV; (logits_BTKV, values_BT) with return_values; values_only: values_BT alone, the trunk run
-        without gradient (critic-wmtp's Stage 1). The values read the trunk's output, the heads' input."""
+        without gradient (critic-wmtp's Stage 1). The values read the trunk's output, the heads' input. With
+        head_loss, loss_BTK in place of logits_BTKV, the heads computed one at a time (wmtp_core.models.heads)."""
         if values_only:
             return frozen_trunk_values(self, tokens_BT)
         self._check_length(tokens_BT)
+        if head_loss is not None:
+            out, last_layer = self._head_losses(tokens_BT, head_loss)
+        else:
+            with _LayerCall(self.decoder_layers()[-1]) as last_layer:
+                head0_BTV = self.lm(input_ids=tokens_BT, use_cache=False).logits
+            logits = [head0_BTV] + [self._head_logits(head, last_layer) for head in self.extra_heads]
+            out = torch.stack(logits, dim=2)
+        return (out, self.value_head(last_layer.hidden_BTD)) if return_values else out
+
+    def _head_losses(self, tokens_BT: torch.Tensor, head_loss: HeadLoss) -> tuple[torch.Tensor, _LayerCall]:
+        """loss_BTK one head at a time: head 0 unembeds the LM's final hidden state (what its own forward does for
+        Llama, GPT-2 and their kin), the extra heads run from the trunk's output."""
         with _LayerCall(self.decoder_layers()[-1]) as last_layer:
-            head0_BTV = self.lm(input_ids=tokens_BT, use_cache=False).logits
-        logits = [head0_BTV] + [self._head_logits(head, last_layer) for head in self.extra_heads]
-        logits_BTKV = torch.stack(logits, dim=2)
-        return (logits_BTKV, self.value_head(last_layer.hidden_BTD)) if return_values else logits_BTKV
+            final_BTD = self.lm.base_model(input_ids=tokens_BT, use_cache=False).last_hidden_state
+        heads = [(self.lm.get_output_embeddings(), final_BTD)]
+        heads += [(partial(self._head_logits, head, last_layer), last_layer.hidden_BTD) for head in self.extra_heads]
+        return reduce_heads_one_at_a_time(heads, head_loss), last_layer
 
     def trunk_hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """The shared trunk's last hidden state h_BTD (the input of every head)."""
@@ -101,8 +128,16 @@ class HFMTPModel(nn.Module):
         logits = [head0_BTV] + [self._head_logits(head, last_layer, swap=(cache.trunk, own)) for head, own in heads]
         return torch.stack(logits, dim=2)
 
-    def _head_logits(self, head: nn.Module, last_layer: _LayerCall, swap: tuple = (None, None)) -> torch.Tensor:
-        h_BTD = last_layer.call(head, last_layer.hidden_BTD, swap=swap)
+    def _head_logits(
+        self,
+        head: nn.Module,
+        last_layer: _LayerCall,
+        hidden_BTD: torch.Tensor | None = None,
+        swap: tuple = (None, None),
+    ) -> torch.Tensor:
+        """One extra head's logits from hidden_BTD (default: the trunk's output the LM gave its last layer)."""
+        hidden_BTD = last_layer.hidden_BTD if hidden_BTD is None else hidden_BTD
+        h_BTD = last_layer.call(head, hidden_BTD, swap=swap)
         final_norm = self.lm.get_submodule(self._final_norm_path)
         return self.lm.get_output_embeddings()(final_norm(h_BTD))
 

@@ -7,12 +7,14 @@ Shapes: B batch, T time, D model width, K horizon (heads), V vocabulary.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from wmtp_core.config import ModelConfig
+from wmtp_core.models.heads import HeadLoss, reduce_heads_one_at_a_time
 from wmtp_core.models.kv_cache import LayerKVCache, TransformerKVCache
 
 
@@ -144,17 +146,37 @@ class MTPTransformer(nn.Module):
         head_states_BTKD = torch.stack([head(h_BTD) for head in self.heads], dim=2)
         return self.unembedding(self.final_norm(head_states_BTKD))
 
-    def forward(self, tokens_BT: torch.Tensor, *, return_values: bool = False, values_only: bool = False):
+    def head_blocks(self) -> list[nn.Module]:
+        """The blocks only the heads run (forward(head_loss=...) recomputes them one head at a time)."""
+        return list(self.heads)
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        *,
+        return_values: bool = False,
+        values_only: bool = False,
+        head_loss: HeadLoss | None = None,
+    ):
         """logits_BTKV; (logits_BTKV, values_BT) with return_values; values_only: values_BT alone, the trunk run
-        without gradient (critic-wmtp's Stage 1 trains the value head by itself).
+        without gradient (critic-wmtp's Stage 1 trains the value head by itself). With head_loss, loss_BTK in place
+        of logits_BTKV, the heads computed one at a time (wmtp_core.models.heads).
 
         Training goes through forward (not trunk_hidden/heads_logits) because DDP and FSDP hook forward only.
         """
         if values_only:
             return frozen_trunk_values(self, tokens_BT)
         h_BTD = self.trunk_hidden(tokens_BT)
-        logits_BTKV = self.heads_logits(h_BTD)
-        return (logits_BTKV, self.value_head(h_BTD)) if return_values else logits_BTKV
+        if head_loss is None:
+            out = self.heads_logits(h_BTD)
+        else:
+            out = reduce_heads_one_at_a_time(
+                [(partial(self._head_logits, head), h_BTD) for head in self.heads], head_loss
+            )
+        return (out, self.value_head(h_BTD)) if return_values else out
+
+    def _head_logits(self, head: Block, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.unembedding(self.final_norm(head(h_BTD)))
 
     def new_cache(self) -> TransformerKVCache:
         """An empty cache for decode(), as long as model.max_seq_len."""

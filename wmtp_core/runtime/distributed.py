@@ -16,8 +16,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from wmtp_core.models.transformer import ValueHead
+from wmtp_core.runtime.blocks import transformer_blocks
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,9 @@ def background_group(ctx: DistContext, *, timeout_s: int) -> dist.ProcessGroup |
     return _background_group
 
 
-FsdpWrapper = Callable[[torch.nn.Module, list[torch.nn.Module], "DistContext", str], torch.nn.Module]
-"""(model, blocks sharded one by one, ctx, device) -> the sharded model."""
+FsdpWrapper = Callable[..., torch.nn.Module]
+"""(model, blocks sharded one by one, ctx, device, *, param_dtype) -> the sharded model; param_dtype (or None) is the
+dtype the weights are gathered in to compute (the mixed-precision policy)."""
 
 
 def check_strategy(strategy: str, ctx: DistContext) -> None:
@@ -94,31 +98,44 @@ def check_strategy(strategy: str, ctx: DistContext) -> None:
 
 
 def shard_fully(
-    model: torch.nn.Module, blocks: list[torch.nn.Module], ctx: DistContext, device: str
+    model: torch.nn.Module,
+    blocks: list[torch.nn.Module],
+    ctx: DistContext,
+    device: str,
+    *,
+    param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """FSDP2: each block is its own unit, the root holds the rest (embeddings, norm, unembedding)."""
+    """FSDP2: each block is its own unit, the root holds the rest (embeddings, norm, unembedding).
+
+    With param_dtype (bf16), FSDP2's MixedPrecisionPolicy gathers the weights in it and frees them after use, so
+    autocast finds nothing to cast and keeps no per-op weight copies; gradients reduce in fp32 into the fp32 master
+    weights. The value head stays fp32 (its own unit): TD weights are differences of values that bf16 blurs.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    if param_dtype is not None:
+        for value_head in [m for m in model.modules() if isinstance(m, ValueHead)]:
+            fully_shard(value_head)
     for block in blocks:
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
 
 
 def wrap_model(
-    model: torch.nn.Module, strategy: str, ctx: DistContext, device: str, *, fsdp: FsdpWrapper = shard_fully
+    model: torch.nn.Module,
+    strategy: str,
+    ctx: DistContext,
+    device: str,
+    *,
+    fsdp: FsdpWrapper = shard_fully,
+    param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """DDP, or FSDP through `fsdp` (FSDP2's fully_shard unless the run says otherwise); call before building the
-    optimizer."""
+    """DDP, or FSDP through `fsdp` (FSDP2's fully_shard unless the run says otherwise) computing with weights in
+    param_dtype; call before building the optimizer."""
     if not ctx.active or strategy == "single":
         return model
     if strategy == "ddp":
         return DDP(model, device_ids=[ctx.local_rank] if device == "cuda" else None)
-    blocks = [m for m in model.modules() if type(m).__name__ in _shard_unit_names(model)]
-    return fsdp(model, blocks, ctx, device)
-
-
-def _shard_unit_names(model: torch.nn.Module) -> set[str]:
-    """The module classes sharded one by one: the model's own choice when it names them, else transformer blocks."""
-    named = getattr(model, "fsdp_unit_classes", None)
-    return {cls.__name__ for cls in named()} if callable(named) else {"Block"}
+    return fsdp(model, transformer_blocks(model), ctx, device, param_dtype=param_dtype)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from wmtp_core.algorithms.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
-from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
+from wmtp_core.algorithms.losses import uniform_weights, valid_mask, weighted_mtp_loss
+from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, head_losses
 from wmtp_core.algorithms.reference import reference_checkpoint
 from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint, save_run_checkpoint
 from wmtp_core.checkpoint.writer import CheckpointWriter
@@ -261,8 +261,10 @@ def evaluate(parts: RunParts, plan: DevicePlan) -> float:
     for batch in parts.eval_batches:
         labels_BTK = batch["labels"].to(plan.device)
         with autocast_context(plan):
-            logits_BTKV = parts.model(batch["tokens"].to(plan.device))
-        ce_BTK = head_cross_entropy(logits_BTKV, labels_BTK)
+            # One head's logits at a time: without gradients that costs nothing, and eval never holds all of them.
+            ce_BTK, _ = head_losses(
+                parts.model, batch["tokens"].to(plan.device), labels_BTK, sequential=True, values=False
+            )
         total += float(weighted_mtp_loss(ce_BTK, uniform_weights(labels_BTK), valid_mask(labels_BTK)))
     reshard_after_forward_only(parts.model)
     parts.model.train()

@@ -1,4 +1,5 @@
-"""The model a run trains, built and wrapped for its processes.
+"""The model a run trains, built and made ready for its processes (training.parallelize: checkpointed and compiled
+blocks, then DDP or FSDP2 with its mixed precision).
 
 One process, DDP and the legacy FSDP1: every process builds the full model, as before. FSDP2 under torchrun
 (torchtitan's pattern): every rank builds the model on the meta device and shards it, so no rank holds more than
@@ -15,15 +16,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from wmtp_core.config import Recipe
 from wmtp_core.models.build import build_model, build_model_skeleton
 from wmtp_core.models.tokenizer import Tokenizer
-from wmtp_core.runtime.distributed import DistContext, FsdpWrapper, broadcast_object, wrap_model
+from wmtp_core.runtime.devices import DevicePlan
+from wmtp_core.runtime.distributed import DistContext, FsdpWrapper, broadcast_object
 from wmtp_core.training.optim import decayed_parameter_names
+from wmtp_core.training.parallelize import parallelize
 
 
 def build_wrapped_model(
     recipe: Recipe,
     tokenizer: Tokenizer,
     *,
-    device: str,
+    plan: DevicePlan,
     ctx: DistContext,
     wrap_fsdp: FsdpWrapper,
     from_meta: bool,
@@ -34,16 +37,15 @@ def build_wrapped_model(
     from_meta: FSDP2 (wrap_fsdp shards modules on the meta device) builds through the meta device when
     devices.strategy=fsdp under torchrun; otherwise every process builds the full model.
     """
-    strategy = recipe.devices.strategy
-    if not (from_meta and ctx.active and strategy == "fsdp"):
-        model = build_model(recipe.model, tokenizer, with_value_head=with_value_head).to(device)
+    if not (from_meta and ctx.active and recipe.devices.strategy == "fsdp"):
+        model = build_model(recipe.model, tokenizer, with_value_head=with_value_head).to(plan.device)
         decayed = decayed_parameter_names(model)  # before wrapping: FSDP1 flattens the shapes it is decided by
-        return wrap_model(model, strategy, ctx, device, fsdp=wrap_fsdp), model, decayed
+        return parallelize(model, recipe, plan, ctx, fsdp=wrap_fsdp), model, decayed
     full = build_model(recipe.model, tokenizer, with_value_head=with_value_head) if ctx.is_main else None
     model = build_model_skeleton(recipe.model, tokenizer, with_value_head=with_value_head)
     decayed = decayed_parameter_names(model)
-    wrapped = wrap_model(model, strategy, ctx, device, fsdp=wrap_fsdp)
-    wrapped.to_empty(device=device)
+    wrapped = parallelize(model, recipe, plan, ctx, fsdp=wrap_fsdp)
+    wrapped.to_empty(device=plan.device)
     fill_from_rank0(wrapped, full, ctx)
     return wrapped, model, decayed
 

@@ -12,9 +12,15 @@ from wmtp_core.config import TrainConfig
 
 
 def build_optimizer(
-    model: torch.nn.Module, cfg: TrainConfig, *, value_lr: float | None = None, decayed: set[str] | None = None
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    *,
+    value_lr: float | None = None,
+    decayed: set[str] | None = None,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the model's parameters; weight matrices decay, embeddings, norms and biases do not.
+    """AdamW over the model's parameters; weight matrices decay, embeddings, norms and biases do not. fused (one
+    kernel for every parameter) defaults to on when every parameter is on CUDA, torch's default elsewhere.
 
     Parameters under `value_head.` form their own group at value_lr (critic-wmtp's value head). For a wrapped
     model pass `decayed` = decayed_parameter_names(the model before wrapping): FSDP1 flattens parameters to 1-D,
@@ -30,7 +36,9 @@ def build_optimizer(
     value = [p for name, p in named if name.startswith("value_head.")]
     if value:
         groups.append({"params": value, "weight_decay": 0.0, "lr": value_lr or cfg.lr})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    if fused is None:
+        fused = True if named and all(p.device.type == "cuda" for _, p in named) else None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def decayed_parameter_names(model: torch.nn.Module) -> set[str]:

@@ -22,6 +22,7 @@ from wmtp_core.runtime.devices import DevicePlan
 from wmtp_core.runtime.distributed import SINGLE, DistContext, FsdpWrapper, shard_fully
 from wmtp_core.training.model_init import build_wrapped_model
 from wmtp_core.training.optim import build_optimizer, build_scheduler
+from wmtp_core.training.parallelize import shard_reference
 
 
 @dataclass
@@ -94,7 +95,7 @@ def build_run_parts(
     model, unwrapped, decayed = build_wrapped_model(
         recipe,
         tokenizer,
-        device=plan.device,
+        plan=plan,
         ctx=ctx,
         wrap_fsdp=wrap_fsdp,
         from_meta=from_meta,
@@ -102,6 +103,7 @@ def build_run_parts(
     )
     export = partial(export_pretrained, unwrapped, tokenizer) if isinstance(unwrapped, HFMTPModel) else None
     optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr, decayed=decayed)
+    reference = load_reference(recipe, reference_checkpoint, plan, trunk_tokenizer=tokenizer)
     return RunParts(
         model=model,
         optimizer=optimizer,
@@ -115,7 +117,7 @@ def build_run_parts(
         num_workers=plan.num_workers,
         worker_start=recipe.data.worker_start,
         seed=recipe.seed,
-        reference=load_reference(recipe, reference_checkpoint, plan, trunk_tokenizer=tokenizer),
+        reference=shard_reference(reference, recipe, plan, ctx, fsdp=wrap_fsdp),
         ctx=ctx,
         export=export,
     )
