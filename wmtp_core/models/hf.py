@@ -111,6 +111,7 @@ class HFMTPModel(nn.Module):
         """An empty cache for decode(): the LM's own and one per extra head."""
         return HFKVCache(self.lm, num_extra_heads=len(self.extra_heads))
 
+    @torch.no_grad()
     def decode(self, tokens_BT: torch.Tensor, cache: HFKVCache, *, num_heads: int) -> torch.Tensor:
         """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only).
 

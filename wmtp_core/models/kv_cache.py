@@ -12,17 +12,19 @@ import inspect
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class LayerKVCache:
     """One attention layer's keys and values in a buffer of `capacity` positions, written in place: cutting back is
     setting the length, and a step copies only its new positions (torch.cat would copy the whole prefix)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, *, step_mask: StepMask | None = None):
         self.capacity = capacity
         self.length = 0
         self.k_BHTd: torch.Tensor | None = None
         self.v_BHTd: torch.Tensor | None = None
+        self.step_mask = step_mask or StepMask()
 
     def append(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions; returns the keys and values of every position so far."""
@@ -38,12 +40,34 @@ class LayerKVCache:
         return self.k_BHTd[:, :, :end], self.v_BHTd[:, :, :end]
 
 
-class TransformerKVCache:
-    """The built-in MTPTransformer's cache: one LayerKVCache per trunk block and per head block."""
+class StepMask:
+    """The additive causal mask of T new positions after `past` cached ones, made once per step and shared by every
+    layer of a cache: a layer that made its own would add a few small operations to each, which on a small model
+    cost as much as the attention."""
 
-    def __init__(self, *, num_layers: int, num_heads: int, capacity: int):
-        self.trunk = [LayerKVCache(capacity) for _ in range(num_layers)]
-        self.heads = [LayerKVCache(capacity) for _ in range(num_heads)]
+    def __init__(self):
+        self._key: tuple | None = None
+        self._mask_TS: torch.Tensor | None = None
+
+    def get(self, past: int, T: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (past, T, dtype, device)
+        if key != self._key:
+            # New position i (absolute past + i) sees keys 0..past + i: -inf strictly above that diagonal.
+            self._mask_TS = torch.full((T, past + T), float("-inf"), dtype=dtype, device=device).triu_(past + 1)
+            self._key = key
+        return self._mask_TS
+
+
+class TransformerKVCache:
+    """The built-in MTPTransformer's cache: one LayerKVCache per trunk block, and one for the heads, which decode as
+    one batched block (their keys and values side by side in its batch dimension)."""
+
+    def __init__(self, *, num_layers: int, capacity: int):
+        step_mask = StepMask()
+        self.trunk = [LayerKVCache(capacity, step_mask=step_mask) for _ in range(num_layers)]
+        self.heads = LayerKVCache(capacity, step_mask=step_mask)
+        self.head_weights = None
+        """The decoding heads' weights, stacked at the first decode (a cache serves one state of one model)."""
 
     @property
     def length(self) -> int:
@@ -51,8 +75,21 @@ class TransformerKVCache:
 
     def crop(self, length: int) -> None:
         """Forget every position from `length` on (rejected drafts)."""
-        for layer in (*self.trunk, *self.heads):
+        for layer in (*self.trunk, self.heads):
             layer.length = min(layer.length, length)
+
+
+def attend_cached(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
+    """Causal attention of T new positions over the cached ones and themselves; the new keys join the cache."""
+    past, T = cache.length, q_BHTd.shape[2]
+    k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
+    if T == 1:  # one new position sees every cached one: no mask
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd)
+    if past == 0:
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True)
+    # is_causal would align the mask top-left, as if the new positions came first.
+    mask_TS = cache.step_mask.get(past, T, dtype=q_BHTd.dtype, device=q_BHTd.device)
+    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask_TS)
 
 
 class HFKVCache:

@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wmtp_core.config import ModelConfig
+from wmtp_core.models.head_decoding import run_heads, stack_heads
 from wmtp_core.models.heads import HeadLoss, reduce_heads_one_at_a_time
-from wmtp_core.models.kv_cache import LayerKVCache, TransformerKVCache
+from wmtp_core.models.kv_cache import LayerKVCache, TransformerKVCache, attend_cached
 
 
 class CausalSelfAttention(nn.Module):
@@ -37,21 +38,8 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
         else:
-            y = _attend_cached(q, k, v, cache)
+            y = attend_cached(q, k, v, cache)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-def _attend_cached(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
-    past = cache.length
-    k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
-    T, S = q_BHTd.shape[2], k_BHSd.shape[2]
-    if T == 1:  # one new position sees every cached one: no mask
-        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd)
-    if past == 0:
-        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True)
-    # is_causal aligns the mask top-left; new position i (absolute past + i) must see keys 0..past + i.
-    allowed_TS = torch.arange(S, device=q_BHTd.device)[None, :] <= past + torch.arange(T, device=q_BHTd.device)[:, None]
-    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=allowed_TS)
 
 
 class MLP(nn.Module):
@@ -180,13 +168,15 @@ class MTPTransformer(nn.Module):
 
     def new_cache(self) -> TransformerKVCache:
         """An empty cache for decode(), as long as model.max_seq_len."""
-        return TransformerKVCache(num_layers=len(self.trunk), num_heads=len(self.heads), capacity=self.max_seq_len)
+        return TransformerKVCache(num_layers=len(self.trunk), capacity=self.max_seq_len)
 
+    @torch.no_grad()
     def decode(self, tokens_BT: torch.Tensor, cache: TransformerKVCache, *, num_heads: int) -> torch.Tensor:
-        """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only).
+        """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only:
+        no dropout, no gradient).
 
         Positions count from the cache's length, so position embeddings stay absolute. Only the heads asked for run
-        and are cached: a decode that drafts with k heads never reads the others.
+        and are cached (a cache serves one num_heads), as one batched block (wmtp_core.models.head_decoding).
         """
         start, T = cache.length, tokens_BT.shape[1]
         if start + T > self.max_seq_len:
@@ -195,9 +185,10 @@ class MTPTransformer(nn.Module):
         x_BTD = self.token_embedding(tokens_BT) + self.position_embedding(positions_T)
         for block, layer_cache in zip(self.trunk, cache.trunk):
             x_BTD = block(x_BTD, layer_cache)
-        heads = zip(self.heads[:num_heads], cache.heads)
-        head_states_BTKD = torch.stack([head(x_BTD, layer_cache) for head, layer_cache in heads], dim=2)
-        return self.unembedding(self.final_norm(head_states_BTKD))
+        if cache.head_weights is None:
+            cache.head_weights = stack_heads(self.heads[:num_heads])
+        assert cache.head_weights.num_heads == num_heads, "a cache serves one num_heads"
+        return self.unembedding(self.final_norm(run_heads(x_BTD, cache.head_weights, cache.heads)))
 
 
 def _init_weights(module: nn.Module) -> None:
