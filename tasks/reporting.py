@@ -61,7 +61,7 @@ def publish_summary(summary: dict) -> None:
 
 
 def checkpoint_rows(run_dir: Path) -> list[dict]:
-    """One row per checkpoint directory of the run, oldest first (sizes checked; `wmtp checkpoints` checks sha256)."""
+    """One row per checkpoint directory of the run, oldest first (sizes checked; `wmtp checkpoints` checks digests)."""
     rows = []
     for info in list_checkpoints(run_dir, checksums=False):
         size_mb = sum(f.stat().st_size for f in info.path.rglob("*") if f.is_file()) / 2**20
