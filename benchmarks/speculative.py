@@ -9,9 +9,9 @@ Prompts: the held-out split's records up to their code (the problem and its test
 --max-new-tokens new tokens (fewer where the prompt leaves less room in model.max_seq_len).
 Each repeat decodes every prompt with plain greedy and with every k in turn (the order rotating from prompt to
 prompt, so load from other processes falls on all alike); the figures are medians over --repeats of tokens/s and
-of each k's ratio to greedy in the same repeat, prompt reads included. Every
-speculative output is checked against greedy's, token for token. Decoding runs on --threads intra-op threads
-(default 1: a decoding step of a small model is a string of small ops, which a second thread only slows).
+of each k's ratio to greedy in the same repeat, prompt reads included. Every speculative output is checked against
+greedy's, token for token. Decoding runs on --threads intra-op threads (default 1: a decoding step of a small model
+is a string of small ops, which a second thread only slows). --weights DIR keeps the trained models for reruns.
 
 Run: uv run python benchmarks/speculative.py [--repeats 5] [--quick]
 """

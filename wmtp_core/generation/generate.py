@@ -2,7 +2,8 @@
 
 Prompts are decoded one at a time, each with its own cache and generator. Batching rows would pad them and make
 speculative steps ragged (each row accepts a different number of drafts); one row at a time, a prompt's output is
-bitwise the same whatever else is in the call, and the per-step work on small models is Python overhead either way.
+bitwise the same whatever else is in the call. What it costs is batch parallelism, which matters for large models
+on GPUs, little for the small CPU models here.
 """
 
 from __future__ import annotations
