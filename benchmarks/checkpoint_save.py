@@ -4,8 +4,11 @@
   full      save_run_checkpoint, synchronous: the time training is blocked (gather through the phase gates,
             model.safetensors + train_state.pt hashed while written, BLAKE3 manifest, atomic rename); the fsync and
             prune that follow in the background are timed as well, as full_durable (vs bare + its fsync);
-  async     save_run_checkpoint with checkpoint.async_save: the time training is blocked (gather + CPU copy);
-            the write itself then runs in the background and is waited for outside the timed window;
+  async     save_run_checkpoint with checkpoint.async_save, then one training step: the time training is blocked
+            is the save call (the gather) plus what the step's optimizer update waited for the snapshot (the copy
+            runs in the background during the step's forward and backward); the write then runs in the background
+            and is waited for outside the timed window. async_step is that step, step a step without a save next
+            to it: their difference is what the copy running beside the step cost it;
   resume    restore_checkpoint into freshly built parts + the first optimizer step, vs building fresh parts + the
             first step (what a resume adds before training continues).
 Contenders alternate within each repeat and each one's files are deleted (outside the timed window) before the
@@ -59,9 +62,9 @@ def timed(action) -> float:
     return time.perf_counter() - start
 
 
-def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[str, float]:
+def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int, writers) -> dict[str, float]:
     run_dir = scratch / f"run-{repeat}"
-    sync_writer, async_writer = CheckpointWriter(background=False), CheckpointWriter(background=True)
+    sync_writer, async_writer = writers
     async_recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"async_save": True})})
     bare_file = scratch / f"bare-{repeat}.pt"
     contenders = {
@@ -76,11 +79,16 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
             state,
             SaveSettings(run_dir / "async", async_recipe, SINGLE, DISTRIBUTED_CHECKPOINT, async_writer, {}),
         ),
+        "step": lambda: one_step(recipe, plan, parts, state),
     }
     order = list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]
     seconds = {}
     for name in order:
+        waited_before = async_writer.staging_wait_s
         seconds[name] = timed(contenders[name])
+        if name == "async":
+            seconds["async_step"] = timed(lambda: one_step(recipe, plan, parts, state))
+            seconds["async"] += async_writer.staging_wait_s - waited_before
         if name == "bare":
             seconds["bare_durable"] = seconds["bare"] + timed(lambda: fsync_file(bare_file))
             bare_file.unlink()
@@ -94,6 +102,12 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int) -> dict[s
             shutil.rmtree(run_dir / "async")
     shutil.rmtree(run_dir)
     return seconds
+
+
+def one_step(recipe, plan, parts, state) -> None:
+    batches = batch_stream(parts, state)
+    train_step(parts, batches, state=state, recipe=recipe, plan=plan)
+    batches.close()
 
 
 def save(parts, state, settings: SaveSettings) -> None:
@@ -129,16 +143,17 @@ def main() -> None:
     recipe = load_recipe(None, [*MODEL, *(LARGE if args.large else []), *args.overrides])
     plan = plan_run_devices(recipe, probe_environment())
     parts, state = build_run_parts(recipe, plan), TrainState()
-    batches = batch_stream(parts, state)
-    train_step(parts, batches, state=state, recipe=recipe, plan=plan)  # the optimizer state exists from here on
-    batches.close()
+    one_step(recipe, plan, parts, state)  # the optimizer state exists from here on
     params = sum(p.numel() for p in parts.model.parameters())
+    writers = CheckpointWriter(background=False), CheckpointWriter(background=True)
+    writers[1].guard(parts.optimizer)  # as the training loop does
     with tempfile.TemporaryDirectory(prefix="wmtp-save-bench-") as scratch:
-        rows = [one_repeat(recipe, plan, parts, state, Path(scratch), r) for r in range(args.repeats)]
+        rows = [one_repeat(recipe, plan, parts, state, Path(scratch), r, writers) for r in range(args.repeats)]
     ratios = {
         "full_over_bare": statistics.median(r["full"] / r["bare"] for r in rows),
         "full_durable_over_bare_durable": statistics.median(r["full_durable"] / r["bare_durable"] for r in rows),
         "async_blocking_over_full": statistics.median(r["async"] / r["full"] for r in rows),
+        "async_step_slowdown_over_full": statistics.median((r["async_step"] - r["step"]) / r["full"] for r in rows),
         "resume_first_step_over_fresh_first_step": statistics.median(r["resume"] / r["fresh"] for r in rows),
     }
     for r in rows:

@@ -204,7 +204,8 @@ class CheckpointConfig(_Section):
     format: Literal["full", "sharded"] = "full"
     """full: one model.safetensors gathered on rank 0; sharded: a torch.distributed.checkpoint directory (no gather)."""
     async_save: bool = False
-    """Copy the state to CPU and write in a background thread (one write in flight; exit and prune wait for it)."""
+    """Copy the state to kept CPU buffers and write it in a background thread; the copy overlaps the next step's
+    forward and backward, and its optimizer update waits for it (one save in flight; exit and prune wait for it)."""
 
 
 class TrackingConfig(_Section):

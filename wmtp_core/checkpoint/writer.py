@@ -1,15 +1,18 @@
-"""Runs a checkpoint save in two parts, write then settle, at most one in flight, in the caller's thread or in the
-background; a background failure is raised at the next save or at wait(), never lost."""
+"""Runs a checkpoint save in three parts, stage, write and settle, at most one in flight, in the caller's thread or
+in the background; a background failure is raised at the next save or at wait(), never lost."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from wmtp_core.checkpoint.manifest import CheckpointError
+from wmtp_core.checkpoint.staging import StagingBuffers
 
 
 class CheckpointWriter:
@@ -17,35 +20,64 @@ class CheckpointWriter:
     then prune older ones).
 
     Synchronous (the default): write runs in the caller's thread, settle in a background thread, so training goes
-    on while the disk flushes. checkpoint.async_save: both run in the background. Either way at most one save is in
-    flight: a new one first waits for the previous. `wait()` must run before the process exits; a background
-    failure is raised there (or at the next save), never lost.
+    on while the disk flushes. checkpoint.async_save: stage (a copy of the live state into kept CPU buffers), write
+    and settle all run in the background; the copy overlaps the next step's forward and backward, which read the
+    weights but do not change them, and the optimizer step waits for it (`guard`), as torchtitan's pinned-memory
+    async checkpointing does. Either way at most one save is in flight: a new one first waits for the previous.
+    `wait()` must run before the process exits; a background failure is raised there (or at the next save).
     """
 
     def __init__(self, *, background: bool):
         self.background = background
-        self._stager: DefaultStager | None = None  # snapshot_shards' CPU buffers, refilled at every save
+        self._stager: DefaultStager | None = None  # stage_shards' CPU buffers, refilled at every save
+        self.staging_buffers = StagingBuffers()
+        """The full format's kept CPU buffers for background saves (filled only for tensors training changes)."""
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._staged = threading.Event()
+        self._staged.set()
+        self.staging_wait_s = 0.0
+        """Seconds training has waited in guard() for a snapshot to finish (what the overlap did not hide)."""
         self.latest: Path | None = None
         self.saved: list[Path] = []
         """Every checkpoint this writer published, in order (hashed while written: valid by construction)."""
 
-    def submit(self, write: Callable[[], Path], settle: Callable[[Path], None] | None = None) -> None:
+    def submit(
+        self,
+        write: Callable[[], Path],
+        settle: Callable[[Path], None] | None = None,
+        *,
+        stage: Callable[[], None] | None = None,
+    ) -> None:
+        """Save: stage() (copy what training will change; background saves only), then write() (publish, return the
+        path), then settle(path). Until a background stage() returns, nothing may change the state it copies: an
+        optimizer passed to guard() waits for it."""
         self.wait()
         if self.background:
-            self._start(lambda: self._save(write, settle))
+            self._staged.clear()
+            self._start(lambda: self._save(stage, write, settle))
             return
         self.latest = path = write()
         self.saved.append(path)
         if settle is not None:
             self._start(lambda: settle(path))
 
-    def snapshot_shards(self, shards: dict, *, pin_memory: bool) -> dict:
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make optimizer.step() wait for a pending snapshot, so it never changes the state while it is copied."""
+        if self.background:
+            optimizer.register_step_pre_hook(lambda *_: self.wait_for_staging())
+
+    def wait_for_staging(self) -> None:
+        """Block until the pending save's snapshot is complete (at once when none is being taken)."""
+        if not self._staged.is_set():
+            started = time.perf_counter()
+            self._staged.wait()
+            self.staging_wait_s += time.perf_counter() - started
+
+    def stage_shards(self, shards: dict, *, pin_memory: bool) -> dict:
         """This rank's shards copied to CPU memory (DTensors stay DTensors; pin_memory for shards on a GPU, so the
         copy is fast) for a background write while training changes the originals. The buffers are kept and refilled
-        at the next save, so this first waits for the pending write, which may still be reading them."""
-        self.wait()
+        at the next save; the writer runs it in its own thread after the previous save is done with them."""
         if self._stager is None:
             self._stager = DefaultStager(
                 StagingOptions(
@@ -67,7 +99,14 @@ class CheckpointWriter:
             raise CheckpointError(f"background checkpoint write failed: {error}") from error
         return self.latest
 
-    def _save(self, write: Callable[[], Path], settle: Callable[[Path], None] | None) -> None:
+    def _save(
+        self, stage: Callable[[], None] | None, write: Callable[[], Path], settle: Callable[[Path], None] | None
+    ) -> None:
+        try:
+            if stage is not None:
+                stage()
+        finally:
+            self._staged.set()  # also when staging failed: the error reaches training at the next save or wait()
         self.latest = path = write()
         self.saved.append(path)
         if settle is not None:

@@ -98,6 +98,7 @@ def train(
     resumed_from = state.step if resume_from else None
     report = (on_metrics or (lambda step, metrics: None)) if ctx.is_main else (lambda step, metrics: None)
     writer = CheckpointWriter(background=recipe.checkpoint.async_save)
+    writer.guard(parts.optimizer)  # an async save's snapshot overlaps the next forward and backward, not the update
     writer.latest = resume_from
     settings = SaveSettings(run_dir, recipe, ctx, gates.state_dicts, writer, manifest_extra or {})
 
