@@ -115,6 +115,9 @@ def _run(recipe: Recipe, run_dir: Path, *, resume: bool, cancel_at: int | None, 
             "--standalone",
             "--nproc_per_node",
             str(recipe.devices.nproc_per_node),
+            # The ranks' error files go here; without a log dir torchrun leaves a torchelastic_* directory in /tmp.
+            "--log-dir",
+            str(run_dir / "logs" / "torchrun"),
         ]
     env = {**os.environ, "PYTHONWARNINGS": "always"}
     process = subprocess.Popen(launcher + worker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
