@@ -125,6 +125,27 @@ def latest_valid_checkpoint(
     return None
 
 
+def select_checkpoint(run_dir: Path, step: int | None, *, checksums: bool = True, step_option: str = "step") -> Path:
+    """The checkpoint evaluation and generation use: the run's one at step, verified, or with no step its newest
+    valid one. CheckpointError otherwise, naming step as step_option (how the caller's user sets it: the CLI passes
+    "--step") and pointing at `wmtp checkpoints`, which shows the run's checkpoints and why each one counts or not.
+
+    checksums=False checks presence and sizes only, for a caller whose checkpoint is hashed later anyway (once).
+    """
+    see = f"(see `wmtp checkpoints {run_dir.name}`)"
+    if step is None:
+        latest = latest_valid_checkpoint(run_dir, checksums=checksums)
+        if latest is None:
+            raise CheckpointError(f"run {run_dir.name!r} has no valid checkpoint yet {see}")
+        return latest.path
+    path = checkpoints_dir(run_dir) / step_dir_name(step)
+    try:
+        verify_checkpoint(path, checksums=checksums)
+    except CheckpointError as error:
+        raise CheckpointError(f"{step_option} {step}: {error} {see}") from None
+    return path
+
+
 def verdict_of(path: Path, verdicts: Verdicts) -> str | None:
     """None when the checkpoint at path verifies, else why not; taken from verdicts when it is there, else found
     (hashing the checkpoint) and added to it."""
