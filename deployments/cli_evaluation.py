@@ -146,22 +146,15 @@ def print_report(report: dict, *, as_json: bool) -> None:
 
 
 def _check_step(run: str, step: int | None, *, checksums: bool = True) -> Path:
-    """The checkpoint to use: the run's step, or its newest valid one (digests checked unless checksums=False:
-    presence and sizes only); RecipeError says what exists."""
-    from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint, step_dir_name, verify_checkpoint
+    """The checkpoint to use: the run's --step, or its newest valid one (digests checked unless checksums=False:
+    presence and sizes only); a RecipeError (exit 2) that says what exists otherwise."""
+    from wmtp_core.checkpoint.manifest import CheckpointError, select_checkpoint
 
     directory = existing_run_dir(run)
-    if step is None:
-        latest = latest_valid_checkpoint(directory, checksums=checksums)
-        if latest is None:
-            raise RecipeError(f"run {run!r} has no valid checkpoint yet (see `wmtp checkpoints {run}`)")
-        return latest.path
-    path = directory / "checkpoints" / step_dir_name(step)
     try:
-        verify_checkpoint(path, checksums=checksums)
+        return select_checkpoint(directory, step, checksums=checksums, step_option="--step")
     except CheckpointError as error:
-        raise RecipeError(f"--step {step}: {error} (see `wmtp checkpoints {run}`)") from None
-    return path
+        raise RecipeError(str(error)) from None
 
 
 def _refuse(message: str) -> None:

@@ -6,7 +6,7 @@ the tasks never import rich: each description gets a bar of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -20,9 +20,11 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from wmtp_core.progress import DescribedProgress
+
 
 @contextmanager
-def byte_progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+def byte_progress_bars() -> Iterator[DescribedProgress]:
     """Yields on_progress(description, done_bytes, total_bytes); a bar per description, drawn until the block ends.
     Off a terminal (CI logs, pipes) rich draws each bar once, as it ends."""
     columns = (

@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.reporting import artifact_key
-from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint, step_dir_name, verify_checkpoint
+from wmtp_core.checkpoint.manifest import select_checkpoint
 from wmtp_core.config import EvaluationConfig
 from wmtp_core.evaluation.report import evaluation_metrics
 
@@ -21,16 +21,8 @@ EXAMPLES_SHOWN = 3  # completions in the markdown artifact
 
 @task(name="find_checkpoint", cache_policy=NO_CACHE)
 def find_checkpoint(run_dir: str, step: int | None) -> str:
-    """The run's checkpoint at step (verified), or its newest valid one."""
-    directory = Path(run_dir)
-    if step is None:
-        latest = latest_valid_checkpoint(directory)
-        if latest is None:
-            raise CheckpointError(f"run {directory.name} has no valid checkpoint to evaluate")
-        return str(latest.path)
-    path = directory / "checkpoints" / step_dir_name(step)
-    verify_checkpoint(path)
-    return str(path)
+    """The run's checkpoint at step (verified), or its newest valid one; CheckpointError says what to change."""
+    return str(select_checkpoint(Path(run_dir), step))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -11,7 +11,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -31,11 +30,10 @@ from wmtp_core.checkpoint.manifest import (
     verdict_of,
 )
 from wmtp_core.config import Recipe
+from wmtp_core.progress import DescribedProgress
 from wmtp_core.recipes import flatten_recipe
 
 log = logging.getLogger(__name__)
-ProgressCallback = Callable[[str, int, int], None]
-"""on_progress(description, done_bytes, total_bytes), called after each file (the CLI draws it as a bar)."""
 TRACKING_FILE = "tracking.json"
 PENDING_UPLOADS_FILE = "pending_uploads.json"
 _MAX_PARAMS_PER_BATCH = 100
@@ -190,7 +188,7 @@ def log_environment_tags(run_id: str, probe: dict) -> None:
 
 
 def upload_checkpoints(
-    run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: ProgressCallback | None = None
+    run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: DescribedProgress | None = None
 ) -> list[str]:
     """Upload each valid checkpoint whose manifest is not yet in the run's artifacts (the manifest goes last, so an
     upload cut short is redone whole); returns the uploaded names.
@@ -227,7 +225,7 @@ def _send_files(
     files: list[tuple[Path, str]],
     *,
     description: str,
-    on_progress: ProgressCallback | None,
+    on_progress: DescribedProgress | None,
 ) -> None:
     """log_artifact each (file, artifact folder) in order, reporting the bytes sent after each file."""
     total, done = sum(file.stat().st_size for file, _ in files), 0
@@ -239,7 +237,7 @@ def _send_files(
 
 
 def upload_final_model(
-    run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: ProgressCallback | None = None
+    run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: DescribedProgress | None = None
 ) -> bool:
     """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a
     config, no pickle; an hf trunk as save_pretrained writes it), unless it is there already for that
@@ -282,7 +280,7 @@ def upload_run(
     succeeded: bool,
     finished: bool = True,
     verdicts: Verdicts | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: DescribedProgress | None = None,
 ) -> list[str]:
     """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
 

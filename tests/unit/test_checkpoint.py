@@ -17,6 +17,7 @@ from wmtp_core.checkpoint.manifest import (
     latest_valid_checkpoint,
     list_checkpoints,
     prune_checkpoints,
+    select_checkpoint,
     verify_checkpoint,
 )
 from wmtp_core.checkpoint.state_dicts import CheckpointSaveError
@@ -121,6 +122,22 @@ def test_directory_without_manifest_does_not_count(tmp_path):
 
 def test_no_checkpoint_means_latest_is_none(tmp_path):
     assert latest_valid_checkpoint(tmp_path) is None
+
+
+def test_select_checkpoint_takes_the_step_or_the_newest_valid_and_says_what_to_change(tmp_path):
+    run = tmp_path / "demo"
+    with pytest.raises(
+        CheckpointError, match=r"run 'demo' has no valid checkpoint yet \(see `wmtp checkpoints demo`\)"
+    ):
+        select_checkpoint(run, None)
+    older, newest = _save(run, 1), _save(run, 2)
+    (newest / MODEL_FILE).write_bytes(b"torn")
+    assert select_checkpoint(run, None) == older
+    assert select_checkpoint(run, 1) == older
+    with pytest.raises(CheckpointError, match=f"^--step 2: .*{MODEL_FILE}.*see `wmtp checkpoints demo`"):
+        select_checkpoint(run, 2, checksums=False, step_option="--step")
+    with pytest.raises(CheckpointError, match="^step 3: .*no manifest.json"):
+        select_checkpoint(run, 3)
 
 
 def test_prune_keeps_the_newest_valid_checkpoints(tmp_path):

@@ -15,7 +15,7 @@ from support import ROOT
 PACKAGES = ("wmtp_core", "tasks", "flows", "deployments")
 
 LAYERS = (
-    ("wmtp_core.config", "wmtp_core.recipes"),
+    ("wmtp_core.config", "wmtp_core.recipes", "wmtp_core.progress"),
     ("wmtp_core.models",),
     ("wmtp_core.data",),
     ("wmtp_core.generation",),

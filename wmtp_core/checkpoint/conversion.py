@@ -16,7 +16,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from wmtp_core.checkpoint.digests import ProgressCallback
 from wmtp_core.checkpoint.manifest import CheckpointError, checkpoint_bytes, read_manifest, verify_checkpoint
 from wmtp_core.checkpoint.storage import (
     SHARDED_DIR,
@@ -25,12 +24,13 @@ from wmtp_core.checkpoint.storage import (
     save_checkpoint,
     single_process_is_intended,
 )
+from wmtp_core.progress import CountProgress
 
 _ALIGN = 64  # each tensor starts on a 64-byte boundary of the scratch file (as torch.save aligns its records)
 _GROUP_BYTES = 256 << 20  # the shards are gathered this many bytes at a time, so progress moves as they arrive
 
 
-def convert_to_full(path: Path, run_dir: Path, *, on_progress: ProgressCallback | None = None) -> Path:
+def convert_to_full(path: Path, run_dir: Path, *, on_progress: CountProgress | None = None) -> Path:
     """Rewrite a sharded checkpoint as the full format, in place. on_progress(done_bytes, total_bytes) follows the
     checkpoint's verification, the gathering of its shards, then the writing of the full files."""
     manifest = read_manifest(path)
@@ -141,7 +141,7 @@ def _nbytes(md: TensorStorageMetadata) -> int:
 class _Progress:
     """Bytes done over a known total, reported to on_progress from any thread."""
 
-    def __init__(self, total: int, on_progress: ProgressCallback | None):
+    def __init__(self, total: int, on_progress: CountProgress | None):
         self.total, self.done, self.on_progress = total, 0, on_progress
         self._lock = threading.Lock()
 
@@ -151,7 +151,7 @@ class _Progress:
             if self.on_progress is not None:
                 self.on_progress(self.done, self.total)
 
-    def follow(self) -> ProgressCallback:
+    def follow(self) -> CountProgress:
         """An on_progress callback for a step that reports its own running total (verification)."""
         start = self.done
         return lambda done, total: self.add(start + done - self.done)

@@ -18,9 +18,6 @@ DIGEST_ALGORITHM = "blake3"
 ALGORITHMS = ("blake3", "sha256")
 """What a manifest may name: blake3 (format 2), sha256 (format 1)."""
 
-ProgressCallback = Callable[[int, int], None]
-"""on_progress(done_bytes, total_bytes): called as files are hashed, so a caller can draw a progress bar."""
-
 # A file read back is hashed in pieces of this size, so progress moves at least every few tens of milliseconds.
 _PIECE_BYTES = 64 << 20
 

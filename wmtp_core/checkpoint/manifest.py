@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wmtp_core.checkpoint import digests
-from wmtp_core.checkpoint.digests import DIGEST_ALGORITHM, ProgressCallback
+from wmtp_core.checkpoint.digests import DIGEST_ALGORITHM
+from wmtp_core.progress import CountProgress
 
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
@@ -63,7 +64,7 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def verify_checkpoint(path: Path, *, checksums: bool = True, on_progress: ProgressCallback | None = None) -> dict:
+def verify_checkpoint(path: Path, *, checksums: bool = True, on_progress: CountProgress | None = None) -> dict:
     """Return the manifest if every listed file matches its size and digest, else raise CheckpointError.
 
     checksums=False checks presence and sizes only: enough to tell a finished save from a torn one, at no read cost.
@@ -81,7 +82,7 @@ def checkpoint_bytes(manifest: dict) -> int:
 
 
 def list_checkpoints(
-    run_dir: Path, *, checksums: bool = True, on_progress: ProgressCallback | None = None
+    run_dir: Path, *, checksums: bool = True, on_progress: CountProgress | None = None
 ) -> list[CheckpointInfo]:
     """Every step directory of the run, oldest first, each verified against its manifest; on_progress follows the
     hashing of them all."""
@@ -101,7 +102,7 @@ def latest_valid_checkpoint(
     *,
     verdicts: Verdicts | None = None,
     checksums: bool = True,
-    on_progress: ProgressCallback | None = None,
+    on_progress: CountProgress | None = None,
 ) -> CheckpointInfo | None:
     """The newest checkpoint whose manifest verifies; tampered or half-written ones are skipped.
 
@@ -122,6 +123,27 @@ def latest_valid_checkpoint(
         if info.valid:
             return info
     return None
+
+
+def select_checkpoint(run_dir: Path, step: int | None, *, checksums: bool = True, step_option: str = "step") -> Path:
+    """The checkpoint evaluation and generation use: the run's one at step, verified, or with no step its newest
+    valid one. CheckpointError otherwise, naming step as step_option (how the caller's user sets it: the CLI passes
+    "--step") and pointing at `wmtp checkpoints`, which shows the run's checkpoints and why each one counts or not.
+
+    checksums=False checks presence and sizes only, for a caller whose checkpoint is hashed later anyway (once).
+    """
+    see = f"(see `wmtp checkpoints {run_dir.name}`)"
+    if step is None:
+        latest = latest_valid_checkpoint(run_dir, checksums=checksums)
+        if latest is None:
+            raise CheckpointError(f"run {run_dir.name!r} has no valid checkpoint yet {see}")
+        return latest.path
+    path = checkpoints_dir(run_dir) / step_dir_name(step)
+    try:
+        verify_checkpoint(path, checksums=checksums)
+    except CheckpointError as error:
+        raise CheckpointError(f"{step_option} {step}: {error} {see}") from None
+    return path
 
 
 def verdict_of(path: Path, verdicts: Verdicts) -> str | None:
@@ -232,7 +254,7 @@ def _verify_file(path: Path, expected: dict, *, checksum: bool, on_bytes) -> Non
 class _Progress:
     """Adds up hashed bytes and reports (done, total) to an optional callback."""
 
-    def __init__(self, total: int, on_progress: ProgressCallback | None):
+    def __init__(self, total: int, on_progress: CountProgress | None):
         self.total, self.done, self.on_progress = total, 0, on_progress
 
     def add(self, num_bytes: int) -> None:

@@ -7,7 +7,6 @@ report.json); the report comes back as plain values for the flow to log and publ
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from wmtp_core.generation.generate import generate
 from wmtp_core.generation.head_analysis import head_accuracy
 from wmtp_core.generation.settings import DecodingStats, SamplingSettings
 from wmtp_core.models.tokenizer import Tokenizer
+from wmtp_core.progress import DescribedProgress
 
-ProgressCallback = Callable[[str, int, int], None]
 EXAMPLES_KEPT = 5  # completions copied into the report (all of them are in completions.jsonl)
 BATCH = 16  # prompts per generate() call, so progress moves during long generations
 
@@ -36,7 +35,7 @@ def evaluate_checkpoint(
     *,
     runs_under: Path,
     verified: bool = False,
-    on_progress: ProgressCallback | None = None,
+    on_progress: DescribedProgress | None = None,
 ) -> dict:
     """Evaluate the checkpoint (verified on load unless verified); writes its files under runs_under/evaluations/
     and returns the report: pass@k, per-head scores, decoding figures and a few completions."""
@@ -77,7 +76,7 @@ def complete_problems(
     problems: list[Problem],
     evaluation: EvaluationConfig,
     *,
-    on_progress: ProgressCallback,
+    on_progress: DescribedProgress,
 ) -> tuple[dict[str, list[str]], DecodingStats]:
     """evaluation.samples completions per problem (sample i is seeded with i) and the decoding figures of them all."""
     completions: dict[str, list[str]] = {p.task_id: [] for p in problems}

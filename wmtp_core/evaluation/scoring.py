@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from wmtp_core.evaluation.pass_at_k import mean_pass_at_k
 from wmtp_core.evaluation.problems import Problem, program_for
 from wmtp_core.evaluation.sandbox import SandboxLimits, SandboxResult, Status, run_sandboxed, unenforced_limits
+from wmtp_core.progress import CountProgress
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def score_completions(
     ks: tuple[int, ...] = (1, 10, 100),
     limits: SandboxLimits = SandboxLimits(),
     workers: int = 2,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: CountProgress | None = None,
 ) -> Scores:
     """Run every completion in the sandbox, `workers` at a time; on_progress(done, total) after each one."""
     jobs = _jobs(problems, completions)
@@ -131,7 +131,7 @@ def _run_all(
     *,
     limits: SandboxLimits,
     workers: int,
-    on_progress: Callable[[int, int], None] | None,
+    on_progress: CountProgress | None,
 ) -> list[SandboxResult]:
     """The sandbox result of every job, in job order; each sandbox is a subprocess, so threads run them in parallel."""
     if workers < 1:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from wmtp_core.models.hf import MTP_HEADS_FILE
 from wmtp_core.models.hf_tokenizer import import_transformers
+from wmtp_core.progress import CountProgress, DescribedProgress
 
 _LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -39,7 +40,7 @@ _LAYER_NAMES = {
 
 
 def convert_meta_mtp(
-    model_dir: Path, out_dir: Path, *, tokenizer: str, on_progress: Callable[[str, int, int], None] | None = None
+    model_dir: Path, out_dir: Path, *, tokenizer: str, on_progress: DescribedProgress | None = None
 ) -> Path:
     """Write out_dir (config, weights, tokenizer, mtp_heads.safetensors) from Meta's model_dir; returns out_dir.
     on_progress(stage, done_bytes, total_bytes): the tensors converted, then each file written."""
@@ -69,7 +70,7 @@ def convert_meta_mtp(
     return Path(out_dir)
 
 
-def _written(stage: str, state: dict, report: Callable[[str, int, int], None], write: Callable[[], object]) -> None:
+def _written(stage: str, state: dict, report: DescribedProgress, write: Callable[[], object]) -> None:
     size = _bytes(state.values())
     report(stage, 0, size)
     write()
@@ -102,7 +103,7 @@ def llama_config(params: dict, meta_state: dict[str, torch.Tensor]):
 
 
 def convert_state(
-    meta_state: dict[str, torch.Tensor], config, *, on_tensor: Callable[[int, int], None] | None = None
+    meta_state: dict[str, torch.Tensor], config, *, on_tensor: CountProgress | None = None
 ) -> tuple[dict, dict]:
     """(the LlamaForCausalLM state dict, the extra heads' state dict keyed like HFMTPModel.extra_heads);
     on_tensor(done_bytes, total_bytes) after each tensor of meta_state."""
