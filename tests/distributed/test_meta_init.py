@@ -23,14 +23,19 @@ SCRIPT = ROOT / "tests" / "support" / "initial_weights.py"
 TWO_FSDP = ["devices.strategy=fsdp", "devices.nproc_per_node=2", "devices.timeout_s=60"]
 
 
-def _built_by(recipe, tmp_path, *, processes: int) -> dict:
-    tmp_path.mkdir()
-    (tmp_path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+def _build_all(recipes: dict[str, object], root, *, processes: int) -> dict[str, dict]:
+    """Every recipe's initial model, built by one launch of the script (one process, or two under torchrun): the
+    launch's start-up (torch, transformers, the process group) is paid once for all the models, not once each."""
+    root.mkdir()
+    arguments = []
+    for name, recipe in recipes.items():
+        (root / f"{name}.yaml").write_text(recipe_to_yaml(recipe))
+        arguments += [str(root / f"{name}.yaml"), str(root / f"{name}.pt")]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command = (launcher if processes > 1 else [sys.executable]) + [str(SCRIPT), str(tmp_path / "recipe.yaml")]
-    out = subprocess.run([*command, str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=180)
+    command = (launcher if processes > 1 else [sys.executable]) + [str(SCRIPT), *arguments]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt", weights_only=True)
+    return {name: torch.load(root / f"{name}.pt", weights_only=True) for name in recipes}
 
 
 def _assert_bitwise_equal(expected: dict, actual: dict) -> None:
@@ -47,12 +52,27 @@ def _models(hf_model_dirs):
     }
 
 
-@pytest.mark.parametrize("model", ["builtin-critic", "hf-llama", "hf-gpt2"])
-def test_meta_initialisation_gives_bitwise_the_weights_every_rank_built_before(tmp_path, hf_model_dirs, model):
+MODELS = ["builtin-critic", "hf-llama", "hf-gpt2"]
+
+
+@pytest.fixture(scope="module")
+def built_elsewhere(hf_model_dirs, tmp_path_factory) -> dict[str, dict[str, dict]]:
+    """{"one": {model: built by a fresh process}, "two": {model: built by two processes under torchrun (FSDP2 on
+    the meta device)}} for every model: each launch builds the models in turn, seeding first as train() does. Made on
+    first use and shared by the module's tests (each checks its own model)."""
+    models = _models(hf_model_dirs)
+    root = tmp_path_factory.mktemp("meta-init")
+    return {
+        "one": _build_all({m: load_recipe(None, models[m]) for m in MODELS}, root / "one", processes=1),
+        "two": _build_all({m: load_recipe(None, [*models[m], *TWO_FSDP]) for m in MODELS}, root / "two", processes=2),
+    }
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_meta_initialisation_gives_bitwise_the_weights_every_rank_built_before(hf_model_dirs, built_elsewhere, model):
     overrides = _models(hf_model_dirs)[model]
     today = initial_model(load_recipe(None, overrides), SINGLE)  # the full model, built in this process
-    one = _built_by(load_recipe(None, overrides), tmp_path / "one", processes=1)
-    two = _built_by(load_recipe(None, [*overrides, *TWO_FSDP]), tmp_path / "two", processes=2)
+    one, two = built_elsewhere["one"][model], built_elsewhere["two"][model]
     for built in (one, two):
         _assert_bitwise_equal(today["weights"], built["weights"])
         for rank in built["per_rank"]:

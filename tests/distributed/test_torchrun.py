@@ -74,10 +74,19 @@ def copy_run_up_to(source: Path, target: Path, step: int) -> None:
 # parameter's exp_avg_sq in place of its exp_avg, so the legacy path (phases.api off) resumes with a corrupted
 # AdamW state; one more reason for Phase 3. Strict: these tests start failing the day torch fixes it.
 LEGACY_OPTIMIZER_BUG = pytest.mark.xfail(strict=True, reason="torch FSDP1 optim_state_dict swaps exp_avg on CPU")
+# On two processes the legacy resume does not get that far today: the pre-load check (_checked_on_rank0 in
+# wmtp_core/checkpoint/run_state.py) calls the FSDP1 model's state_dict() on rank 0 alone, an all-gather that rank 1
+# never joins while it waits in a broadcast, so both ranks hang until devices.timeout_s (60 s) and the job fails.
+# The one-process resume of the same checkpoint is the test of the torch defect alone (it ends in a NaN loss).
+LEGACY_TWO_PROCESS_RESUME = pytest.mark.xfail(
+    strict=True,
+    reason="wmtp_core deadlock: FSDP1 state_dict() on rank 0 alone before the load (gloo timeout), then the torch "
+    "FSDP1 optim_state_dict defect",
+)
 
 
-def resume_marks(layout: str):
-    return pytest.param(layout, marks=LEGACY_OPTIMIZER_BUG) if layout == "fsdp1-legacy-api" else layout
+def resume_marks(layout: str, mark=LEGACY_OPTIMIZER_BUG):
+    return pytest.param(layout, marks=mark) if layout == "fsdp1-legacy-api" else layout
 
 
 def assert_same_weights(expected: dict, actual: dict) -> None:
@@ -115,7 +124,7 @@ def test_two_process_run_saves_every_interval(straight_runs, layout):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
 
 
-@pytest.mark.parametrize("layout", [resume_marks(layout) for layout in LAYOUTS])
+@pytest.mark.parametrize("layout", [resume_marks(layout, LEGACY_TWO_PROCESS_RESUME) for layout in LAYOUTS])
 def test_resume_on_two_processes_matches_the_uninterrupted_run(straight_runs, layout, tmp_path):
     straight_dir, straight_losses = straight_runs(layout)
     copy_run_up_to(straight_dir, tmp_path, step=4)

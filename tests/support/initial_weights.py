@@ -2,8 +2,12 @@
 by rank 0 as full tensors: weights (a full state dict, gathered), every rank's buffers and every rank's random
 generator state after building.
 
-    python tests/support/initial_weights.py RECIPE OUT                                   # one process
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/support/initial_weights.py RECIPE OUT
+    python tests/support/initial_weights.py RECIPE OUT [RECIPE OUT ...]                  # one process
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/support/initial_weights.py RECIPE OUT [...]
+
+Several (RECIPE, OUT) pairs are built one after the other in the same processes (one start-up for all; each build
+seeds its own generators first, as train() does). The process group is joined once, with the first recipe's
+devices.timeout_s.
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ def initial_model(recipe, ctx) -> dict:
     }
 
 
-def main(recipe_path: str, out: str) -> None:
-    recipe = load_recipe(Path(recipe_path))
-    ctx = init_distributed("cpu", timeout_s=recipe.devices.timeout_s)
-    built = initial_model(recipe, ctx)
-    per_rank = gather_objects({"buffers": built["buffers"], "rng": built["rng"]}, ctx)
-    if ctx.is_main:
-        torch.save({"weights": built["weights"], "per_rank": per_rank}, out)
+def main(*recipes_and_outs: str) -> None:
+    assert recipes_and_outs and len(recipes_and_outs) % 2 == 0, "usage: initial_weights.py RECIPE OUT [RECIPE OUT ...]"
+    pairs = [(load_recipe(Path(r)), out) for r, out in zip(recipes_and_outs[::2], recipes_and_outs[1::2], strict=True)]
+    ctx = init_distributed("cpu", timeout_s=pairs[0][0].devices.timeout_s)
+    for recipe, out in pairs:
+        built = initial_model(recipe, ctx)
+        per_rank = gather_objects({"buffers": built["buffers"], "rng": built["rng"]}, ctx)
+        if ctx.is_main:
+            torch.save({"weights": built["weights"], "per_rank": per_rank}, out)
     shutdown_distributed()
 
 
