@@ -253,11 +253,13 @@ def _checked_on_rank0(pieces: RunPieces, path: Path, *, ctx: DistContext, verifi
     """The checkpoint's manifest, once rank 0 has checked the checkpoint (digests unless verified, and that its
     weights fit the model); a problem is raised on every rank, so none waits for a broadcast that never comes."""
     problem = None
+    # On every rank: under FSDP1 (the legacy API) state_dict() is a collective, which rank 0 alone would wait on.
+    expected = unwrap(pieces.model).state_dict()
     if ctx.is_main:
         try:
             manifest = read_checkpoint_manifest(path, verified=verified)
             if manifest.get("format", "full") == "full":
-                check_shapes_match(open_model_state(path), unwrap(pieces.model).state_dict(), source=path)
+                check_shapes_match(open_model_state(path), expected, source=path)
         except CheckpointError as error:
             problem = str(error)
     problem = broadcast_object(problem, ctx)
