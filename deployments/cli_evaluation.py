@@ -84,12 +84,16 @@ def generate(
     [generation], stats = invalid_input_guard(
         lambda: continue_prompts(model, tokenizer, [prompt], settings, heads=heads)
     )
-    figures = f"{stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s, {generation.finish_reason}"
+    figures = (
+        f"{stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s ({stats.decode_tokens_per_s:.0f} after a "
+        f"{1000 * stats.prompt_seconds:.0f} ms prompt read), {generation.finish_reason}"
+    )
     acceptance = ", ".join(f"head {i} {rate:.2f}" for i, rate in enumerate(stats.acceptance_per_head, start=1))
     print(figures + (f"; drafts accepted: {acceptance}" if acceptance else ""), file=sys.stderr)
     if as_json:
         summary = {"run": run, "checkpoint": str(checkpoint), "prompt": prompt, "completion": generation.text}
         summary.update(finish_reason=generation.finish_reason, tokens=stats.tokens, tokens_per_s=stats.tokens_per_s)
+        summary.update(decode_tokens_per_s=stats.decode_tokens_per_s, prompt_seconds=stats.prompt_seconds)
         print(json.dumps({**summary, "acceptance_per_head": stats.acceptance_per_head}))
     else:
         print(prompt + generation.text)

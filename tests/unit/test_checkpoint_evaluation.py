@@ -19,12 +19,18 @@ def test_a_long_prompt_is_cut_from_the_left_so_its_end_and_bos_fit():
 
 
 def test_decoding_figures_of_several_calls_weigh_every_draft():
-    first = DecodingStats(10, 6, 1.0, 10.0, [1.0, 0.5], drafts_proposed=[2, 2], drafts_accepted=[2, 1])
-    second = DecodingStats(30, 26, 2.0, 15.0, [0.25, 0.0], drafts_proposed=[8, 2], drafts_accepted=[2, 0])
+    first = DecodingStats(
+        10, 6, 1.0, 10.0, [1.0, 0.5], drafts_proposed=[2, 2], drafts_accepted=[2, 1], prompts=2, prompt_seconds=0.25
+    )
+    second = DecodingStats(
+        30, 26, 2.0, 15.0, [0.25, 0.0], drafts_proposed=[8, 2], drafts_accepted=[2, 0], prompts=3, prompt_seconds=0.5
+    )
     both = combined([first, second])
     assert (both.tokens, both.forward_passes, both.seconds) == (40, 32, 3.0)
     assert both.tokens_per_s == 40 / 3.0
     assert both.acceptance_per_head == [4 / 10, 1 / 4]  # not the mean of the calls' rates
+    # After the prompt reads: each read gave one token, the other 35 took the remaining 2.25 s.
+    assert (both.prompts, both.prompt_seconds, both.decode_tokens_per_s) == (5, 0.75, 35 / 2.25)
 
 
 def test_report_metrics_have_names_mlflow_accepts():

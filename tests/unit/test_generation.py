@@ -68,6 +68,20 @@ def test_decode_with_a_cache_gives_the_full_forward_logits_block_by_block(random
     torch.testing.assert_close(stitched_BTKV, full_BTKV, rtol=1e-5, atol=1e-5)
 
 
+def test_a_prompt_read_of_the_last_position_alone_caches_every_position(random_model):
+    """last_only returns the last position's logits and leaves the cache as a full read does: the steps after it
+    give the full forward's logits."""
+    tokens_BT = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
+    cache = random_model.new_cache()
+    with torch.no_grad():
+        full_BTKV = random_model(tokens_BT)
+        last_B1KV = random_model.decode(tokens_BT[:, :20], cache, num_heads=4, last_only=True)
+        after_BTKV = random_model.decode(tokens_BT[:, 20:], cache, num_heads=4)
+    assert last_B1KV.shape[:3] == (1, 1, 4)
+    torch.testing.assert_close(last_B1KV, full_BTKV[:, 19:20], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after_BTKV, full_BTKV[:, 20:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_name", ["random_model", "walker"])
 def test_cached_greedy_equals_greedy_recomputed_without_a_cache(model_name, request):
     model = request.getfixturevalue(model_name)
@@ -103,6 +117,10 @@ def test_acceptance_counts_each_drafting_head_and_predict_the_forward_passes(wal
     steps = stats.forward_passes - len(PROMPTS)
     assert stats.tokens <= len(PROMPTS) + steps + sum(stats.drafts_accepted)
     assert stats.tokens_per_s == pytest.approx(stats.tokens / stats.seconds)
+    # the prompt reads, timed apart: each gave one token, the decoding steps the rest
+    assert (stats.prompts, 0 < stats.prompt_seconds < stats.seconds) == (len(PROMPTS), True)
+    decode_seconds = stats.seconds - stats.prompt_seconds
+    assert stats.decode_tokens_per_s == pytest.approx((stats.tokens - len(PROMPTS)) / decode_seconds)
 
 
 def test_plain_decoding_reports_no_heads_and_counts_one_forward_per_token(random_model):

@@ -57,6 +57,20 @@ def test_decode_with_the_lm_cache_gives_the_full_forward_logits_block_by_block(h
     torch.testing.assert_close(stitched_BTKV, full_BTKV, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_prompt_read_of_the_last_position_alone_caches_every_position(hf_model_dirs, kind):
+    model, _ = _load(hf_model_dirs, kind)
+    tokens_BT = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache()
+    with torch.no_grad():
+        full_BTKV = model(tokens_BT)
+        last_B1KV = model.decode(tokens_BT[:, :12], cache, num_heads=4, last_only=True)
+        after_BTKV = model.decode(tokens_BT[:, 12:], cache, num_heads=4)
+    assert last_B1KV.shape[:3] == (1, 1, 4)
+    torch.testing.assert_close(last_B1KV, full_BTKV[:, 11:12], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after_BTKV, full_BTKV[:, 12:], rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def random_trunks(hf_model_dirs) -> dict:
     """Per kind: the model, its tokenizer and its plain greedy generations (computed once for every k)."""

@@ -21,7 +21,7 @@ from wmtp_core.evaluation.sandbox import SandboxLimits
 from wmtp_core.evaluation.scoring import Scores, score_completions
 from wmtp_core.generation.generate import generate
 from wmtp_core.generation.head_analysis import head_accuracy
-from wmtp_core.generation.settings import DecodingStats, SamplingSettings
+from wmtp_core.generation.settings import DecodingStats, SamplingSettings, decoding_stats
 from wmtp_core.models.tokenizer import Tokenizer
 from wmtp_core.progress import DescribedProgress
 
@@ -113,18 +113,15 @@ def fit_prompt(tokenizer: Tokenizer, prompt: str, *, max_tokens: int) -> str:
 
 def combined(calls: list[DecodingStats]) -> DecodingStats:
     """The decoding figures of several generate() calls as one: totals, and acceptance over every draft."""
-    tokens, seconds = sum(c.tokens for c in calls), sum(c.seconds for c in calls)
     heads = max((len(c.drafts_proposed) for c in calls), default=0)
-    proposed = [sum(c.drafts_proposed[i] for c in calls) for i in range(heads)]
-    accepted = [sum(c.drafts_accepted[i] for c in calls) for i in range(heads)]
-    return DecodingStats(
-        tokens=tokens,
+    return decoding_stats(
+        tokens=sum(c.tokens for c in calls),
+        prompts=sum(c.prompts for c in calls),
         forward_passes=sum(c.forward_passes for c in calls),
-        seconds=seconds,
-        tokens_per_s=tokens / max(seconds, 1e-9),
-        acceptance_per_head=[a / p if p else 0.0 for a, p in zip(accepted, proposed)],
-        drafts_proposed=proposed,
-        drafts_accepted=accepted,
+        seconds=sum(c.seconds for c in calls),
+        prompt_seconds=sum(c.prompt_seconds for c in calls),
+        proposed=[sum(c.drafts_proposed[i] for c in calls) for i in range(heads)],
+        accepted=[sum(c.drafts_accepted[i] for c in calls) for i in range(heads)],
     )
 
 

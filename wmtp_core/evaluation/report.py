@@ -15,6 +15,8 @@ def evaluation_metrics(report: dict) -> dict[str, float]:
         metrics[f"eval/head_{head['head']}_cross_entropy"] = head["cross_entropy"]
     decoding = report["decoding"]
     metrics["eval/tokens_per_s"] = decoding["tokens_per_s"]
+    if "decode_tokens_per_s" in decoding:  # reports written before 2026-12-01 lack it
+        metrics["eval/decode_tokens_per_s"] = decoding["decode_tokens_per_s"]
     for head, rate in enumerate(decoding["acceptance_per_head"], start=1):
         metrics[f"eval/acceptance_head_{head}"] = rate
     return metrics

@@ -10,6 +10,7 @@ Shapes: T time, K heads, V vocabulary.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ class DraftCounts:
     proposed: list[int]
     accepted: list[int]
     forward_passes: int = 0
+    prompt_seconds: float = 0.0
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
         for i in range(num_drafts):
@@ -73,13 +75,15 @@ def decode_prompt(
     device = next(model.parameters()).device
     cache = model.new_cache()
 
-    def forward(tokens: list[int]) -> torch.Tensor:
+    def forward(tokens: list[int], *, last_only: bool = False) -> torch.Tensor:
         counts.forward_passes += 1
-        return model.decode(torch.tensor([tokens], device=device), cache, num_heads=heads)[0]
+        return model.decode(torch.tensor([tokens], device=device), cache, num_heads=heads, last_only=last_only)[0]
 
-    logits_TKV = forward(prompt_ids)
+    started = time.perf_counter()
+    logits_TKV = forward(prompt_ids, last_only=True)  # the heads' outputs before the prompt's end are never read
     _, next_token = verify_drafts(logits_TKV[-1:, 0], [], settings, generator)
-    drafts = draft_tokens(logits_TKV[-1, 1:])
+    drafts = draft_tokens(logits_TKV[-1, 1:])  # both read the logits on the host: the forward has finished
+    counts.prompt_seconds += time.perf_counter() - started
     while not out.emit(next_token):
         drafts = drafts[: out.remaining]  # the block never runs past the budget, so never past max_seq_len
         logits_TKV = forward([next_token, *drafts])

@@ -14,7 +14,7 @@ import torch
 
 from wmtp_core.generation.decoding import Continuation, DraftCounts, decode_prompt
 from wmtp_core.generation.sampling import row_generator
-from wmtp_core.generation.settings import DecodingStats, Generation, SamplingSettings
+from wmtp_core.generation.settings import DecodingStats, Generation, SamplingSettings, decoding_stats
 from wmtp_core.models.tokenizer import Tokenizer
 
 
@@ -88,13 +88,12 @@ def _text(tokenizer: Tokenizer, token_ids: list[int], stop: tuple[str, ...]) -> 
 
 
 def _stats(generations: list[Generation], counts: DraftCounts, seconds: float) -> DecodingStats:
-    tokens = sum(len(g.token_ids) for g in generations)
-    return DecodingStats(
-        tokens=tokens,
+    return decoding_stats(
+        tokens=sum(len(g.token_ids) for g in generations),
+        prompts=len(generations),
         forward_passes=counts.forward_passes,
         seconds=seconds,
-        tokens_per_s=tokens / max(seconds, 1e-9),
-        acceptance_per_head=[a / p if p else 0.0 for a, p in zip(counts.accepted, counts.proposed)],
-        drafts_proposed=list(counts.proposed),
-        drafts_accepted=list(counts.accepted),
+        prompt_seconds=counts.prompt_seconds,
+        proposed=counts.proposed,
+        accepted=counts.accepted,
     )

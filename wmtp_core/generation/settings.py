@@ -57,6 +57,9 @@ class DecodingStats:
     forward_passes counts prompt reads (one per prompt) and decoding steps; acceptance_per_head[i - 1] is the share
     of head i's drafts that head 0 accepted, of those sent for verification (empty for plain decoding). Without
     stops inside a block, tokens per decoding step = 1 + sum(acceptance_per_head).
+
+    tokens_per_s counts the whole call; decode_tokens_per_s only what follows each prompt's read (the read yields
+    the first token): the rate of the decoding steps themselves, which short continuations of long prompts hide.
     """
 
     tokens: int
@@ -66,3 +69,25 @@ class DecodingStats:
     acceptance_per_head: list[float] = field(default_factory=list)
     drafts_proposed: list[int] = field(default_factory=list)
     drafts_accepted: list[int] = field(default_factory=list)
+    prompts: int = 0
+    prompt_seconds: float = 0.0
+    """Time spent reading prompts (one forward each, and choosing the first token)."""
+    decode_tokens_per_s: float = 0.0
+
+
+def decoding_stats(
+    *, tokens: int, prompts: int, forward_passes: int, seconds: float, prompt_seconds: float, proposed, accepted
+) -> DecodingStats:
+    """DecodingStats from totals: rates, and each drafting head's acceptance over all its drafts."""
+    return DecodingStats(
+        tokens=tokens,
+        forward_passes=forward_passes,
+        seconds=seconds,
+        tokens_per_s=tokens / max(seconds, 1e-9),
+        acceptance_per_head=[a / p if p else 0.0 for a, p in zip(accepted, proposed)],
+        drafts_proposed=list(proposed),
+        drafts_accepted=list(accepted),
+        prompts=prompts,
+        prompt_seconds=prompt_seconds,
+        decode_tokens_per_s=(tokens - prompts) / max(seconds - prompt_seconds, 1e-9),
+    )

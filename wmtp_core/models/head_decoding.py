@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wmtp_core.models.kv_cache import LayerKVCache, attend_cached
+from wmtp_core.models.kv_cache import LayerKVCache, attend_cached, attend_cached_last
 
 
 @dataclass(frozen=True)
@@ -57,17 +57,26 @@ def stack_heads(heads: Sequence[nn.Module]) -> StackedHeads:
     )
 
 
-def run_heads(x_BTD: torch.Tensor, heads: StackedHeads, cache: LayerKVCache) -> torch.Tensor:
+def run_heads(x_BTD: torch.Tensor, heads: StackedHeads, cache: LayerKVCache, *, last_only: bool = False):
     """Every stacked head on the trunk's states x_BTD: h_BTKD. The cache holds the heads' keys and values side by
-    side in its batch dimension (K*B rows)."""
+    side in its batch dimension (K*B rows).
+
+    last_only: every position's keys and values join the cache, but attention and MLP run for the last position
+    alone, and h_B1KD comes back. A prompt read needs the heads' outputs at its end only; the rest of its positions
+    matter to later steps through the cache alone.
+    """
     B, T, D = x_BTD.shape
     K, H = heads.num_heads, heads.attention_heads
-    x_1ND = x_BTD.reshape(1, B * T, D)
-    a_KND = F.layer_norm(x_1ND, (D,), eps=heads.eps) * heads.norm_attn_w_K1D + heads.norm_attn_b_K1D
-    q, k, v = torch.bmm(a_KND, heads.qkv_KD3D).split(D, dim=2)
+    a_KND = F.layer_norm(x_BTD.reshape(1, B * T, D), (D,), eps=heads.eps) * heads.norm_attn_w_K1D
+    q, k, v = torch.bmm(a_KND + heads.norm_attn_b_K1D, heads.qkv_KD3D).split(D, dim=2)
     q, k, v = (t.view(K * B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
-    y_KND = attend_cached(q, k, v, cache).transpose(1, 2).reshape(K, B * T, D)
-    x_KND = x_1ND + torch.bmm(y_KND, heads.proj_KDD)
+    if last_only:
+        x_BTD, T = x_BTD[:, -1:], 1
+        y_KBHTd = attend_cached_last(q[:, :, -1:], k, v, cache)
+    else:
+        y_KBHTd = attend_cached(q, k, v, cache)
+    y_KND = y_KBHTd.transpose(1, 2).reshape(K, B * T, D)
+    x_KND = x_BTD.reshape(1, B * T, D) + torch.bmm(y_KND, heads.proj_KDD)
     m_KND = F.layer_norm(x_KND, (D,), eps=heads.eps) * heads.norm_mlp_w_K1D + heads.norm_mlp_b_K1D
     x_KND = x_KND + torch.bmm(F.gelu(torch.bmm(m_KND, heads.up_KDF)), heads.down_KFD)
     return x_KND.view(K, B, T, D).permute(1, 2, 0, 3)

@@ -112,8 +112,12 @@ class HFMTPModel(nn.Module):
         return HFKVCache(self.lm, num_extra_heads=len(self.extra_heads))
 
     @torch.no_grad()
-    def decode(self, tokens_BT: torch.Tensor, cache: HFKVCache, *, num_heads: int) -> torch.Tensor:
-        """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only).
+    def decode(
+        self, tokens_BT: torch.Tensor, cache: HFKVCache, *, num_heads: int, last_only: bool = False
+    ) -> torch.Tensor:
+        """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only);
+        with last_only, logits_B1KV of the last position (the layers still run on every position, for the caches;
+        only the final norm and unembedding are saved).
 
         The LM reads and extends its own cache; each extra head gets the arguments the LM gave its last layer with
         its own cache in place of the LM's (the attention mask and positions fit both: every cache is as long).
@@ -125,8 +129,10 @@ class HFMTPModel(nn.Module):
         with _LayerCall(self.decoder_layers()[-1]) as last_layer:
             lm_cache = {cache_keyword(self.lm): cache.trunk}
             head0_BTV = self.lm(input_ids=tokens_BT, use_cache=True, **lm_cache).logits
+        keep = slice(-1, None) if last_only else slice(None)
         heads = zip(self.extra_heads[: num_heads - 1], cache.heads)
-        logits = [head0_BTV] + [self._head_logits(head, last_layer, swap=(cache.trunk, own)) for head, own in heads]
+        logits = [head0_BTV[:, keep]]
+        logits += [self._head_logits(head, last_layer, swap=(cache.trunk, own), keep=keep) for head, own in heads]
         return torch.stack(logits, dim=2)
 
     def _head_logits(
@@ -135,10 +141,12 @@ class HFMTPModel(nn.Module):
         last_layer: _LayerCall,
         hidden_BTD: torch.Tensor | None = None,
         swap: tuple = (None, None),
+        keep: slice = slice(None),
     ) -> torch.Tensor:
-        """One extra head's logits from hidden_BTD (default: the trunk's output the LM gave its last layer)."""
+        """One extra head's logits from hidden_BTD (default: the trunk's output the LM gave its last layer), at the
+        positions `keep` selects."""
         hidden_BTD = last_layer.hidden_BTD if hidden_BTD is None else hidden_BTD
-        h_BTD = last_layer.call(head, hidden_BTD, swap=swap)
+        h_BTD = last_layer.call(head, hidden_BTD, swap=swap)[:, keep]
         final_norm = self.lm.get_submodule(self._final_norm_path)
         return self.lm.get_output_embeddings()(final_norm(h_BTD))
 

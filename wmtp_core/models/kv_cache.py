@@ -92,6 +92,13 @@ def attend_cached(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tens
     return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask_TS)
 
 
+def attend_cached_last(q_BH1d: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
+    """The last of T new positions attending over every cached position and the new ones (it sees them all: no
+    mask); every new key and value joins the cache."""
+    k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
+    return F.scaled_dot_product_attention(q_BH1d, k_BHSd, v_BHSd)
+
+
 class HFKVCache:
     """A Hugging Face trunk's cache: the LM's own (its last layer is head 0) and one for each extra head.
 

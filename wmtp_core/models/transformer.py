@@ -171,9 +171,11 @@ class MTPTransformer(nn.Module):
         return TransformerKVCache(num_layers=len(self.trunk), capacity=self.max_seq_len)
 
     @torch.no_grad()
-    def decode(self, tokens_BT: torch.Tensor, cache: TransformerKVCache, *, num_heads: int) -> torch.Tensor:
+    def decode(
+        self, tokens_BT: torch.Tensor, cache: TransformerKVCache, *, num_heads: int, last_only: bool = False
+    ) -> torch.Tensor:
         """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only:
-        no dropout, no gradient).
+        no dropout, no gradient); with last_only, logits_B1KV of the last position (every position is cached).
 
         Positions count from the cache's length, so position embeddings stay absolute. Only the heads asked for run
         and are cached (a cache serves one num_heads), as one batched block (wmtp_core.models.head_decoding).
@@ -188,7 +190,8 @@ class MTPTransformer(nn.Module):
         if cache.head_weights is None:
             cache.head_weights = stack_heads(self.heads[:num_heads])
         assert cache.head_weights.num_heads == num_heads, "a cache serves one num_heads"
-        return self.unembedding(self.final_norm(run_heads(x_BTD, cache.head_weights, cache.heads)))
+        h_BTKD = run_heads(x_BTD, cache.head_weights, cache.heads, last_only=last_only)
+        return self.unembedding(self.final_norm(h_BTKD))
 
 
 def _init_weights(module: nn.Module) -> None:
