@@ -98,6 +98,7 @@ def resume_once(run_dir: Path, workdir: Path, *, processes: int, env: dict) -> d
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        launcher += ["--log-dir", str(records / "torchrun")]  # not a torchelastic_* directory left in /tmp
     started = time.time()
     command = [*launcher, str(Path(__file__).resolve()), "--as-worker", str(records), "--", *worker]
     subprocess.run(command, check=True, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, timeout=1800)

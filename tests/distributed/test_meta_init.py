@@ -32,6 +32,7 @@ def _build_all(recipes: dict[str, object], root, *, processes: int) -> dict[str,
         (root / f"{name}.yaml").write_text(recipe_to_yaml(recipe))
         arguments += [str(root / f"{name}.yaml"), str(root / f"{name}.pt")]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    launcher += ["--log-dir", str(root / "torchrun-logs")]  # not a torchelastic_* directory left in /tmp
     command = (launcher if processes > 1 else [sys.executable]) + [str(SCRIPT), *arguments]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -21,6 +21,7 @@ def torchrun_worker(
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     result = run_dir / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["--log-dir", str(run_dir / "logs" / "torchrun")]  # not a torchelastic_* directory left in /tmp
     command += worker_arguments(run_dir, result_file=result, resume=resume)
     # faulthandler: a rank that dies of a signal prints every thread's Python stack into the failure message.
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
