@@ -111,21 +111,19 @@ def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, setting
     model_state, optim_state = settings.state_dicts.gather(pieces.model, pieces.optimizer, ctx)
     if not ctx.is_main:
         return
-    state = {"model": model_state, "optimizer": optim_state}
-    stage = None
-    if writer.background:
-        # The gathered tensors may be the live ones (one process), which the next optimizer step changes.
-        live = live_storages(unwrap(pieces.model), pieces.optimizer)
-        buffers = writer.staging_buffers
+    # One process gathers the live tensors themselves: an async save copies them before the next update.
+    state = {"model": model_state, "train": {**train_state, "optimizer": optim_state}}
+    writer.submit(
+        lambda: _save_full(run_dir, step, state["model"], state["train"], manifest, pieces.export),
+        settle,
+        snapshot=state,
+        live=_live(pieces, writer),
+    )
 
-        def stage() -> None:
-            state.update(buffers.snapshot(state, live))
 
-    def write() -> Path:
-        train_state["optimizer"] = state["optimizer"]
-        return _save_full(run_dir, step, state["model"], train_state, manifest, pieces.export)
-
-    writer.submit(write, settle, stage=stage)
+def _live(pieces: RunPieces, writer: CheckpointWriter) -> set[int]:
+    """What an async save must copy before training changes it (nothing for a synchronous save)."""
+    return live_storages(unwrap(pieces.model), pieces.optimizer) if writer.background else set()
 
 
 def _save_full(
@@ -163,24 +161,19 @@ def _submit_sharded(
     timeout_s: int,
 ) -> None:
     """Every rank writes its own shards, then rank 0 publishes. In the background (async_save) the shards are
-    first copied to CPU (the live ones keep training), and the write's collectives run on a process group of their
-    own, apart from training's."""
+    first copied to CPU by the writer (the live ones keep training), and the write's collectives run on a process
+    group of their own, apart from training's."""
     staging = staging_dir(run_dir, step, owner="job") if ctx.is_main else None
     barrier(ctx)  # the staging directory exists (and is empty) before any rank writes into it
     staging = broadcast_object(staging, ctx)
-    shards, group, stage = gather_sharded_state(pieces.model, pieces.optimizer), None, None
-    if writer.background:
-        on_gpu = next(pieces.model.parameters()).is_cuda
-        group = background_group(ctx, timeout_s=timeout_s)
-
-        def stage() -> None:
-            shards.update(writer.stage_shards(shards, pin_memory=on_gpu))
+    shards = gather_sharded_state(pieces.model, pieces.optimizer)
+    group = background_group(ctx, timeout_s=timeout_s) if writer.background else None
 
     def write() -> Path:
         write_sharded(staging, shards, process_group=group)
         return _publish_sharded(staging, run_dir, step, train_state, manifest, ctx=ctx, group=group)
 
-    writer.submit(write, settle, stage=stage)
+    writer.submit(write, settle, snapshot=shards, live=_live(pieces, writer))
 
 
 def _publish_sharded(

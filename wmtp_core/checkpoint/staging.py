@@ -8,6 +8,8 @@ writes, so the peak is unchanged. torch.distributed.checkpoint's stager keeps it
 
 Only live tensors are copied: those sharing storage with the model's parameters and buffers or the optimizer's
 state, which training changes. A full state gathered by FSDP is already a fresh copy on the CPU and passes as it is.
+A DTensor (a shard of the sharded format) is copied as its local shard and stays a DTensor; a tensor on a GPU is
+copied into pinned memory, which the GPU copies to fastest.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ class StagingBuffers:
     """Kept CPU buffers, one per tensor position in a state tree (nested dicts, lists, tuples), refilled at each
     snapshot; a position whose shape or dtype changed gets a new buffer."""
 
-    def __init__(self, *, pin_memory: bool = False):
-        self.pin_memory = pin_memory
+    def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def snapshot(self, tree, live: set[int]):
@@ -45,9 +46,12 @@ class StagingBuffers:
         return tree
 
     def _fill(self, path: tuple, tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, DTensor):
+            local, spec = self._fill(path, tensor.to_local()), (tensor.device_mesh, tensor.placements)
+            return DTensor.from_local(local, *spec, run_check=False, shape=tensor.shape, stride=tensor.stride())
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.pin_memory)
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
             self._buffers[path] = buffer
         return buffer.copy_(tensor.detach())
 

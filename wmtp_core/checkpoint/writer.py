@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from wmtp_core.checkpoint.manifest import CheckpointError
 from wmtp_core.checkpoint.staging import StagingBuffers
@@ -29,9 +28,7 @@ class CheckpointWriter:
 
     def __init__(self, *, background: bool):
         self.background = background
-        self._stager: DefaultStager | None = None  # stage_shards' CPU buffers, refilled at every save
-        self.staging_buffers = StagingBuffers()
-        """The full format's kept CPU buffers for background saves (filled only for tensors training changes)."""
+        self._buffers = StagingBuffers()  # background saves copy the live state into these, save after save
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._staged = threading.Event()
@@ -47,15 +44,19 @@ class CheckpointWriter:
         write: Callable[[], Path],
         settle: Callable[[Path], None] | None = None,
         *,
-        stage: Callable[[], None] | None = None,
+        snapshot: dict | None = None,
+        live: set[int] = frozenset(),
     ) -> None:
-        """Save: stage() (copy what training will change; background saves only), then write() (publish, return the
-        path), then settle(path). Until a background stage() returns, nothing may change the state it copies: an
-        optimizer passed to guard() waits for it."""
+        """Save: write() (publish, return the path), then settle(path).
+
+        snapshot is the dict of state write() reads. In the background, its live tensors (storages in `live`:
+        wmtp_core.checkpoint.staging.live_storages) are first replaced in it by copies, in the writer's thread;
+        until the copy is done nothing may change them: an optimizer passed to guard() waits for it.
+        """
         self.wait()
         if self.background:
             self._staged.clear()
-            self._start(lambda: self._save(stage, write, settle))
+            self._start(lambda: self._save(snapshot, live, write, settle))
             return
         self.latest = path = write()
         self.saved.append(path)
@@ -74,21 +75,6 @@ class CheckpointWriter:
             self._staged.wait()
             self.staging_wait_s += time.perf_counter() - started
 
-    def stage_shards(self, shards: dict, *, pin_memory: bool) -> dict:
-        """This rank's shards copied to CPU memory (DTensors stay DTensors; pin_memory for shards on a GPU, so the
-        copy is fast) for a background write while training changes the originals. The buffers are kept and refilled
-        at the next save; the writer runs it in its own thread after the previous save is done with them."""
-        if self._stager is None:
-            self._stager = DefaultStager(
-                StagingOptions(
-                    use_pinned_memory=pin_memory,
-                    use_shared_memory=False,
-                    use_async_staging=False,
-                    use_non_blocking_copy=False,
-                )
-            )
-        return self._stager.stage(shards)
-
     def wait(self) -> Path | None:
         """Block until no save is pending; re-raise a background failure; return the newest checkpoint."""
         if self._thread is not None:
@@ -100,11 +86,11 @@ class CheckpointWriter:
         return self.latest
 
     def _save(
-        self, stage: Callable[[], None] | None, write: Callable[[], Path], settle: Callable[[Path], None] | None
+        self, snapshot: dict | None, live: set[int], write: Callable[[], Path], settle: Callable[[Path], None] | None
     ) -> None:
         try:
-            if stage is not None:
-                stage()
+            if snapshot is not None:
+                snapshot.update(self._buffers.snapshot(snapshot, live))
         finally:
             self._staged.set()  # also when staging failed: the error reaches training at the next save or wait()
         self.latest = path = write()
