@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.recipes import with_sections
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.fixplan.gates import plan_run_devices
@@ -20,11 +21,6 @@ from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 from wmtp_core.training.worker import worker_arguments
-
-
-def _with(recipe, **sections):
-    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
-    return recipe.model_copy(update=updates)
 
 
 def start_worker(recipe, run_dir: Path, **popen) -> subprocess.Popen:
@@ -45,7 +41,9 @@ def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen, tim
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_non_zero(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"max_steps": 3000, "save_every": 50, "log_every": 1000, "eval_every": 5000})
+    recipe = with_sections(
+        tiny_recipe, train={"max_steps": 3000, "save_every": 50, "log_every": 1000, "eval_every": 5000}
+    )
     worker = start_worker(recipe, tmp_path, stderr=subprocess.STDOUT)
     wait_for_checkpoint(tmp_path, 50, worker)
     worker.send_signal(signal.SIGTERM)
@@ -56,7 +54,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_non_zero(tiny_
     latest = latest_valid_checkpoint(tmp_path)
     assert 50 < latest.step < 3000 and latest.step % 50 != 0  # saved where it stopped, not at a save interval
     assert f"SIGTERM at step {latest.step}" in outcome["message"]
-    longer = _with(recipe, train={"max_steps": latest.step + 2})
+    longer = with_sections(recipe, train={"max_steps": latest.step + 2})
     resumed = train(longer, tmp_path, plan=plan_run_devices(longer, probe_environment()), resume_from=latest.path)
     assert resumed.resumed_from_step == latest.step and resumed.steps == latest.step + 2
 
@@ -75,7 +73,7 @@ def _cancel_mid_training(recipe, run_dir) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("api", [True, False])
 def test_cancelled_run_leaks_semaphores_only_on_the_legacy_path(tiny_recipe, tmp_path, api):
-    recipe = _with(
+    recipe = with_sections(
         tiny_recipe,
         train={"max_steps": 2000, "save_every": 1000, "log_every": 1},
         data={"num_workers": 1, "worker_start": "spawn"},

@@ -16,3 +16,9 @@ TINY_RUN = [
 """4 steps, saves and evals every 2."""
 TINY_OVERRIDES = [*TINY_MODEL, *TINY_RUN]
 """The tiny model on the built-in data for 4 steps: `load_recipe(None, TINY_OVERRIDES)`."""
+
+
+def with_sections(recipe, **sections):
+    """recipe with some fields of its sections replaced: with_sections(r, train={"max_steps": 6})."""
+    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
+    return recipe.model_copy(update=updates)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.recipes import with_sections
 
 from wmtp_core.algorithms.brief_reference import brief_reference_dir, brief_reference_recipe, finished_brief_reference
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
@@ -17,11 +18,6 @@ from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
-
-
-def _with(recipe, **sections):
-    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
-    return recipe.model_copy(update=updates)
 
 
 def _plan(recipe):
@@ -37,12 +33,12 @@ def _first_micro_batch(parts):
 
 @pytest.fixture
 def rho1_recipe(tiny_recipe):
-    return _with(tiny_recipe, train={"algorithm": "rho1-wmtp"}, rho1={"reference_steps": 3})
+    return with_sections(tiny_recipe, train={"algorithm": "rho1-wmtp"}, rho1={"reference_steps": 3})
 
 
 @pytest.mark.parametrize("weight_norm", ["head_softmax", "token_mean1_clip"])
 def test_critic_loss_trains_policy_and_value_head(tiny_recipe, weight_norm):
-    recipe = _with(tiny_recipe, train={"algorithm": "critic-wmtp"}, loss={"weight_norm": weight_norm})
+    recipe = with_sections(tiny_recipe, train={"algorithm": "critic-wmtp"}, loss={"weight_norm": weight_norm})
     parts = build_run_parts(recipe, _plan(recipe))
     loss, metrics = algorithm_loss(
         parts.model, _first_micro_batch(parts), recipe=recipe, plan=_plan(recipe), reference=None
@@ -55,7 +51,7 @@ def test_critic_loss_trains_policy_and_value_head(tiny_recipe, weight_norm):
 
 
 def test_critic_value_head_has_its_own_learning_rate(tiny_recipe):
-    recipe = _with(tiny_recipe, train={"algorithm": "critic-wmtp"}, critic={"value_lr": 0.0123})
+    recipe = with_sections(tiny_recipe, train={"algorithm": "critic-wmtp"}, critic={"value_lr": 0.0123})
     parts = build_run_parts(recipe, _plan(recipe))
     value_params = {id(p) for p in parts.model.value_head.parameters()}
     groups = [g for g in parts.optimizer.param_groups if {id(p) for p in g["params"]} == value_params]
@@ -64,7 +60,7 @@ def test_critic_value_head_has_its_own_learning_rate(tiny_recipe):
 
 @pytest.mark.parametrize("mode", ["weighted", "token_skip"])
 def test_rho1_loss_uses_a_frozen_reference(rho1_recipe, tmp_path, mode):
-    recipe = _with(rho1_recipe, rho1={"selection_mode": mode})
+    recipe = with_sections(rho1_recipe, rho1={"selection_mode": mode})
     plan = _plan(recipe)
     parts = build_run_parts(recipe, plan, reference_checkpoint=_train_brief_reference(recipe, tmp_path))
     loss, metrics = algorithm_loss(
@@ -90,7 +86,7 @@ def test_a_rho1_run_without_its_brief_reference_says_how_to_get_one(rho1_recipe,
 
 
 def test_the_brief_reference_is_a_full_format_baseline_run_found_once_finished(rho1_recipe, tmp_path):
-    recipe = _with(rho1_recipe, checkpoint={"format": "sharded"})
+    recipe = with_sections(rho1_recipe, checkpoint={"format": "sharded"})
     reference = brief_reference_recipe(recipe)
     assert (reference.train.algorithm, reference.train.max_steps) == ("baseline-mtp", recipe.rho1.reference_steps)
     assert reference.checkpoint.format == "full" and not reference.tracking.enabled
@@ -102,7 +98,7 @@ def test_the_brief_reference_is_a_full_format_baseline_run_found_once_finished(r
 
 
 def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
-    recipe = _with(
+    recipe = with_sections(
         tiny_recipe,
         train={"algorithm": "critic-wmtp", "max_steps": 2, "save_every": 10},
         critic={"pretrain_steps": 5, "pretrain_patience": 100},
@@ -116,7 +112,7 @@ def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
     assert any(name.startswith("value_head.") for name in model_state)
     assert train_state["progress"]["value_head_pretrained"] is True
     reports.clear()
-    longer = _with(recipe, train={"max_steps": 4})
+    longer = with_sections(recipe, train={"max_steps": 4})
     result = train(
         longer,
         tmp_path,
@@ -128,7 +124,7 @@ def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
 
 
 def test_critic_stage1_early_stopping_ends_the_stage(tiny_recipe, tmp_path):
-    recipe = _with(
+    recipe = with_sections(
         tiny_recipe,
         train={"algorithm": "critic-wmtp", "max_steps": 1},
         critic={"pretrain_steps": 200, "pretrain_patience": 1, "pretrain_min_delta": 1e9},
@@ -154,8 +150,8 @@ def test_critic_stage1_early_stopping_ends_the_stage(tiny_recipe, tmp_path):
 def test_algorithm_variant_trains_and_eval_loss_falls(tiny_recipe, tmp_path, sections):
     """The non-default selection and normalisation modes learn too (the defaults run end to end through `wmtp train`
     in tests/integration/test_algorithms_end_to_end.py)."""
-    recipe = _with(tiny_recipe, **sections)
-    recipe = _with(recipe, train={**sections["train"], "max_steps": 40, "save_every": 20, "eval_every": 20})
+    recipe = with_sections(tiny_recipe, **sections)
+    recipe = with_sections(recipe, train={**sections["train"], "max_steps": 40, "save_every": 20, "eval_every": 20})
     if recipe.train.algorithm == "rho1-wmtp":
         _train_brief_reference(recipe, tmp_path)
     result = train(recipe, tmp_path, plan=_plan(recipe))

@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 from support.checkpoints import full_model_state
+from support.recipes import with_sections
 
+from wmtp_core.checkpoint import run_state, storage
 from wmtp_core.checkpoint.staging import StagingBuffers, live_storages
 from wmtp_core.checkpoint.storage import STATE_FILE
 from wmtp_core.checkpoint.writer import CheckpointWriter
@@ -18,41 +20,42 @@ from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
 
-def _with(recipe, **sections):
-    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
-    return recipe.model_copy(update=updates)
-
-
 def _train(recipe, run_dir):
     return train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
 
 
+def _late(action, seconds: float):
+    def delayed(*args, **kwargs):
+        time.sleep(seconds)
+        return action(*args, **kwargs)
+
+    return delayed
+
+
+def _slow_disk(monkeypatch, seconds: float = 0.3) -> None:
+    """Every model-state write starts late, so training runs on while the save is still to write its snapshot."""
+    monkeypatch.setattr(storage, "save_safetensors_hashed", _late(storage.save_safetensors_hashed, seconds))
+    monkeypatch.setattr(run_state, "write_sharded", _late(run_state.write_sharded, seconds))
+
+
 def _slow_staging(monkeypatch, seconds: float = 0.3) -> None:
-    """Every snapshot starts `seconds` late, so training reaches its next optimizer step before the copy is made."""
-    snapshot, stage_shards = StagingBuffers.snapshot, CheckpointWriter.stage_shards
-
-    def late_snapshot(self, *args, **kwargs):
-        time.sleep(seconds)
-        return snapshot(self, *args, **kwargs)
-
-    def late_stage_shards(self, *args, **kwargs):
-        time.sleep(seconds)
-        return stage_shards(self, *args, **kwargs)
-
-    monkeypatch.setattr(StagingBuffers, "snapshot", late_snapshot)
-    monkeypatch.setattr(CheckpointWriter, "stage_shards", late_stage_shards)
+    """Every snapshot starts late, so training reaches its next optimizer step before the copy is made."""
+    monkeypatch.setattr(StagingBuffers, "snapshot", _late(StagingBuffers.snapshot, seconds))
 
 
+@pytest.mark.parametrize("slow", [_slow_disk, _slow_staging], ids=["slow-disk", "slow-snapshot"])
 @pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
-def test_a_slow_snapshot_holds_back_the_next_update_so_every_checkpoint_is_its_own_step(
-    tiny_recipe, tmp_path, monkeypatch, checkpoint_format
+def test_every_async_checkpoint_holds_its_own_step_however_slow_the_save(
+    tiny_recipe, tmp_path, monkeypatch, checkpoint_format, slow
 ):
-    recipe = _with(
+    """Every checkpoint, not only the last: a write that read the live tensors instead of a snapshot, or a snapshot
+    taken after the next update, would differ from the synchronous save's."""
+    recipe = with_sections(
         tiny_recipe, train={"max_steps": 6, "save_every": 2, "keep_last": 3}, checkpoint={"format": checkpoint_format}
     )
     _train(recipe, tmp_path / "sync")
-    _slow_staging(monkeypatch)
-    _train(_with(recipe, checkpoint={"async_save": True}), tmp_path / "async")
+    slow(monkeypatch)
+    _train(with_sections(recipe, checkpoint={"async_save": True}), tmp_path / "async")
     for step in (2, 4, 6):
         expected = full_model_state(tmp_path / "sync" / "checkpoints" / f"step_{step:08d}")
         actual = full_model_state(tmp_path / "async" / "checkpoints" / f"step_{step:08d}")
@@ -60,10 +63,10 @@ def test_a_slow_snapshot_holds_back_the_next_update_so_every_checkpoint_is_its_o
 
 
 def test_a_slow_snapshot_keeps_the_optimizer_state_of_its_step(tiny_recipe, tmp_path, monkeypatch):
-    recipe = _with(tiny_recipe, train={"max_steps": 4, "save_every": 2, "keep_last": 2})
+    recipe = with_sections(tiny_recipe, train={"max_steps": 4, "save_every": 2, "keep_last": 2})
     _train(recipe, tmp_path / "sync")
     _slow_staging(monkeypatch)
-    _train(_with(recipe, checkpoint={"async_save": True}), tmp_path / "async")
+    _train(with_sections(recipe, checkpoint={"async_save": True}), tmp_path / "async")
     for step in (2, 4):
         expected, actual = (
             torch.load(tmp_path / run / "checkpoints" / f"step_{step:08d}" / STATE_FILE, weights_only=True)
@@ -74,21 +77,18 @@ def test_a_slow_snapshot_keeps_the_optimizer_state_of_its_step(tiny_recipe, tmp_
                 assert torch.equal(value, actual["optimizer"]["state"][key][name]), f"step {step}: {key}.{name}"
 
 
-def test_the_optimizer_step_waits_for_a_pending_snapshot_and_the_wait_is_counted(tmp_path):
+def test_the_optimizer_step_waits_for_a_pending_snapshot_and_the_wait_is_counted(tmp_path, monkeypatch):
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    writer, copied = CheckpointWriter(background=True), []
+    writer, snapshot = CheckpointWriter(background=True), {"weight": weight.detach()}
     writer.guard(optimizer)
+    _slow_staging(monkeypatch)
 
-    def slow_stage() -> None:
-        time.sleep(0.3)
-        copied.append(weight.detach().clone())
-
-    writer.submit(lambda: tmp_path, stage=slow_stage)
+    writer.submit(lambda: tmp_path, snapshot=snapshot, live={weight.untyped_storage().data_ptr()})
     weight.grad = torch.ones(4)
     optimizer.step()
     writer.wait()
-    assert torch.equal(copied[0], torch.ones(4))  # the value before the update
+    assert torch.equal(snapshot["weight"], torch.ones(4))  # the copy holds the value before the update
     assert torch.equal(weight.detach(), torch.zeros(4))
     assert writer.staging_wait_s >= 0.2
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.recipes import with_sections
 
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
 from wmtp_core.fixplan.gates import plan_run_devices
@@ -15,11 +16,6 @@ from wmtp_core.runtime.blocks import transformer_blocks, wrap_block_forwards
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train_step
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
-
-
-def _with(recipe, **sections):
-    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
-    return recipe.model_copy(update=updates)
 
 
 def _batches(parts, count: int) -> list[dict]:
@@ -42,9 +38,9 @@ def _train(recipe, *, steps: int, same_batch: bool = False) -> tuple[list[float]
 
 
 def test_activation_checkpointing_gives_bitwise_the_same_losses_over_20_steps(tiny_recipe):
-    recipe = _with(tiny_recipe, model={"dropout": 0.0})
+    recipe = with_sections(tiny_recipe, model={"dropout": 0.0})
     plain_losses, plain_weights = _train(recipe, steps=20)
-    losses, weights = _train(_with(recipe, train={"activation_checkpointing": "blocks"}), steps=20)
+    losses, weights = _train(with_sections(recipe, train={"activation_checkpointing": "blocks"}), steps=20)
     assert losses == plain_losses and plain_losses[-1] < plain_losses[0]
     assert weights.keys() == plain_weights.keys()  # names (and so checkpoints) unchanged
     assert all(torch.equal(weights[name], plain_weights[name]) for name in weights)
@@ -64,7 +60,7 @@ def _saved_bytes(model, mb, recipe, plan) -> int:
 
 
 def test_checkpointed_blocks_keep_a_fraction_of_the_activations(tiny_recipe):
-    recipe = _with(tiny_recipe, model={"num_layers": 4})
+    recipe = with_sections(tiny_recipe, model={"num_layers": 4})
     plan = plan_run_devices(recipe, probe_environment())
     parts = build_run_parts(recipe, plan)
     mb = MicroBatch.from_batch(_batches(parts, 1)[0], device="cpu", pad_id=parts.pad_id)
@@ -89,11 +85,11 @@ def test_checkpointed_hf_decoder_layers_give_bitwise_the_same_gradients(hf_model
 
 @pytest.mark.slow  # inductor compiles C++ kernels: about 10 s warm, 35-70 s with an empty compile cache on 2 cores
 def test_compiled_blocks_match_eager_within_tolerance(tiny_recipe):
-    recipe = _with(tiny_recipe, train={"activation_checkpointing": "blocks"})
+    recipe = with_sections(tiny_recipe, train={"activation_checkpointing": "blocks"})
     # One batch shape throughout, so torch.compile traces once (a second shape would trace again, dynamic).
     eager_losses, eager_weights = _train(recipe, steps=3, same_batch=True)
     torch._dynamo.reset()
-    losses, weights = _train(_with(recipe, train={"compile": True}), steps=3, same_batch=True)
+    losses, weights = _train(with_sections(recipe, train={"compile": True}), steps=3, same_batch=True)
     assert losses == pytest.approx(eager_losses, rel=1e-4)
     worst = max(float((weights[name] - eager_weights[name]).abs().max()) for name in weights)
     assert worst < 1e-4
@@ -107,9 +103,9 @@ def test_activation_checkpointing_none_can_be_set_with_an_override():
 
 @pytest.mark.gpu
 def test_every_feature_together_trains_on_cuda_like_plain_bf16(tiny_recipe):
-    recipe = _with(tiny_recipe, devices={"backend": "cuda", "precision": "bf16"})
-    plain_losses, _ = _train(_with(recipe, loss={"sequential_heads": "off"}), steps=3, same_batch=True)
+    recipe = with_sections(tiny_recipe, devices={"backend": "cuda", "precision": "bf16"})
+    plain_losses, _ = _train(with_sections(recipe, loss={"sequential_heads": "off"}), steps=3, same_batch=True)
     torch._dynamo.reset()
     features = {"activation_checkpointing": "blocks", "compile": True}
-    losses, _ = _train(_with(recipe, loss={"sequential_heads": "on"}, train=features), steps=3, same_batch=True)
+    losses, _ = _train(with_sections(recipe, loss={"sequential_heads": "on"}, train=features), steps=3, same_batch=True)
     assert losses == pytest.approx(plain_losses, rel=2e-2)  # bf16 rounding, in a different order

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from support.recipes import with_sections
 
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, sequential_heads
 from wmtp_core.data.sequences import MTPCollator
@@ -16,11 +17,6 @@ from wmtp_core.runtime.devices import DevicePlan
 
 CPU = DevicePlan("cpu", None, False, 0, ())
 VOCAB = 97
-
-
-def _with(recipe, **sections):
-    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
-    return recipe.model_copy(update=updates)
 
 
 def _micro_batch(lengths: list[int], *, horizon: int, vocab: int = VOCAB, pad_id: int = 0, seed: int = 0):
@@ -34,7 +30,7 @@ def _micro_batch(lengths: list[int], *, horizon: int, vocab: int = VOCAB, pad_id
 
 def _loss_and_grads(model, mb, recipe, *, sequential: str, reference=None):
     model = copy.deepcopy(model)
-    recipe = _with(recipe, loss={"sequential_heads": sequential})
+    recipe = with_sections(recipe, loss={"sequential_heads": sequential})
     loss, metrics = algorithm_loss(model, mb, recipe=recipe, plan=CPU, reference=reference)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -64,7 +60,7 @@ ALGORITHMS = {
 
 @pytest.mark.parametrize("sections", ALGORITHMS.values(), ids=ALGORITHMS.keys())
 def test_sequential_heads_give_the_joint_loss_and_gradients(tiny_recipe, sections):
-    recipe = _with(tiny_recipe, model={"horizon": 3}, **sections)
+    recipe = with_sections(tiny_recipe, model={"horizon": 3}, **sections)
     torch.manual_seed(0)
     critic = recipe.train.algorithm == "critic-wmtp"
     model = MTPTransformer(recipe.model, vocab_size=VOCAB, with_value_head=critic)
@@ -76,7 +72,7 @@ def test_sequential_heads_give_the_joint_loss_and_gradients(tiny_recipe, section
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_sequential_heads_give_the_joint_loss_and_gradients_on_hf_trunks(tiny_recipe, hf_model_dirs, kind):
-    recipe = _with(tiny_recipe, model={"horizon": 3}, train={"algorithm": "critic-wmtp"})
+    recipe = with_sections(tiny_recipe, model={"horizon": 3}, train={"algorithm": "critic-wmtp"})
     model = load_hf_mtp_model(str(hf_model_dirs[kind]), horizon=3, max_seq_len=64, with_value_head=True)
     for param in model.extra_heads.parameters():  # heads that differ from the last layer they were copied from
         param.data.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
@@ -98,12 +94,12 @@ def _largest_saved_tensor(model, mb, recipe) -> int:
 
 
 def test_sequential_heads_keep_no_head_logits_for_backward(tiny_recipe):
-    recipe = _with(tiny_recipe, model={"horizon": 4})
+    recipe = with_sections(tiny_recipe, model={"horizon": 4})
     model = MTPTransformer(recipe.model, vocab_size=1024)  # logits outweigh every other activation
     mb = _micro_batch([32, 32], horizon=4, vocab=1024)
     one_head_logits = 2 * 32 * 1024
-    joint = _largest_saved_tensor(model, mb, _with(recipe, loss={"sequential_heads": "off"}))
-    sequential = _largest_saved_tensor(model, mb, _with(recipe, loss={"sequential_heads": "on"}))
+    joint = _largest_saved_tensor(model, mb, with_sections(recipe, loss={"sequential_heads": "off"}))
+    sequential = _largest_saved_tensor(model, mb, with_sections(recipe, loss={"sequential_heads": "on"}))
     assert joint >= 4 * one_head_logits  # all heads' log-probabilities at once
     assert sequential < one_head_logits
 
@@ -122,5 +118,5 @@ def test_sequential_heads_keep_no_head_logits_for_backward(tiny_recipe):
 def test_auto_turns_sequential_heads_on_on_accelerators_with_several_heads(
     tiny_recipe, setting, device, horizon, expected
 ):
-    recipe = _with(tiny_recipe, model={"horizon": horizon}, loss={"sequential_heads": setting})
+    recipe = with_sections(tiny_recipe, model={"horizon": horizon}, loss={"sequential_heads": setting})
     assert sequential_heads(recipe, DevicePlan(device, None, False, 0, ())) is expected

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.recipes import with_sections
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
 from wmtp_core.config import PhaseGates
@@ -24,20 +25,15 @@ def _train(recipe, run_dir, **kwargs):
     return train(recipe, run_dir, plan=_plan(recipe), **kwargs)
 
 
-def _with(recipe, **sections):
-    updates = {name: getattr(recipe, name).model_copy(update=values) for name, values in sections.items()}
-    return recipe.model_copy(update=updates)
-
-
 def test_eval_loss_falls_on_the_builtin_data(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"max_steps": 40, "warmup_steps": 4, "eval_every": 40, "save_every": 40})
+    recipe = with_sections(tiny_recipe, train={"max_steps": 40, "warmup_steps": 4, "eval_every": 40, "save_every": 40})
     result = _train(recipe, tmp_path)
     assert result.final_eval_loss < 0.8 * result.initial_eval_loss
     assert result.steps == 40 and result.skipped_steps == 0
 
 
 def test_checkpoints_are_saved_every_interval_and_pruned(tiny_recipe, tmp_path):
-    recipe = _with(tiny_recipe, train={"max_steps": 8, "save_every": 2, "keep_last": 2})
+    recipe = with_sections(tiny_recipe, train={"max_steps": 8, "save_every": 2, "keep_last": 2})
     result = _train(recipe, tmp_path)
     assert [info.step for info in list_checkpoints(tmp_path)] == [6, 8]
     assert result.latest_checkpoint == str(tmp_path / "checkpoints" / "step_00000008")
@@ -45,9 +41,11 @@ def test_checkpoints_are_saved_every_interval_and_pruned(tiny_recipe, tmp_path):
 
 @pytest.mark.parametrize("api", [True, False])
 def test_resume_gives_bitwise_identical_weights(tiny_recipe, tmp_path, api):
-    recipe = _with(tiny_recipe, train={"max_steps": 8, "lr_decay_steps": 8, "save_every": 4}, phases={"api": api})
+    recipe = with_sections(
+        tiny_recipe, train={"max_steps": 8, "lr_decay_steps": 8, "save_every": 4}, phases={"api": api}
+    )
     straight = _train(recipe, tmp_path / "straight")
-    first_half = _with(recipe, train={"max_steps": 4})
+    first_half = with_sections(recipe, train={"max_steps": 4})
     _train(first_half, tmp_path / "split")
     resumed = _train(recipe, tmp_path / "split", resume_from=latest_valid_checkpoint(tmp_path / "split").path)
     assert resumed.resumed_from_step == 4 and resumed.steps == 8
@@ -107,10 +105,10 @@ def test_legacy_checkpoint_gate_fails_the_run_at_the_first_save(tiny_recipe, tmp
 @pytest.mark.gpu
 def test_the_tiny_run_trains_and_resumes_on_cuda(tiny_recipe, tmp_path):
     """The same code path on a GPU: the plan picks CUDA, training stays finite, and a resume continues the run."""
-    recipe = _with(tiny_recipe, devices={"backend": "cuda"})
+    recipe = with_sections(tiny_recipe, devices={"backend": "cuda"})
     assert _plan(recipe).device.startswith("cuda")
     first = _train(recipe, tmp_path)
     assert first.steps == 4 and math.isfinite(first.final_eval_loss) and first.skipped_steps == 0
-    longer = _with(recipe, train={"max_steps": 6})
+    longer = with_sections(recipe, train={"max_steps": 6})
     resumed = _train(longer, tmp_path, resume_from=latest_valid_checkpoint(tmp_path).path)
     assert resumed.resumed_from_step == 4 and resumed.steps == 6
