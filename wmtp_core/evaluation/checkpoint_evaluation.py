@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from wmtp_core.checkpoint.final_model import load_checkpoint_model
-from wmtp_core.checkpoint.manifest import MANIFEST_FILE
+from wmtp_core.checkpoint.manifest import read_manifest
 from wmtp_core.config import EvaluationConfig, Recipe
 from wmtp_core.data.records import builtin_dataset_path, load_records, split_records
 from wmtp_core.evaluation.problems import Problem, load_problems
@@ -41,7 +41,7 @@ def evaluate_checkpoint(
     and returns the report: pass@k, per-head scores, decoding figures and a few completions."""
     report_progress = on_progress or (lambda stage, done, total: None)
     model, tokenizer = load_checkpoint_model(checkpoint, verified=verified)
-    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    manifest = read_manifest(checkpoint)
     recipe = Recipe.model_validate(manifest["recipe"])
     problems = load_problems(evaluation.benchmark, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     problems = problems[: evaluation.max_problems]
