@@ -82,6 +82,9 @@ def complete_problems(
     completions: dict[str, list[str]] = {p.task_id: [] for p in problems}
     calls: list[DecodingStats] = []
     total, done = len(problems) * evaluation.samples, 0
+    room = min(evaluation.max_new_tokens, model.max_seq_len // 2)
+    # Cut once: every sample of a problem continues the same prompt.
+    prompts = [fit_prompt(tokenizer, p.prompt, max_tokens=model.max_seq_len - room) for p in problems]
     for sample in range(evaluation.samples):
         for start in range(0, len(problems), BATCH):
             batch = problems[start : start + BATCH]
@@ -92,9 +95,9 @@ def complete_problems(
                 seed=sample * len(problems) + start,
                 stop=batch[0].stop,  # one benchmark, one set of stop strings
             )
-            room = min(evaluation.max_new_tokens, model.max_seq_len // 2)
-            prompts = [fit_prompt(tokenizer, p.prompt, max_tokens=model.max_seq_len - room) for p in batch]
-            generations, stats = generate(model, tokenizer, prompts, settings, heads=evaluation.heads)
+            generations, stats = generate(
+                model, tokenizer, prompts[start : start + BATCH], settings, heads=evaluation.heads
+            )
             for problem, generation in zip(batch, generations):
                 completions[problem.task_id].append(generation.text)
             calls.append(stats)
