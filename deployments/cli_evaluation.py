@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
 from deployments.cli_options import (
+    INVALID_INPUT,
     JsonOption,
     SetOption,
     complete_run_names,
@@ -46,11 +48,11 @@ def evaluate(
     sets = [*overrides, *(f"evaluation.{key}={value}" for key, value in shortcuts.items() if value is not None)]
     if completions is not None:
         if run is not None:
-            invalid_input_guard(lambda: _refuse("give RUN or --completions, not both"))
+            _refuse("give RUN or --completions, not both")
         _score_file(completions, invalid_input_guard(lambda: load_recipe(None, sets)), as_json=as_json)
         return
     if run is None:
-        invalid_input_guard(lambda: _refuse("name the RUN to evaluate, or score a file with --completions FILE"))
+        _refuse("name the RUN to evaluate, or score a file with --completions FILE")
     recipe = invalid_input_guard(lambda: load_recipe(existing_run_dir(run) / "recipe.yaml", sets))
     invalid_input_guard(lambda: _check_step(run, step, checksums=False))  # the flow verifies it, once
     from deployments.flow_runs import run_evaluation_flow
@@ -161,5 +163,7 @@ def _check_step(run: str, step: int | None, *, checksums: bool = True) -> Path:
         raise RecipeError(str(error)) from None
 
 
-def _refuse(message: str) -> None:
-    raise RecipeError(message)
+def _refuse(message: str) -> NoReturn:
+    """Exit 2 with one line, the way invalid_input_guard reports bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(INVALID_INPUT)

@@ -23,12 +23,13 @@ def wmtp_evaluate(
         step: The checkpoint step; empty for the newest valid checkpoint.
         evaluation: Benchmark, samples per problem, sampling settings and the heads used to decode.
     """
-    return evaluate_run(run_name, str(run_dir(run_name)), step=step, evaluation=evaluation)
+    directory = str(run_dir(run_name))
+    return evaluate_run(run_name, directory, find_checkpoint(directory, step), evaluation=evaluation)
 
 
-def evaluate_run(run_name: str, directory: str, *, step: int | None, evaluation: EvaluationConfig) -> dict:
-    """The body of wmtp-evaluate, also run by wmtp-train after training when recipe.evaluation.enabled."""
-    checkpoint = find_checkpoint(directory, step)
+def evaluate_run(run_name: str, directory: str, checkpoint: str, *, evaluation: EvaluationConfig) -> dict:
+    """The body of wmtp-evaluate once its checkpoint is verified; wmtp-train runs it too (when
+    recipe.evaluation.enabled) on its final checkpoint, which training hashed as it wrote it: not hashed again."""
     report = evaluate_model(directory, checkpoint, evaluation)
     log_evaluation(directory, report)
     publish_evaluation(run_name, report)

@@ -93,7 +93,7 @@ def train_and_upload(
     verdicts = {**run["verdicts"], **saved_by(training)}
     summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id, verdicts=verdicts)
     if recipe.evaluation.enabled and summary["status"] == "completed":
-        summary["evaluation"] = evaluate_after_training(recipe, run)
+        summary["evaluation"] = evaluate_after_training(recipe, run, summary["latest_checkpoint"])
     upload = upload_artifacts(
         run["run_dir"], summary, mlflow_run_id=mlflow_run_id, verdicts=verdicts, return_state=True
     )
@@ -114,11 +114,11 @@ def train_and_upload(
     return summary
 
 
-def evaluate_after_training(recipe: Recipe, run: dict) -> dict:
+def evaluate_after_training(recipe: Recipe, run: dict, checkpoint: str) -> dict:
     """pass@k of the final checkpoint (its figures also go to MLflow and the flow run's artifacts). A failed
     evaluation does not fail the trained run: `wmtp evaluate RUN` repeats it."""
     try:
-        report = evaluate_run(run["run_name"], run["run_dir"], step=None, evaluation=recipe.evaluation)
+        report = evaluate_run(run["run_name"], run["run_dir"], checkpoint, evaluation=recipe.evaluation)
     except Exception as error:
         get_run_logger().warning("evaluation failed (the run is kept; repeat it with `wmtp evaluate`): %s", error)
         return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}

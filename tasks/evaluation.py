@@ -27,15 +27,15 @@ def find_checkpoint(run_dir: str, step: int | None) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(run_dir: str, checkpoint: str, evaluation: EvaluationConfig) -> dict:
-    """Evaluate the checkpoint (find_checkpoint verified it); the report comes back (and is in
-    <run>/evaluations/<step>-<benchmark>/report.json)."""
+    """Evaluate the checkpoint (verified by the caller: find_checkpoint, or training as it wrote it); the report
+    comes back (and is in <run>/evaluations/<step>-<benchmark>/report.json)."""
     from wmtp_core.evaluation.checkpoint_evaluation import evaluate_checkpoint  # torch loads here
 
     logger = get_run_logger()
     progress = _every_tenth(lambda stage, done, total: logger.info("%s: %d/%d", stage, done, total))
     report = evaluate_checkpoint(
         Path(checkpoint), evaluation, runs_under=Path(run_dir), verified=True, on_progress=progress
-    )  # find_checkpoint verified it
+    )
     logger.info("evaluation of %s: %s", Path(checkpoint).name, json.dumps(evaluation_metrics(report)))
     return report
 

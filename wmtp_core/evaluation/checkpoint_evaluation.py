@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from wmtp_core.checkpoint.final_model import load_checkpoint_model
-from wmtp_core.checkpoint.manifest import MANIFEST_FILE
+from wmtp_core.checkpoint.manifest import read_manifest
 from wmtp_core.config import EvaluationConfig, Recipe
 from wmtp_core.data.records import builtin_dataset_path, load_records, split_records
 from wmtp_core.evaluation.problems import Problem, load_problems
@@ -41,7 +41,7 @@ def evaluate_checkpoint(
     and returns the report: pass@k, per-head scores, decoding figures and a few completions."""
     report_progress = on_progress or (lambda stage, done, total: None)
     model, tokenizer = load_checkpoint_model(checkpoint, verified=verified)
-    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    manifest = read_manifest(checkpoint)
     recipe = Recipe.model_validate(manifest["recipe"])
     problems = load_problems(evaluation.benchmark, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     problems = problems[: evaluation.max_problems]
@@ -82,6 +82,9 @@ def complete_problems(
     completions: dict[str, list[str]] = {p.task_id: [] for p in problems}
     calls: list[DecodingStats] = []
     total, done = len(problems) * evaluation.samples, 0
+    room = min(evaluation.max_new_tokens, model.max_seq_len // 2)
+    # Cut once: every sample of a problem continues the same prompt.
+    prompts = [fit_prompt(tokenizer, p.prompt, max_tokens=model.max_seq_len - room) for p in problems]
     for sample in range(evaluation.samples):
         for start in range(0, len(problems), BATCH):
             batch = problems[start : start + BATCH]
@@ -92,9 +95,9 @@ def complete_problems(
                 seed=sample * len(problems) + start,
                 stop=batch[0].stop,  # one benchmark, one set of stop strings
             )
-            room = min(evaluation.max_new_tokens, model.max_seq_len // 2)
-            prompts = [fit_prompt(tokenizer, p.prompt, max_tokens=model.max_seq_len - room) for p in batch]
-            generations, stats = generate(model, tokenizer, prompts, settings, heads=evaluation.heads)
+            generations, stats = generate(
+                model, tokenizer, prompts[start : start + BATCH], settings, heads=evaluation.heads
+            )
             for problem, generation in zip(batch, generations):
                 completions[problem.task_id].append(generation.text)
             calls.append(stats)
