@@ -103,12 +103,14 @@ class HFKVCache:
     """A Hugging Face trunk's cache: the LM's own (its last layer is head 0) and one for each extra head.
 
     The extra heads are copies of the LM's last layer and keep its layer index, so each gets a cache of the LM's own
-    kind (sliding-window layers stay sliding) in which only that index is used.
+    kind (sliding-window layers stay sliding) in which only that index is used. `keyword` is the name the LM's
+    forward takes its cache under, looked up once here rather than at every decoding step.
     """
 
     def __init__(self, lm: nn.Module, *, num_extra_heads: int):
         from transformers import DynamicCache
 
+        self.keyword = cache_keyword(lm)
         self.trunk = DynamicCache(config=lm.config)
         self.heads = [DynamicCache(config=lm.config) for _ in range(num_extra_heads)]
 
