@@ -80,23 +80,19 @@ class TransformerKVCache:
 
 
 def attend_cached(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
-    """Causal attention of T new positions over the cached ones and themselves; the new keys join the cache."""
+    """Causal attention of T new positions over the cached ones and themselves; the new keys join the cache.
+
+    q_BHTd may also hold the last of the new positions alone (a prompt read that needs only its end): T = 1 then,
+    and that query sees every key, cached and new."""
     past, T = cache.length, q_BHTd.shape[2]
     k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
-    if T == 1:  # one new position sees every cached one: no mask
+    if T == 1:  # one query, the last position: it sees every key, so no mask
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd)
     if past == 0:
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True)
     # is_causal would align the mask top-left, as if the new positions came first.
     mask_TS = cache.step_mask.get(past, T, dtype=q_BHTd.dtype, device=q_BHTd.device)
     return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask_TS)
-
-
-def attend_cached_last(q_BH1d: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
-    """The last of T new positions attending over every cached position and the new ones (it sees them all: no
-    mask); every new key and value joins the cache."""
-    k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
-    return F.scaled_dot_product_attention(q_BH1d, k_BHSd, v_BHSd)
 
 
 class HFKVCache:
