@@ -19,12 +19,12 @@ class LayerKVCache:
     """One attention layer's keys and values in a buffer of `capacity` positions, written in place: cutting back is
     setting the length, and a step copies only its new positions (torch.cat would copy the whole prefix)."""
 
-    def __init__(self, capacity: int, *, step_mask: StepMask | None = None):
+    def __init__(self, capacity: int, *, step_mask: StepMask):
         self.capacity = capacity
         self.length = 0
         self.k_BHTd: torch.Tensor | None = None
         self.v_BHTd: torch.Tensor | None = None
-        self.step_mask = step_mask or StepMask()
+        self.step_mask = step_mask
 
     def append(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions; returns the keys and values of every position so far."""
