@@ -53,3 +53,32 @@ def train_on_walks(model: torch.nn.Module, tokenizer, *, steps: int = 250, batch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return model.eval()
+
+
+def decode_in_blocks(
+    model: torch.nn.Module, tokens_BT: torch.Tensor, block_ends: list[int], *, crop: int, on_crop=None
+):
+    """(the full forward's logits_BTKV, decode's for the same tokens): decode reads tokens_BT in blocks ending at
+    block_ends, the cache is cut back to `crop` positions (rejected drafts; on_crop(cache) may look at it then),
+    and the rest is read from there. Every head decodes."""
+    cache = model.new_cache()
+    with torch.no_grad():
+        full_BTKV = model(tokens_BT)
+        starts = [0, *block_ends[:-1]]
+        blocks = [model.decode(tokens_BT[:, a:b], cache, num_heads=model.horizon) for a, b in zip(starts, block_ends)]
+        cache.crop(crop)
+        if on_crop is not None:
+            on_crop(cache)
+        rest_BTKV = model.decode(tokens_BT[:, crop:], cache, num_heads=model.horizon)
+    return full_BTKV, torch.cat([torch.cat(blocks, dim=1)[:, :crop], rest_BTKV], dim=1)
+
+
+def read_prompt_then_decode(model: torch.nn.Module, tokens_BT: torch.Tensor, prompt_len: int):
+    """(the full forward's logits_BTKV, a last_only read of the first prompt_len tokens (logits_B1KV), decode's
+    logits of the tokens after them, read on from that cache). Every head decodes."""
+    cache = model.new_cache()
+    with torch.no_grad():
+        full_BTKV = model(tokens_BT)
+        last_B1KV = model.decode(tokens_BT[:, :prompt_len], cache, num_heads=model.horizon, last_only=True)
+        after_BTKV = model.decode(tokens_BT[:, prompt_len:], cache, num_heads=model.horizon)
+    return full_BTKV, last_B1KV, after_BTKV

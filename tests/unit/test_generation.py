@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.generation import PROMPTS, train_on_walks
+from support.generation import PROMPTS, decode_in_blocks, read_prompt_then_decode, train_on_walks
 
 from wmtp_core.generation import SamplingSettings, generate
 from wmtp_core.models.tokenizer import ByteTokenizer
@@ -58,13 +58,8 @@ def _greedy_without_cache(model: MTPTransformer, prompt: str, max_new_tokens: in
 
 def test_decode_with_a_cache_gives_the_full_forward_logits_block_by_block(random_model):
     tokens_BT = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
-    cache = random_model.new_cache()
-    with torch.no_grad():
-        full_BTKV = random_model(tokens_BT)
-        blocks = [random_model.decode(tokens_BT[:, a:b], cache, num_heads=4) for a, b in [(0, 9), (9, 10), (10, 14)]]
-        cache.crop(12)  # rejected drafts: positions 12 and 13 are read again
-        blocks.append(random_model.decode(tokens_BT[:, 12:40], cache, num_heads=4))
-    stitched_BTKV = torch.cat([blocks[0], blocks[1], blocks[2][:, :2], blocks[3]], dim=1)
+    # rejected drafts: the cache is cut back to 12 positions, so positions 12 and 13 are read again
+    full_BTKV, stitched_BTKV = decode_in_blocks(random_model, tokens_BT, [9, 10, 14], crop=12)
     torch.testing.assert_close(stitched_BTKV, full_BTKV, rtol=1e-5, atol=1e-5)
 
 
@@ -72,11 +67,7 @@ def test_a_prompt_read_of_the_last_position_alone_caches_every_position(random_m
     """last_only returns the last position's logits and leaves the cache as a full read does: the steps after it
     give the full forward's logits."""
     tokens_BT = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
-    cache = random_model.new_cache()
-    with torch.no_grad():
-        full_BTKV = random_model(tokens_BT)
-        last_B1KV = random_model.decode(tokens_BT[:, :20], cache, num_heads=4, last_only=True)
-        after_BTKV = random_model.decode(tokens_BT[:, 20:], cache, num_heads=4)
+    full_BTKV, last_B1KV, after_BTKV = read_prompt_then_decode(random_model, tokens_BT, 20)
     assert last_B1KV.shape[:3] == (1, 1, 4)
     torch.testing.assert_close(last_B1KV, full_BTKV[:, 19:20], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after_BTKV, full_BTKV[:, 20:], rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.generation import PROMPTS, train_on_walks
+from support.generation import PROMPTS, decode_in_blocks, read_prompt_then_decode, train_on_walks
 
 from wmtp_core.data.records import builtin_dataset_path, format_example, load_records
 from wmtp_core.generation import SamplingSettings, generate, head_accuracy
@@ -46,14 +46,11 @@ def llama_walker(hf_model_dirs):
 def test_decode_with_the_lm_cache_gives_the_full_forward_logits_block_by_block(hf_model_dirs, kind):
     model, _ = _load(hf_model_dirs, kind)
     tokens_BT = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(2))
-    cache = model.new_cache()
-    with torch.no_grad():
-        full_BTKV = model(tokens_BT)
-        blocks = [model.decode(tokens_BT[:, a:b], cache, num_heads=4) for a, b in [(0, 7), (7, 8), (8, 12)]]
-        cache.crop(10)  # rejected drafts: positions 10 and 11 are read again
+
+    def cut_back(cache) -> None:  # rejected drafts: positions 10 and 11 are read again
         assert cache.length == 10 and all(c.get_seq_length(len(c.layers) - 1) == 10 for c in cache.heads)
-        blocks.append(model.decode(tokens_BT[:, 10:30], cache, num_heads=4))
-    stitched_BTKV = torch.cat([blocks[0], blocks[1], blocks[2][:, :2], blocks[3]], dim=1)
+
+    full_BTKV, stitched_BTKV = decode_in_blocks(model, tokens_BT, [7, 8, 12], crop=10, on_crop=cut_back)
     torch.testing.assert_close(stitched_BTKV, full_BTKV, rtol=1e-4, atol=1e-5)
 
 
@@ -61,11 +58,7 @@ def test_decode_with_the_lm_cache_gives_the_full_forward_logits_block_by_block(h
 def test_a_prompt_read_of_the_last_position_alone_caches_every_position(hf_model_dirs, kind):
     model, _ = _load(hf_model_dirs, kind)
     tokens_BT = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(4))
-    cache = model.new_cache()
-    with torch.no_grad():
-        full_BTKV = model(tokens_BT)
-        last_B1KV = model.decode(tokens_BT[:, :12], cache, num_heads=4, last_only=True)
-        after_BTKV = model.decode(tokens_BT[:, 12:], cache, num_heads=4)
+    full_BTKV, last_B1KV, after_BTKV = read_prompt_then_decode(model, tokens_BT, 12)
     assert last_B1KV.shape[:3] == (1, 1, 4)
     torch.testing.assert_close(last_B1KV, full_BTKV[:, 11:12], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after_BTKV, full_BTKV[:, 12:], rtol=1e-4, atol=1e-5)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wmtp_core.models.kv_cache import LayerKVCache, attend_cached, attend_cached_last
+from wmtp_core.models.kv_cache import LayerKVCache, attend_cached
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,8 @@ def run_heads(x_BTD: torch.Tensor, heads: StackedHeads, cache: LayerKVCache, *, 
     q, k, v = torch.bmm(a_KND + heads.norm_attn_b_K1D, heads.qkv_KD3D).split(D, dim=2)
     q, k, v = (t.view(K * B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
     if last_only:
-        x_BTD, T = x_BTD[:, -1:], 1
-        y_KBHTd = attend_cached_last(q[:, :, -1:], k, v, cache)
-    else:
-        y_KBHTd = attend_cached(q, k, v, cache)
+        x_BTD, q, T = x_BTD[:, -1:], q[:, :, -1:], 1
+    y_KBHTd = attend_cached(q, k, v, cache)
     y_KND = y_KBHTd.transpose(1, 2).reshape(K, B * T, D)
     x_KND = x_BTD.reshape(1, B * T, D) + torch.bmm(y_KND, heads.proj_KDD)
     m_KND = F.layer_norm(x_KND, (D,), eps=heads.eps) * heads.norm_mlp_w_K1D + heads.norm_mlp_b_K1D

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from wmtp_core.models.heads import HeadLoss, reduce_heads_one_at_a_time
 from wmtp_core.models.hf_tokenizer import HFTokenizer, import_transformers
-from wmtp_core.models.kv_cache import HFKVCache, cache_keyword
+from wmtp_core.models.kv_cache import HFKVCache
 from wmtp_core.models.transformer import ValueHead, frozen_trunk_values
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ class HFMTPModel(nn.Module):
                 f"decoding to {cache.length + tokens_BT.shape[1]} tokens exceeds model.max_seq_len={self.max_seq_len}"
             )
         with _LayerCall(self.decoder_layers()[-1]) as last_layer:
-            lm_cache = {cache_keyword(self.lm): cache.trunk}
-            head0_BTV = self.lm(input_ids=tokens_BT, use_cache=True, **lm_cache).logits
+            head0_BTV = self.lm(input_ids=tokens_BT, use_cache=True, **{cache.keyword: cache.trunk}).logits
         keep = slice(-1, None) if last_only else slice(None)
         heads = zip(self.extra_heads[: num_heads - 1], cache.heads)
         logits = [head0_BTV[:, keep]]

@@ -19,12 +19,12 @@ class LayerKVCache:
     """One attention layer's keys and values in a buffer of `capacity` positions, written in place: cutting back is
     setting the length, and a step copies only its new positions (torch.cat would copy the whole prefix)."""
 
-    def __init__(self, capacity: int, *, step_mask: StepMask | None = None):
+    def __init__(self, capacity: int, *, step_mask: StepMask):
         self.capacity = capacity
         self.length = 0
         self.k_BHTd: torch.Tensor | None = None
         self.v_BHTd: torch.Tensor | None = None
-        self.step_mask = step_mask or StepMask()
+        self.step_mask = step_mask
 
     def append(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions; returns the keys and values of every position so far."""
@@ -80,10 +80,13 @@ class TransformerKVCache:
 
 
 def attend_cached(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
-    """Causal attention of T new positions over the cached ones and themselves; the new keys join the cache."""
+    """Causal attention of T new positions over the cached ones and themselves; the new keys join the cache.
+
+    q_BHTd may also hold the last of the new positions alone (a prompt read that needs only its end): T = 1 then,
+    and that query sees every key, cached and new."""
     past, T = cache.length, q_BHTd.shape[2]
     k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
-    if T == 1:  # one new position sees every cached one: no mask
+    if T == 1:  # one query, the last position: it sees every key, so no mask
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd)
     if past == 0:
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True)
@@ -92,23 +95,18 @@ def attend_cached(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tens
     return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask_TS)
 
 
-def attend_cached_last(q_BH1d: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, cache: LayerKVCache):
-    """The last of T new positions attending over every cached position and the new ones (it sees them all: no
-    mask); every new key and value joins the cache."""
-    k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
-    return F.scaled_dot_product_attention(q_BH1d, k_BHSd, v_BHSd)
-
-
 class HFKVCache:
     """A Hugging Face trunk's cache: the LM's own (its last layer is head 0) and one for each extra head.
 
     The extra heads are copies of the LM's last layer and keep its layer index, so each gets a cache of the LM's own
-    kind (sliding-window layers stay sliding) in which only that index is used.
+    kind (sliding-window layers stay sliding) in which only that index is used. `keyword` is the name the LM's
+    forward takes its cache under, looked up once here rather than at every decoding step.
     """
 
     def __init__(self, lm: nn.Module, *, num_extra_heads: int):
         from transformers import DynamicCache
 
+        self.keyword = cache_keyword(lm)
         self.trunk = DynamicCache(config=lm.config)
         self.heads = [DynamicCache(config=lm.config) for _ in range(num_extra_heads)]
 
