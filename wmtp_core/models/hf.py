@@ -117,7 +117,7 @@ class HFMTPModel(nn.Module):
     ) -> torch.Tensor:
         """logits_BTKV of heads 0..num_heads-1 for tokens_BT, which continue the cache's sequence (inference only);
         with last_only, logits_B1KV of the last position (the layers still run on every position, for the caches;
-        only the final norm and unembedding are saved).
+        the extra heads skip the final norm and unembedding of the others; head 0's come from the LM's own forward).
 
         The LM reads and extends its own cache; each extra head gets the arguments the LM gave its last layer with
         its own cache in place of the LM's (the attention mask and positions fit both: every cache is as long).
