@@ -9,12 +9,10 @@ from collections.abc import Callable
 
 import typer
 
+from deployments.cli_options import FAILURE, INTERRUPTED
 from flows.temporary_server import default_prefect_environment, start_temporary_server, watch_live_hint
 from tasks.locations import run_dir
 from wmtp_core.config import EvaluationConfig, Recipe
-
-FAILURE = 1
-INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
