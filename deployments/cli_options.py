@@ -10,7 +10,8 @@ import typer
 from tasks.locations import run_dir, runs_dir
 from wmtp_core.config import RecipeError
 
-INVALID_INPUT, FAILURE = 2, 1  # exit codes (and 0 success, 130 stopped by Ctrl-C)
+INVALID_INPUT, FAILURE = 2, 1  # exit codes (and 0 success)
+INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)
 
 RecipeOption = typer.Option(None, "--recipe", help="YAML recipe file (flat and complete; see configs/).")
 SetOption = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")

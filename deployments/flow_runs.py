@@ -9,12 +9,10 @@ from collections.abc import Callable
 
 import typer
 
+from deployments.cli_options import FAILURE, INTERRUPTED
 from flows.temporary_server import default_prefect_environment, start_temporary_server, watch_live_hint
 from tasks.locations import run_dir
 from wmtp_core.config import EvaluationConfig, Recipe
-
-FAILURE = 1
-INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
@@ -49,10 +47,12 @@ def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
 
 
 def _report_abort(run_name: str) -> None:
-    """A second Ctrl-C ended the run without saving: say what is left on disk and how to go on."""
+    """A second Ctrl-C ended the run without saving: say what is left on disk and how to go on. Presence and sizes
+    tell a finished save from a torn one; hashing every file would keep waiting someone who asked twice to stop, and
+    the resume suggested here verifies its checkpoint anyway."""
     from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 
-    latest = latest_valid_checkpoint(run_dir(run_name))
+    latest = latest_valid_checkpoint(run_dir(run_name), checksums=False)
     kept = f"the newest checkpoint is step {latest.step}" if latest else "no checkpoint was saved yet"
     go_on = f"continue with: wmtp resume {run_name}" if latest else f"start again with: wmtp train -n {run_name}"
     print(f"run {run_name} aborted by a second Ctrl-C: {kept}\n{go_on}", file=sys.stderr)

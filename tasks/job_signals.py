@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 from pathlib import Path
+
+from wmtp_core.runtime.stopping import install_stop_handlers, restore_handlers
 
 TERMINATE_GRACE_S = 30  # Prefect's own grace between SIGTERM and SIGKILL on cancellation
 
@@ -30,14 +31,11 @@ class forwarded_stop_signals:
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> forwarded_stop_signals:
-        if threading.current_thread() is threading.main_thread():
-            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        self.previous = install_stop_handlers(self._on_sigterm, self._on_sigint)
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        restore_handlers(self.previous)
         if self.process.poll() is None:
             stop_job(self.process)
 

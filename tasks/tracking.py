@@ -201,16 +201,19 @@ def upload_checkpoints(
     missing = [
         info.path
         for info in list_checkpoints(run_dir, checksums=False)  # presence and sizes; digests below, where needed
-        if info.valid and not _uploaded(mlflow, run_id, info.path.name) and verdict_of(info.path, verdicts) is None
+        if info.valid
+        and not _has_artifact(mlflow, run_id, f"checkpoints/{info.path.name}/{MANIFEST_FILE}")
+        and verdict_of(info.path, verdicts) is None
     ]
     files = [f for path in missing for f in _folder_files(path, f"checkpoints/{path.name}", last=MANIFEST_FILE)]
     _send_files(mlflow, run_id, files, description="uploading checkpoints", on_progress=on_progress)
     return [checkpoint.name for checkpoint in missing]
 
 
-def _uploaded(mlflow: MlflowClient, run_id: str, checkpoint_name: str) -> bool:
-    folder = f"checkpoints/{checkpoint_name}"
-    return f"{folder}/{MANIFEST_FILE}" in {artifact.path for artifact in mlflow.list_artifacts(run_id, folder)}
+def _has_artifact(mlflow: MlflowClient, run_id: str, path: str) -> bool:
+    """Whether the run holds the artifact at path: the file an upload sends last says the upload is whole."""
+    folder = path.rpartition("/")[0]
+    return path in {artifact.path for artifact in mlflow.list_artifacts(run_id, folder)}
 
 
 def _folder_files(root: Path, folder: str, *, last: str) -> list[tuple[Path, str]]:
@@ -264,9 +267,7 @@ def upload_final_model(
 
 def _final_model_step(mlflow: MlflowClient, run_id: str) -> int | None:
     """The step of the run's uploaded final model, None if it has none."""
-    if f"final_model/{FINAL_MODEL_CONFIG}" not in {
-        artifact.path for artifact in mlflow.list_artifacts(run_id, "final_model")
-    }:
+    if not _has_artifact(mlflow, run_id, f"final_model/{FINAL_MODEL_CONFIG}"):
         return None
     with tempfile.TemporaryDirectory() as scratch:
         config = mlflow.download_artifacts(run_id, f"final_model/{FINAL_MODEL_CONFIG}", scratch)

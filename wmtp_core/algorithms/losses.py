@@ -26,14 +26,7 @@ def head_cross_entropy(logits_BTKV: torch.Tensor, labels_BTK: torch.Tensor) -> t
 def one_head_cross_entropy(logits_BTV: torch.Tensor, k: int, *, labels_BTK: torch.Tensor) -> torch.Tensor:
     """Head k's per-token cross-entropy ce_BT in fp32 against labels_BTK[..., k]: the head_loss a model's
     forward(head_loss=partial(one_head_cross_entropy, labels_BTK=...)) computes one head at a time."""
-    B, T, V = logits_BTV.shape
-    ce = F.cross_entropy(
-        logits_BTV.float().reshape(B * T, V),
-        labels_BTK[..., k].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return ce.view(B, T)
+    return head_cross_entropy(logits_BTV.unsqueeze(2), labels_BTK[..., k : k + 1]).squeeze(2)
 
 
 def weighted_mtp_loss(ce_BTK: torch.Tensor, weights_BTK: torch.Tensor, mask_BTK: torch.Tensor) -> torch.Tensor:

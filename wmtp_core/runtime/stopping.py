@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -50,17 +51,13 @@ class StopRequest:
         return STOP_REASONS.index(self.reason())
 
     def __enter__(self) -> StopRequest:
-        # Python delivers signals to the main thread only; elsewhere (a Prefect worker thread) there is nothing
-        # to install and the parent process owns the signals.
-        if self.handle_signals and threading.current_thread() is threading.main_thread():
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        if self.handle_signals:
+            self._previous = install_stop_handlers(self._on_sigterm, self._on_sigint)
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+        restore_handlers(self._previous)
+        self._previous = {}
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = "SIGTERM"
@@ -72,3 +69,21 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signalled = "Ctrl-C"
         log.warning("Ctrl-C: saving a checkpoint after the current step, then stopping (Ctrl-C again to abort)")
+
+
+SignalHandler = Callable[[int, FrameType | None], None]
+
+
+def install_stop_handlers(on_sigterm: SignalHandler, on_sigint: SignalHandler) -> dict[int, object]:
+    """Handle SIGTERM and SIGINT; returns the handlers they replace, for restore_handlers. Python delivers signals to
+    the main thread only: elsewhere (a Prefect worker thread) nothing is installed and the parent process owns them."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {signal.SIGTERM: on_sigterm, signal.SIGINT: on_sigint}
+    return {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+
+
+def restore_handlers(previous: dict[int, object]) -> None:
+    """Put back the handlers install_stop_handlers replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
