@@ -47,12 +47,10 @@ def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
 
 
 def _report_abort(run_name: str) -> None:
-    """A second Ctrl-C ended the run without saving: say what is left on disk and how to go on. Presence and sizes
-    tell a finished save from a torn one; hashing every file would keep waiting someone who asked twice to stop, and
-    the resume suggested here verifies its checkpoint anyway."""
+    """A second Ctrl-C ended the run without saving: say what is left on disk and how to go on."""
     from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 
-    latest = latest_valid_checkpoint(run_dir(run_name), checksums=False)
+    latest = latest_valid_checkpoint(run_dir(run_name))
     kept = f"the newest checkpoint is step {latest.step}" if latest else "no checkpoint was saved yet"
     go_on = f"continue with: wmtp resume {run_name}" if latest else f"start again with: wmtp train -n {run_name}"
     print(f"run {run_name} aborted by a second Ctrl-C: {kept}\n{go_on}", file=sys.stderr)
