@@ -29,10 +29,10 @@ from wmtp_core.algorithms.weights import (
     rho1_excess,
     spread_rewards,
 )
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.tokenizer import ByteTokenizer
 from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train_step
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
@@ -42,7 +42,7 @@ ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-wmtp")
 
 def build(algorithm: str, steps: int):
     recipe = load_recipe(None, [f"train.algorithm={algorithm}"])
-    plan = plan_run_devices(recipe, probe_environment())
+    plan = plan_devices(recipe, probe_environment())[2]
     parts = build_run_parts(recipe, plan)
     if algorithm == "rho1-wmtp":
         # Timing only: an untrained reference of the same shape costs the same forward as a trained one.

@@ -37,8 +37,8 @@ from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint,
 from wmtp_core.checkpoint.state_dicts import DISTRIBUTED_CHECKPOINT
 from wmtp_core.checkpoint.storage import fsync_file
 from wmtp_core.checkpoint.writer import CheckpointWriter
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.runtime.distributed import SINGLE
 from wmtp_core.training.loop import train_step
@@ -71,14 +71,8 @@ def one_repeat(recipe, plan, parts, state, scratch: Path, repeat: int, writers) 
         "bare": lambda: torch.save(
             {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()}, bare_file
         ),
-        "full": lambda: save(
-            parts, state, SaveSettings(run_dir / "sync", recipe, SINGLE, DISTRIBUTED_CHECKPOINT, sync_writer, {})
-        ),
-        "async": lambda: save(
-            parts,
-            state,
-            SaveSettings(run_dir / "async", async_recipe, SINGLE, DISTRIBUTED_CHECKPOINT, async_writer, {}),
-        ),
+        "full": lambda: save(parts, state, save_settings(run_dir / "sync", recipe, sync_writer)),
+        "async": lambda: save(parts, state, save_settings(run_dir / "async", async_recipe, async_writer)),
         "step": lambda: one_step(recipe, plan, parts, state),
     }
     order = list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]
@@ -108,6 +102,20 @@ def one_step(recipe, plan, parts, state) -> None:
     batches = batch_stream(parts, state)
     train_step(parts, batches, state=state, recipe=recipe, plan=plan)
     batches.close()
+
+
+def save_settings(run_dir: Path, recipe, writer) -> SaveSettings:
+    return SaveSettings(
+        run_dir=run_dir,
+        checkpoint=recipe.checkpoint,
+        keep_last=recipe.train.keep_last,
+        timeout_s=recipe.devices.timeout_s,
+        recipe=recipe.model_dump(mode="json"),
+        ctx=SINGLE,
+        state_dicts=DISTRIBUTED_CHECKPOINT,
+        writer=writer,
+        manifest_extra={},
+    )
 
 
 def save(parts, state, settings: SaveSettings) -> None:
@@ -141,7 +149,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     args = parser.parse_args()
     recipe = load_recipe(None, [*MODEL, *(LARGE if args.large else []), *args.overrides])
-    plan = plan_run_devices(recipe, probe_environment())
+    plan = plan_devices(recipe, probe_environment())[2]
     parts, state = build_run_parts(recipe, plan), TrainState()
     one_step(recipe, plan, parts, state)  # the optimizer state exists from here on
     params = sum(p.numel() for p in parts.model.parameters())

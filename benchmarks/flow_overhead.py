@@ -42,16 +42,14 @@ def set_environment(scratch: Path) -> None:
 
 def run_direct(recipe, name: str) -> tuple[float, float]:
     """(wall seconds, loop tokens/s) of the core loop called directly."""
-    from tasks.locations import run_dir
     from wmtp_core.config import with_run_name
-    from wmtp_core.fixplan.gates import plan_run_devices
-    from wmtp_core.runtime.devices import probe_environment
+    from wmtp_core.run.plan import plan_run, write_plan
     from wmtp_core.training.loop import train
 
     start = time.perf_counter()
-    named = with_run_name(recipe, name)
-    plan = plan_run_devices(named, probe_environment())
-    result = train(named, run_dir(name), plan=plan)
+    planned = plan_run(with_run_name(recipe, name))
+    write_plan(planned)
+    result = train(planned.plan)
     return time.perf_counter() - start, result.tokens_per_s
 
 

@@ -29,12 +29,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
+from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, sequential_heads
 from wmtp_core.data.sequences import MTPCollator
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.hf import HFMTPModel
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.blocks import transformer_blocks
+from wmtp_core.run.plan import plan_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.runtime.distributed import SINGLE, shard_fully
 from wmtp_core.training.optim import build_optimizer
@@ -86,11 +85,14 @@ def recipe_for(features: tuple[str, ...], device: str):
 def measure(features: tuple[str, ...], args, device: str) -> dict:
     """Tokens/s (median over timed steps), MFU and peak memory of one configuration, on a fresh model."""
     recipe = recipe_for(features, device)
-    plan = plan_run_devices(recipe, probe_environment())
-    model = parallelize(build_model(args.shape, args.seq, device), recipe, plan, SINGLE)
+    plan = plan_devices(recipe, probe_environment())[2]
+    strategy = recipe.devices.strategy
+    sequential = sequential_heads(recipe.loss, plan, horizon=recipe.model.horizon)
+    model = build_model(args.shape, args.seq, device)
+    model = parallelize(model, recipe.train, plan, SINGLE, strategy=strategy, sequential=sequential)
     if "fsdp_bf16" in features:  # parallelize shards only under torchrun; a world of one here
         model = shard_fully(
-            model, transformer_blocks(model), SINGLE, device, param_dtype=sharded_param_dtype(recipe, plan)
+            model, model.transformer_blocks(), SINGLE, device, param_dtype=sharded_param_dtype(strategy, plan)
         )
     optimizer = build_optimizer(model, recipe.train, fused="fused_adamw" in features)
     torch.manual_seed(1)
@@ -109,7 +111,17 @@ def measure(features: tuple[str, ...], args, device: str) -> dict:
 def _timed_step(model, optimizer, mb, recipe, plan) -> float:
     _synchronize(plan.device)
     start = time.perf_counter()
-    loss, _ = algorithm_loss(model, mb, recipe=recipe, plan=plan, reference=None)
+    loss, _ = algorithm_loss(
+        model,
+        mb,
+        algorithm=recipe.train.algorithm,
+        loss=recipe.loss,
+        rho1=recipe.rho1,
+        critic=recipe.critic,
+        horizon=recipe.model.horizon,
+        plan=plan,
+        reference=None,
+    )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -31,10 +31,10 @@ import time
 import torch
 
 from wmtp_core.algorithms.losses import head_cross_entropy, uniform_weights, valid_mask, weighted_mtp_loss
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.tokenizer import ByteTokenizer
 from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import log_progress, train_step
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override key=value")
     args = parser.parse_args()
     recipe = load_recipe(None, [f"devices.backend={args.backend}", *args.overrides])
-    plan = plan_run_devices(recipe, probe_environment())
+    plan = plan_devices(recipe, probe_environment())[2]
     result = measure(
         recipe,
         plan,

@@ -48,11 +48,11 @@ def measure(name: str, steps: int) -> dict:
     """In the child: the step peak over the RSS before the timed steps, and the median step time."""
     import torch
 
-    from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
+    from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, sequential_heads
     from wmtp_core.data.sequences import MTPCollator
-    from wmtp_core.fixplan.gates import plan_run_devices
     from wmtp_core.models.transformer import MTPTransformer
     from wmtp_core.recipes import load_recipe
+    from wmtp_core.run.plan import plan_devices
     from wmtp_core.runtime.devices import probe_environment
     from wmtp_core.runtime.distributed import SINGLE
     from wmtp_core.training.optim import build_optimizer
@@ -60,15 +60,27 @@ def measure(name: str, steps: int) -> dict:
 
     overrides, vocab, batch, length = CONTENDERS[name]
     recipe = load_recipe(None, [*overrides, f"model.max_seq_len={length}", "devices.backend=cpu"])
-    plan = plan_run_devices(recipe, probe_environment())
+    plan = plan_devices(recipe, probe_environment())[2]
     torch.manual_seed(0)
-    model = parallelize(MTPTransformer(recipe.model, vocab_size=vocab), recipe, plan, SINGLE)
+    sequential = sequential_heads(recipe.loss, plan, horizon=recipe.model.horizon)
+    model = MTPTransformer(recipe.model, vocab_size=vocab)
+    model = parallelize(model, recipe.train, plan, SINGLE, strategy=recipe.devices.strategy, sequential=sequential)
     optimizer = build_optimizer(model, recipe.train)
     tokens = [{"tokens": torch.randint(3, vocab, (length,)), "reward": 1.0} for _ in range(batch)]
     mb = MicroBatch.from_batch(MTPCollator(recipe.model.horizon, pad_id=0)(tokens), device="cpu", pad_id=0)
 
     def step() -> None:
-        loss, _ = algorithm_loss(model, mb, recipe=recipe, plan=plan, reference=None)
+        loss, _ = algorithm_loss(
+            model,
+            mb,
+            algorithm=recipe.train.algorithm,
+            loss=recipe.loss,
+            rho1=recipe.rho1,
+            critic=recipe.critic,
+            horizon=recipe.model.horizon,
+            plan=plan,
+            reference=None,
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

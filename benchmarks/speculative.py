@@ -29,11 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wmtp_core.data.records import Record, builtin_dataset_path, load_records, split_records
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.generation import SamplingSettings, generate, head_accuracy
 from wmtp_core.models.build import build_model
 from wmtp_core.models.tokenizer import ByteTokenizer
 from wmtp_core.recipes import TINY_MODEL, load_recipe
+from wmtp_core.run.plan import plan_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import evaluate, train_step
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
@@ -187,7 +187,7 @@ def benchmark_model(name: str, trained: dict, prompts, held_out, recipe, args) -
 def run(args) -> dict:
     overrides = [*TINY_MODEL, "model.horizon=4", "train.max_steps=20", "train.warmup_steps=2"] if args.quick else []
     recipe = load_recipe(None, ["devices.backend=cpu", *overrides, *args.overrides])
-    plan = plan_run_devices(recipe, probe_environment())
+    plan = plan_devices(recipe, probe_environment())[2]
     held_out, prompts = held_out_prompts(recipe, args.prompts)
     if args.quick:
         prompts = [p[-40:] for p in prompts]  # the tiny model's 64 positions

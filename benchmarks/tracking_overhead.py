@@ -28,9 +28,9 @@ from pathlib import Path
 from mlflow import MlflowClient
 from servers import MlflowServer  # benchmarks/servers.py, beside this script (the tests use it too)
 
-from tasks.metrics_buffer import BufferedMetrics
-from wmtp_core.fixplan.gates import plan_run_devices
+from tracking.metrics_buffer import BufferedMetrics
 from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_run, write_plan
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 
@@ -39,7 +39,7 @@ class CountingSender:
     """Sends each batch of points with one log_batch request and counts the requests."""
 
     def __init__(self, client: MlflowClient, run_id: str):
-        from tasks.tracking import point_sender
+        from tracking.client import point_sender
 
         self.requests, self.points, self.cpu_s = 0, 0, 0.0
         self._send = point_sender(run_id)
@@ -85,9 +85,11 @@ def process_group_cpu_s(pgid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def timed_run(recipe, plan, workdir: Path, sink=None) -> float:
+def timed_run(recipe, probe, workdir: Path, sink=None) -> float:
     """Seconds per 1000 trained tokens inside the training loop (set-up, tokenization and the first eval excluded)."""
-    result = train(recipe, workdir, plan=plan, on_metrics=sink)
+    planned = plan_run(recipe, directory=workdir, probe=probe)
+    write_plan(planned)
+    result = train(planned.plan, on_metrics=sink)
     if sink is not None:
         sink.close(timeout_s=60)
     return 1000.0 / result.tokens_per_s
@@ -107,22 +109,22 @@ def main() -> None:
             "train.warmup_steps=5",
         ],
     )
-    plan = plan_run_devices(recipe, probe_environment())
+    probe = probe_environment()
     with tempfile.TemporaryDirectory() as scratch:
         server = MlflowServer(Path(scratch) / "server")
         server.start()
         try:
-            figures = measure(recipe, plan, server, Path(scratch), args.repeats)
+            figures = measure(recipe, probe, server, Path(scratch), args.repeats)
         finally:
             server.stop()
     print(json.dumps(figures | {"repeats": args.repeats, "steps": args.steps}))
 
 
-def measure(recipe, plan, server: MlflowServer, scratch: Path, repeats: int) -> dict:
+def measure(recipe, probe, server: MlflowServer, scratch: Path, repeats: int) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = server.uri
     client = MlflowClient(server.uri)
     experiment = client.create_experiment("benchmark")
-    timed_run(recipe, plan, scratch / "warmup")
+    timed_run(recipe, probe, scratch / "warmup")
     ratios, senders, cpu_shares = [], [], []
     for repeat in range(repeats):
         sender = CountingSender(client, client.create_run(experiment).info.run_id)
@@ -131,12 +133,12 @@ def measure(recipe, plan, server: MlflowServer, scratch: Path, repeats: int) -> 
 
         def tracked():
             before, started = process_group_cpu_s(server.process.pid), time.perf_counter()
-            seconds = timed_run(recipe, plan, scratch / f"t{repeat}", callback)
+            seconds = timed_run(recipe, probe, scratch / f"t{repeat}", callback)
             wall["tracked"] = time.perf_counter() - started
             server_cpu["tracked"] = process_group_cpu_s(server.process.pid) - before
             return seconds
 
-        runs = {"tracked": tracked, "plain": lambda: timed_run(recipe, plan, scratch / f"p{repeat}")}
+        runs = {"tracked": tracked, "plain": lambda: timed_run(recipe, probe, scratch / f"p{repeat}")}
         order = ("tracked", "plain") if repeat % 2 == 0 else ("plain", "tracked")
         seconds = {name: runs[name]() for name in order}
         ratios.append(seconds["tracked"] / seconds["plain"] - 1.0)

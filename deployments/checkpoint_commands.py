@@ -11,7 +11,8 @@ import typer
 
 from deployments.cli_options import INVALID_INPUT
 from deployments.progress_bars import byte_progress_bars
-from wmtp_core.checkpoint.manifest import CheckpointError, list_checkpoints, step_dir_name
+from wmtp_core.checkpoint.manifest import CheckpointError, list_checkpoints
+from wmtp_core.layout import step_dir_name
 
 
 def print_checkpoints(directory: Path, *, as_json: bool) -> None:

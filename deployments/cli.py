@@ -11,6 +11,7 @@ import json
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -32,11 +33,14 @@ from deployments.cli_options import (
 from deployments.flow_runs import run_flow, wait_for_server
 from deployments.progress_bars import byte_progress_bars
 from flows.temporary_server import configured_api_url, default_prefect_environment, start_temporary_server
-from tasks.locations import run_dir
-from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
-from wmtp_core.config import Recipe, RecipeError, check_run_name, generate_run_name, with_run_name
-from wmtp_core.data.records import builtin_dataset_path, load_records
+from wmtp_core.checkpoint.manifest import CheckpointError
+from wmtp_core.config import Recipe, RecipeError, check_run_name
+from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.run.summary import read_summary
+
+if TYPE_CHECKING:
+    from wmtp_core.run.plan import PlannedRun
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -81,8 +85,8 @@ def train(
     if print_recipe:
         print(recipe_to_yaml(invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))), end="")
         return
-    loaded = invalid_input_guard(lambda: _new_run_recipe(recipe, [*overrides, *shortcuts]))
-    run_flow(loaded, resume=False, as_json=as_json)
+    loaded = invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))
+    run_flow(invalid_input_guard(lambda: planned_or_refused(loaded, resume=None)), resume=False, as_json=as_json)
 
 
 @app.command()
@@ -97,7 +101,7 @@ def resume(
     if print_recipe:
         print(recipe_to_yaml(loaded), end="")
         return
-    run_flow(loaded, resume=True, as_json=as_json)
+    run_flow(invalid_input_guard(lambda: planned_or_refused(loaded, resume="latest")), resume=True, as_json=as_json)
 
 
 @app.command()
@@ -119,25 +123,24 @@ def checkpoints(
 def upload(run: str = RunArgument) -> None:
     """Upload what RUN still owes MLflow (checkpoints, pending metrics, summary) and close its MLflow run."""
     directory = invalid_input_guard(lambda: existing_run_dir(run))
-    recorded = directory / "tracking.json"
-    if not recorded.is_file():
+    layout = RunLayout(directory)
+    if not layout.tracking.is_file():
         print(f"error: run {run!r} has no MLflow run (was tracking.enabled false?)", file=sys.stderr)
         raise typer.Exit(INVALID_INPUT)
-    from tasks.tracking import tracking_uri, upload_run
+    from tracking.client import tracking_uri, upload_run
 
-    summary_file = directory / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    run_id = json.loads(recorded.read_text())["mlflow_run_id"]
+    summary = read_summary(layout)
+    run_id = json.loads(layout.tracking.read_text())["mlflow_run_id"]
     with byte_progress_bars() as on_progress:
         uploaded = upload_run(
             run_id,
             directory,
-            succeeded=summary.get("status") == "completed",
-            finished=summary.get("status") != "stopped",
+            succeeded=summary is not None and summary.status == "completed",
+            finished=summary is None or summary.status != "stopped",
             on_progress=on_progress,
         )
-    if summary:
-        summary_file.write_text(json.dumps({**summary, "uploads": "done", "uploads_reason": None}, indent=2))
+    if summary is not None:
+        summary.model_copy(update={"uploads": "done", "uploads_reason": None}).write()
     print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")
 
 
@@ -166,7 +169,7 @@ def verify(
     models: list[str] = typer.Option([], "--model", help="plain or fsdp (repeatable; default both)."),
 ) -> None:
     """Measure the fix plan's success metrics for each rollout stage; exit 1 when the last stage misses a target."""
-    from wmtp_core.fixplan.verification import MODELS, STAGES
+    from wmtp_core.launch.verification import MODELS, STAGES
 
     unknown = [s for s in stages if s not in STAGES] + [m for m in models if m not in MODELS]
     if unknown:
@@ -203,13 +206,13 @@ def verify(
 @app.command()
 def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) -> None:
     """Show what this machine offers and the device plan the recipe would get."""
-    from wmtp_core.fixplan.gates import plan_run_devices
+    from wmtp_core.run.plan import plan_devices
     from wmtp_core.runtime.devices import probe_environment
 
     loaded = invalid_input_guard(lambda: load_recipe(recipe, overrides))
     found = probe_environment()
-    plan = invalid_input_guard(lambda: plan_run_devices(loaded, found))
-    print(json.dumps({"environment": found.to_dict(), "device_plan": plan.__dict__}, indent=2))
+    _, _, devices = invalid_input_guard(lambda: plan_devices(loaded, found))
+    print(json.dumps({"environment": found.to_dict(), "device_plan": devices.model_dump()}, indent=2))
 
 
 @app.command()
@@ -259,28 +262,19 @@ app.command()(cli_evaluation.evaluate)
 app.command()(cli_evaluation.generate)
 
 
-def _new_run_recipe(recipe: Path | None, overrides: list[str]) -> Recipe:
-    loaded = load_recipe(recipe, overrides)
-    loaded = with_run_name(loaded, loaded.run.name or generate_run_name(loaded))
-    if latest_valid_checkpoint(run_dir(loaded.run.name), checksums=False) is not None:  # sizes only: no hashing
-        raise RecipeError(
-            f"run.name: run {loaded.run.name!r} already has checkpoints; use `wmtp resume {loaded.run.name}`"
-        )
-    _check_data_file(loaded)
-    return loaded
+def planned_or_refused(recipe: Recipe, *, resume: str | None) -> PlannedRun:
+    """The run planned before anything starts or is written; what the user must change is a RecipeError (exit 2)."""
+    from wmtp_core.run.plan import plan_run  # torch loads here, to probe the machine
+
+    try:
+        return plan_run(recipe, resume=resume)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as error:
+        raise RecipeError(str(error)) from None
 
 
 def _resume_recipe(run: str, overrides: list[str]) -> Recipe:
     directory = existing_run_dir(run)
-    # Presence and sizes only: the flow verifies the checkpoint it resumes from, once (prepare_run).
-    if latest_valid_checkpoint(directory, checksums=False) is None:
-        raise RecipeError(f"run {run!r} has no valid checkpoint to resume from (see `wmtp checkpoints {run}`)")
-    loaded = load_recipe(directory / "recipe.yaml", overrides)
+    loaded = load_recipe(RunLayout(directory).recipe, overrides)
     if loaded.run.name != run:
         raise RecipeError(f"run.name cannot change on resume (got {loaded.run.name!r} for run {run!r})")
-    _check_data_file(loaded)
     return loaded
-
-
-def _check_data_file(recipe: Recipe) -> None:
-    load_records(Path(recipe.data.path) if recipe.data.path else builtin_dataset_path())

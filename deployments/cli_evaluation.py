@@ -22,6 +22,7 @@ from deployments.cli_options import (
     invalid_input_guard,
 )
 from wmtp_core.config import Recipe, RecipeError
+from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
 
 StepOption = typer.Option(None, "--step", help="The checkpoint's step; default the run's newest valid checkpoint.")
@@ -53,7 +54,7 @@ def evaluate(
         return
     if run is None:
         _refuse("name the RUN to evaluate, or score a file with --completions FILE")
-    recipe = invalid_input_guard(lambda: load_recipe(existing_run_dir(run) / "recipe.yaml", sets))
+    recipe = invalid_input_guard(lambda: load_recipe(RunLayout(existing_run_dir(run)).recipe, sets))
     invalid_input_guard(lambda: _check_step(run, step, checksums=False))  # the flow verifies it, once
     from deployments.flow_runs import run_evaluation_flow
 
@@ -154,12 +155,13 @@ def print_report(report: dict, *, as_json: bool) -> None:
 def _check_step(run: str, step: int | None, *, checksums: bool = True) -> Path:
     """The checkpoint to use: the run's --step, or its newest valid one (digests checked unless checksums=False:
     presence and sizes only); a RecipeError (exit 2) that says what exists otherwise."""
-    from wmtp_core.checkpoint.manifest import CheckpointError, select_checkpoint
+    from wmtp_core.checkpoint.manifest import CheckpointError
+    from wmtp_core.run.start import choose_checkpoint
 
-    directory = existing_run_dir(run)
+    layout = RunLayout(existing_run_dir(run))
     try:
-        return select_checkpoint(directory, step, checksums=checksums, step_option="--step")
-    except CheckpointError as error:
+        return choose_checkpoint(layout, step, continuing=False, checksums=checksums, option="--step").checkpoint
+    except (CheckpointError, FileNotFoundError) as error:
         raise RecipeError(str(error)) from None
 
 

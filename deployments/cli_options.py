@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from tasks.locations import run_dir, runs_dir
 from wmtp_core.config import RecipeError
+from wmtp_core.layout import run_dir, runs_dir
 
 INVALID_INPUT, FAILURE = 2, 1  # exit codes (and 0 success)
 INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)

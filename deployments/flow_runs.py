@@ -3,56 +3,63 @@ what it reports."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import typer
 
 from deployments.cli_options import FAILURE, INTERRUPTED
 from flows.temporary_server import default_prefect_environment, start_temporary_server, watch_live_hint
-from tasks.locations import run_dir
-from wmtp_core.config import EvaluationConfig, Recipe
+from wmtp_core.config import EvaluationConfig
+from wmtp_core.layout import RunLayout
+from wmtp_core.run.summary import RunSummary, read_summary
+
+if TYPE_CHECKING:
+    from wmtp_core.run.plan import PlannedRun
 
 
-def run_flow(recipe: Recipe, *, resume: bool, as_json: bool) -> None:
-    """Run wmtp-train for recipe (resume: from the run's newest checkpoint), print its summary; exit 1 on failure."""
+def run_flow(planned: PlannedRun, *, resume: bool, as_json: bool) -> None:
+    """Write the plan, run wmtp-train on it and print its summary; exit 1 on failure (130 after Ctrl-C)."""
     default_prefect_environment()  # before prefect is first imported: it reads its settings then
     server_ready = start_temporary_server()
     from flows.train import wmtp_train
-    from tasks.torchrun import needs_torchrun
+    from wmtp_core.run.plan import write_plan
 
-    if not needs_torchrun(recipe):
+    run_plan = planned.plan
+    plan_file = write_plan(planned)
+    if run_plan.launcher == "in-process":
         import wmtp_core.training.loop  # noqa: F401  (torch: the in-process training task loads it; now, while the server starts)
     wait_for_server(server_ready)
     from prefect import tags
 
     try:
         with tags("wmtp-cli", "resume" if resume else "train"):  # CLI runs are told apart from served ones in the UI
-            state = wmtp_train(recipe=recipe, resume="latest" if resume else None, return_state=True)
+            state = wmtp_train(plan_file=str(plan_file), return_state=True)
     except KeyboardInterrupt:
-        _report_abort(recipe.run.name)
+        _report_abort(run_plan.recipe.run.name)
         raise typer.Exit(INTERRUPTED) from None
-    summary_file = run_dir(recipe.run.name) / "summary.json"
-    if not summary_file.is_file():
+    summary = read_summary(run_plan.layout)
+    if summary is None:
         print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
         raise typer.Exit(FAILURE)
-    summary = json.loads(summary_file.read_text())
     print_summary(summary, as_json=as_json)
     print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
-    if summary["status"] == "stopped" and summary["stop_reason"] == "Ctrl-C":
+    if summary.status == "stopped" and summary.stop_reason == "Ctrl-C":
         raise typer.Exit(INTERRUPTED)
-    if summary["status"] != "completed":
+    if summary.status != "completed":
         raise typer.Exit(FAILURE)
 
 
 def _report_abort(run_name: str) -> None:
     """A second Ctrl-C ended the run without saving: say what is left on disk and how to go on."""
-    from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+    from wmtp_core.run.start import choose_checkpoint
 
-    latest = latest_valid_checkpoint(run_dir(run_name))
-    kept = f"the newest checkpoint is step {latest.step}" if latest else "no checkpoint was saved yet"
-    go_on = f"continue with: wmtp resume {run_name}" if latest else f"start again with: wmtp train -n {run_name}"
+    latest = choose_checkpoint(RunLayout.of_run(run_name), "latest", continuing=False, fresh_if_none=True)
+    kept = f"the newest checkpoint is step {latest.step}" if not latest.fresh else "no checkpoint was saved yet"
+    go_on = (
+        f"continue with: wmtp resume {run_name}" if not latest.fresh else f"start again with: wmtp train -n {run_name}"
+    )
     print(f"run {run_name} aborted by a second Ctrl-C: {kept}\n{go_on}", file=sys.stderr)
 
 
@@ -93,25 +100,25 @@ def wait_for_server(server_ready: Callable[[], None]) -> None:
         raise typer.Exit(FAILURE) from None
 
 
-def print_summary(summary: dict, *, as_json: bool) -> None:
+def print_summary(summary: RunSummary, *, as_json: bool) -> None:
     """The run's outcome for people (stdout, or stderr under --json), then the JSON summary under --json."""
     from flows.train import stopped_by
-    from tasks.tracking import ui_command
+    from tracking.client import ui_command
 
-    if summary["status"] == "stopped":
+    if summary.status == "stopped":
         print(
-            f"run {summary['run_name']} stopped by {stopped_by(summary['stop_reason'])} at step {summary['steps']}\n"
-            f"checkpoint: {summary['latest_checkpoint']}\ncontinue with: wmtp resume {summary['run_name']}",
+            f"run {summary.run_name} stopped by {stopped_by(summary.stop_reason)} at step {summary.steps}\n"
+            f"checkpoint: {summary.latest_checkpoint}\ncontinue with: wmtp resume {summary.run_name}",
             file=sys.stderr,
         )
-    elif summary["status"] != "completed":
-        print(f"error: run {summary['run_name']} failed: {summary['reason']}", file=sys.stderr)
+    elif summary.status != "completed":
+        print(f"error: run {summary.run_name} failed: {summary.reason}", file=sys.stderr)
     else:
         print(
-            f"run {summary['run_name']} completed {summary['steps']} steps: eval loss "
-            f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
-            f"checkpoint: {summary['latest_checkpoint']}\nMLflow UI: {ui_command()}",
+            f"run {summary.run_name} completed {summary.steps} steps: eval loss "
+            f"{summary.initial_eval_loss:.4f} -> {summary.final_eval_loss:.4f}\n"
+            f"checkpoint: {summary.latest_checkpoint}\nMLflow UI: {ui_command()}",
             file=sys.stderr if as_json else sys.stdout,
         )
     if as_json:
-        print(json.dumps(summary), flush=True)
+        print(summary.model_dump_json(), flush=True)

@@ -8,8 +8,8 @@ from prefect import flow
 
 from flows.parameters import CheckpointStep, RunName
 from tasks.evaluation import evaluate_model, find_checkpoint, log_evaluation, publish_evaluation
-from tasks.locations import run_dir
 from wmtp_core.config import EvaluationConfig
+from wmtp_core.layout import run_dir
 
 
 @flow(name="wmtp-evaluate", flow_run_name="evaluate-{run_name}")

@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.states import Completed, Failed, State
 
 from tasks.fixplan import run_stage, write_report
-from wmtp_core.fixplan.verification import MODELS, STAGES, passed
+from wmtp_core.launch.verification import MODELS, STAGES, passed
 
 Stage = Literal["legacy", "p1", "p1+p2", "p1+p2+p3"]
 ModelKind = Literal["plain", "fsdp"]

@@ -6,14 +6,18 @@ one that says so. Otherwise it trains and uploads exactly as `wmtp-train` does, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 
 from flows.parameters import BudgetMinutes, RunName, TargetSteps
-from flows.train import train_and_upload
-from tasks.locations import run_dir
-from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+from flows.train import execute_plan, one_line
+from tasks.environment import probe_environment
+from tasks.run_setup import make_run_plan
+from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import read_plan
 
 
 @flow(name="wmtp-resume", flow_run_name="resume-{run_name}")
@@ -28,22 +32,27 @@ def wmtp_resume(
         budget_minutes: Wall-clock minutes this invocation may train; it then saves a checkpoint and stops, and the
             next invocation continues. Empty trains to the target.
     """
-    directory = run_dir(run_name)
-    verdicts = {}  # the newest checkpoint is verified here, once: prepare_run and the tasks after it get this verdict
-    latest = latest_valid_checkpoint(directory, verdicts=verdicts)
-    if latest is None:
-        return Failed(
-            message=f"run {run_name!r} has no valid checkpoint in {directory / 'checkpoints'} to resume from; "
-            "start it with wmtp-train (`wmtp checkpoints RUN` shows what is there)"
-        )
+    layout = RunLayout.of_run(run_name)
+    if not layout.recipe.is_file():
+        return Failed(message=f"run {run_name!r} does not exist in {layout.root.parent}; start it with wmtp-train")
     overrides = [f"train.max_steps={target_steps}"] if target_steps is not None else []
-    recipe = load_recipe(directory / "recipe.yaml", overrides)
-    if latest.step >= recipe.train.max_steps:
+    recipe = load_recipe(layout.recipe, overrides)
+    budget_s = budget_minutes * 60 if budget_minutes else None
+    planning = make_run_plan(
+        recipe, resume="latest", probe=probe_environment(), time_budget_s=budget_s, return_state=True
+    )
+    if planning.is_failed():
+        return Failed(
+            message=f"{one_line(planning)}; start it with wmtp-train (`wmtp checkpoints RUN` shows what is there)"
+        )
+    plan_file = planning.result()
+    run_plan = read_plan(Path(plan_file))
+    if run_plan.finished:
         message = (
-            f"run {run_name!r} is already complete: step {latest.step} of {recipe.train.max_steps}; nothing to train"
+            f"run {run_name!r} is already complete: step {run_plan.start.step} of {recipe.train.max_steps}; "
+            "nothing to train"
         )
         get_run_logger().info(message)
         return Completed(message=message)
-    get_run_logger().info("run %s: step %d -> %d", run_name, latest.step, recipe.train.max_steps)
-    budget_s = budget_minutes * 60 if budget_minutes else None
-    return train_and_upload(recipe, resume="latest", time_budget_s=budget_s, verdicts=verdicts)
+    get_run_logger().info("run %s: step %d -> %d", run_name, run_plan.start.step, recipe.train.max_steps)
+    return execute_plan(plan_file)

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from tasks.locations import wmtp_home
+from wmtp_core.layout import wmtp_home
 
 
 def start_temporary_server() -> Callable[[], None]:

@@ -1,5 +1,6 @@
-"""Flow `wmtp-train`: probe the environment, prepare the run, train the brief rho1 reference when one is needed,
-train (retries resume), evaluate the final checkpoint when asked, upload to MLflow, summarise."""
+"""Flow `wmtp-train`: probe the environment, plan the run (once: wmtp_core.run.plan), train the brief rho1
+reference when the plan has one, train (retries resume), evaluate the final checkpoint when asked, upload to MLflow,
+summarise."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from flows.evaluate import evaluate_run
 from flows.parameters import ResumeFrom
 from tasks.environment import probe_environment
 from tasks.reporting import publish_checkpoints, publish_summary
-from tasks.run_setup import prepare_run
-from tasks.tracking import run_link
+from tasks.run_setup import make_run_plan
 from tasks.training import train_model, train_reference
 from tasks.upload import open_tracking_run, record_pending_uploads, upload_artifacts
-from wmtp_core.algorithms.brief_reference import needs_brief_reference
-from wmtp_core.checkpoint.manifest import Verdicts, latest_valid_checkpoint
-from wmtp_core.config import PhaseGates, Recipe, with_run_name
-from wmtp_core.fixplan.gates import tracking_policy
+from tracking.client import run_link
+from wmtp_core.checkpoint.manifest import Verdicts
+from wmtp_core.config import PhaseGates, Recipe
+from wmtp_core.run.plan import RunPlan, read_plan
+from wmtp_core.run.start import choose_checkpoint
+from wmtp_core.run.summary import EvaluationOutcome, RunSummary
 
 
 def train_flow_run_name() -> str:
@@ -40,6 +42,7 @@ def wmtp_train(
     phases: PhaseGates | None = None,
     resume: ResumeFrom | None = None,
     evaluate: bool | None = None,
+    plan_file: str | None = None,
 ) -> dict | State:
     """Train a WMTP model, checkpointing as it goes, and upload the checkpoints and a summary to MLflow.
 
@@ -50,79 +53,71 @@ def wmtp_train(
             checkpoint), one of its steps, or a checkpoint directory (of any run) to start it from.
         evaluate: Evaluate the final checkpoint after training (recipe.evaluation says how); empty follows
             recipe.evaluation.enabled.
+        plan_file: A run plan already made (the `wmtp` CLI makes one before it starts this flow): executed as it
+            is, and the parameters above must then be left at their defaults. Empty plans the run here.
     """
+    if plan_file is not None:
+        if (recipe, phases, resume, evaluate) != (Recipe(), None, None, None):
+            raise ValueError(
+                "plan_file holds the recipe, gates and start point: leave recipe, phases, resume and "
+                "evaluate at their defaults, or leave plan_file empty"
+            )
+        return execute_plan(plan_file)
     if phases is not None:
         recipe = recipe.model_copy(update={"phases": phases})
     if evaluate is not None:
         recipe = recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(update={"enabled": evaluate})})
-    return train_and_upload(recipe, resume=resume)
+    return execute_plan(make_run_plan(recipe, resume=resume, probe=probe_environment()))
 
 
-def train_and_upload(
-    recipe: Recipe,
-    *,
-    resume: ResumeFrom | None,
-    time_budget_s: float | None = None,
-    verdicts: Verdicts | None = None,
-) -> dict | State:
-    """The body of wmtp-train and wmtp-resume: probe, prepare, train (retries resume), upload, publish the artifacts.
-
-    The checkpoint a resume starts from is verified once (by the caller, which passes its verdicts, or by
-    prepare_run); its verdict and those of the checkpoints training saves travel on, so no task hashes them again.
-    """
-    probe = probe_environment()
-    run = prepare_run(recipe, resume=resume, verdicts=verdicts)
-    recipe = with_run_name(recipe, run["run_name"])
-    mlflow_run_id = open_tracking_run(
-        recipe, run["run_dir"], run_name=run["run_name"], flow_run_id=flow_run.id, probe=probe
-    )
+def execute_plan(plan_file: str) -> dict | State:
+    """The body of wmtp-train and wmtp-resume once the run is planned: train the brief reference when the plan has
+    one, train (retries resume), evaluate when asked, upload, publish the artifacts. Every task gets the plan file
+    (or what it says): none decides anything about the run again."""
+    run_plan = read_plan(Path(plan_file))
+    recipe = run_plan.recipe
+    mlflow_run_id = open_tracking_run(plan_file, flow_run_id=flow_run.id)
     training = None
-    if needs_brief_reference(recipe):
-        training = train_reference(recipe, run["run_dir"], probe=probe, return_state=True)
+    if run_plan.reference_run is not None:
+        training = train_reference(plan_file, return_state=True)
     if training is None or training.is_completed():
-        training = train_model(
-            recipe,
-            run["run_dir"],
-            probe=probe,
-            mlflow_run_id=mlflow_run_id,
-            time_budget_s=time_budget_s,
-            start_from=run["start_checkpoint"],
-            verdicts=run["verdicts"],
-            return_state=True,
+        training = train_model(plan_file, mlflow_run_id=mlflow_run_id, return_state=True)
+    verdicts = {**_start_verdict(run_plan), **saved_by(training)}
+    summary = build_summary(run_plan, training, mlflow_run_id=mlflow_run_id, verdicts=verdicts)
+    if recipe.evaluation.enabled and summary.status == "completed":
+        summary = summary.model_copy(
+            update={"evaluation": evaluate_after_training(run_plan, summary.latest_checkpoint)}
         )
-    verdicts = {**run["verdicts"], **saved_by(training)}
-    summary = build_summary(recipe, run, training, mlflow_run_id=mlflow_run_id, verdicts=verdicts)
-    if recipe.evaluation.enabled and summary["status"] == "completed":
-        summary["evaluation"] = evaluate_after_training(recipe, run, summary["latest_checkpoint"])
-    upload = upload_artifacts(
-        run["run_dir"], summary, mlflow_run_id=mlflow_run_id, verdicts=verdicts, return_state=True
-    )
+    upload = upload_artifacts(summary, verdicts=verdicts, return_state=True)
     if upload.is_failed():
-        if not tracking_policy(recipe.phases).never_stops_training:
-            return Failed(message=f"upload to MLflow failed (phases.api off): {_one_line(upload)}")
-        summary = record_pending_uploads(run["run_dir"], summary, reason=_one_line(upload))
+        if not run_plan.gates.tracking_never_stops_training:
+            return Failed(message=f"upload to MLflow failed (phases.api off): {one_line(upload)}")
+        summary = record_pending_uploads(summary, reason=one_line(upload))
     publish_summary(summary)
-    publish_checkpoints(run["run_name"], run["run_dir"])
-    if summary["status"] == "stopped":
+    publish_checkpoints(recipe.run.name, str(run_plan.run_dir))
+    if summary.status == "stopped":
         return Completed(
-            message=f"stopped by {stopped_by(summary['stop_reason'])} at step {summary['steps']} of "
-            f"{recipe.train.max_steps}; checkpoint {summary['latest_checkpoint']}",
-            data=summary,
+            message=f"stopped by {stopped_by(summary.stop_reason)} at step {summary.steps} of "
+            f"{recipe.train.max_steps}; checkpoint {summary.latest_checkpoint}",
+            data=summary.model_dump(mode="json"),
         )
-    if summary["status"] != "completed":
-        return Failed(message=summary["reason"])
-    return summary
+    if summary.status != "completed":
+        return Failed(message=summary.reason)
+    return summary.model_dump(mode="json")
 
 
-def evaluate_after_training(recipe: Recipe, run: dict, checkpoint: str) -> dict:
+def evaluate_after_training(run_plan: RunPlan, checkpoint: str) -> EvaluationOutcome:
     """pass@k of the final checkpoint (its figures also go to MLflow and the flow run's artifacts). A failed
     evaluation does not fail the trained run: `wmtp evaluate RUN` repeats it."""
+    run_name, directory = run_plan.recipe.run.name, str(run_plan.run_dir)
     try:
-        report = evaluate_run(run["run_name"], run["run_dir"], checkpoint, evaluation=recipe.evaluation)
+        report = evaluate_run(run_name, directory, checkpoint, evaluation=run_plan.recipe.evaluation)
     except Exception as error:
         get_run_logger().warning("evaluation failed (the run is kept; repeat it with `wmtp evaluate`): %s", error)
-        return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
-    return {"benchmark": report["benchmark"], "pass_at_k": report["pass_at_k"], "directory": report["directory"]}
+        return EvaluationOutcome(error=f"{type(error).__name__}: {error}".splitlines()[0])
+    return EvaluationOutcome(
+        benchmark=report["benchmark"], pass_at_k=report["pass_at_k"], directory=report["directory"]
+    )
 
 
 def stopped_by(stop_reason: str) -> str:
@@ -136,37 +131,42 @@ def saved_by(training: State) -> Verdicts:
     return {path: None for path in result.get("saved_checkpoints", ())}
 
 
+def _start_verdict(run_plan: RunPlan) -> Verdicts:
+    """The plan's start checkpoint was verified when it was chosen."""
+    return {} if run_plan.start.fresh else {str(run_plan.start.checkpoint): None}
+
+
 def build_summary(
-    recipe: Recipe, run: dict, training: State, *, mlflow_run_id: str | None, verdicts: Verdicts | None = None
-) -> dict:
+    run_plan: RunPlan, training: State, *, mlflow_run_id: str | None, verdicts: Verdicts | None = None
+) -> RunSummary:
     """The run summary: training figures when training returned (status completed, or stopped early by a time budget),
     a one-line reason and the newest checkpoint on failure (verdicts: checkpoints not to hash again)."""
-    summary = {
-        "run_name": run["run_name"],
-        "run_dir": run["run_dir"],
+    common = {
+        "run_name": run_plan.recipe.run.name,
+        "run_dir": str(run_plan.run_dir),
         "mlflow_run_id": mlflow_run_id,
-        "mlflow_link": run_link(Path(run["run_dir"])) if mlflow_run_id else None,
+        "mlflow_link": run_link(run_plan.run_dir) if mlflow_run_id else None,
+        "phases": run_plan.recipe.phases,
+        "uploads": "done" if mlflow_run_id else "tracking off",
     }
     if training.is_completed():
         result = training.result()
         figures = {key: value for key, value in result.items() if key != "saved_checkpoints"}
-        summary.update(status="stopped" if result.get("stop_reason") else "completed", reason=None, **figures)
-    else:
-        latest = latest_valid_checkpoint(Path(run["run_dir"]), verdicts=dict(verdicts or {}))
-        summary.update(
-            status="failed",
-            reason=_one_line(training),
-            steps=latest.step if latest else 0,
-            initial_eval_loss=None,
-            final_eval_loss=None,
-            latest_checkpoint=str(latest.path) if latest else None,
-        )
-    summary["phases"] = recipe.phases.model_dump()
-    summary["uploads"] = "done" if mlflow_run_id else "tracking off"
-    return summary
+        status = "stopped" if result.get("stop_reason") else "completed"
+        return RunSummary(status=status, **figures, **common)
+    latest = choose_checkpoint(
+        run_plan.layout, "latest", continuing=False, fresh_if_none=True, verdicts=dict(verdicts or {})
+    )
+    return RunSummary(
+        status="failed",
+        reason=one_line(training),
+        steps=latest.step,
+        latest_checkpoint=None if latest.fresh else str(latest.checkpoint),
+        **common,
+    )
 
 
-def _one_line(state: State) -> str:
+def one_line(state: State) -> str:
     """The exception behind a failed task state, as 'Type: message' on one line."""
     error = state.result(raise_on_failure=False)
     return f"{type(error).__name__}: {error}".splitlines()[0]

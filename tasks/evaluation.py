@@ -12,9 +12,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.reporting import artifact_key
-from wmtp_core.checkpoint.manifest import select_checkpoint
 from wmtp_core.config import EvaluationConfig
 from wmtp_core.evaluation.report import evaluation_metrics
+from wmtp_core.layout import RunLayout
+from wmtp_core.run.start import choose_checkpoint
 
 EXAMPLES_SHOWN = 3  # completions in the markdown artifact
 
@@ -22,7 +23,7 @@ EXAMPLES_SHOWN = 3  # completions in the markdown artifact
 @task(name="find_checkpoint", cache_policy=NO_CACHE)
 def find_checkpoint(run_dir: str, step: int | None) -> str:
     """The run's checkpoint at step (verified), or its newest valid one; CheckpointError says what to change."""
-    return str(select_checkpoint(Path(run_dir), step))
+    return str(choose_checkpoint(RunLayout(Path(run_dir)), step, continuing=False, option="step").checkpoint)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -43,11 +44,11 @@ def evaluate_model(run_dir: str, checkpoint: str, evaluation: EvaluationConfig) 
 @task(name="log_evaluation", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_evaluation(run_dir: str, report: dict) -> str | None:
     """The figures as eval/* metrics at the checkpoint's step on the run's MLflow run; None when tracking was off."""
-    recorded = Path(run_dir) / "tracking.json"
+    recorded = RunLayout(Path(run_dir)).tracking
     if not recorded.is_file():
         get_run_logger().info("run has no MLflow run (tracking.enabled false): evaluation metrics not logged")
         return None
-    from tasks.tracking import point_sender
+    from tracking.client import point_sender
 
     run_id = json.loads(recorded.read_text())["mlflow_run_id"]
     stamp = int(time.time() * 1000)

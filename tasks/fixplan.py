@@ -10,8 +10,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.locations import wmtp_home
-from wmtp_core.fixplan.verification import TARGETS, verify_stage
+from wmtp_core.launch.verification import TARGETS, verify_stage
+from wmtp_core.layout import wmtp_home
 
 COLUMNS = (
     "stage",

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
-from tasks.progress import TrainingProgress
-from tasks.torchrun import WorkerInterrupted, needs_torchrun, run_torchrun, torchrun_command
-from tasks.tracking import metrics_sink
-from wmtp_core.algorithms.brief_reference import brief_reference_dir, brief_reference_recipe, finished_brief_reference
-from wmtp_core.checkpoint.manifest import CheckpointError, Verdicts, latest_valid_checkpoint
-from wmtp_core.config import Recipe, RecipeError
-from wmtp_core.fixplan.gates import tracking_policy
+from tasks.reporting import TrainingProgress
+from tracking.client import metrics_sink
+from wmtp_core.checkpoint.manifest import CheckpointError
+from wmtp_core.config import RecipeError
+from wmtp_core.launch.torchrun import WorkerInterrupted, run_torchrun, worker_command
 from wmtp_core.recipes import recipe_to_yaml
+from wmtp_core.run.plan import RunPlan, read_plan, restarted, save_plan
 from wmtp_core.runtime.run_lock import RunLockedError, run_lock
 from wmtp_core.runtime.stopping import TrainingInterrupted
 
@@ -52,25 +52,24 @@ def retry_unless_invalid_input(task, task_run, state) -> bool:
     retry_condition_fn=retry_unless_invalid_input,
     cache_policy=NO_CACHE,
 )
-def train_reference(recipe: Recipe, run_dir: str, *, probe: dict) -> str:
+def train_reference(plan_file: str) -> str:
     """rho1-wmtp with no reference named: train the run's model for rho1.reference_steps baseline steps into
-    <run_dir>/reference (an attempt or a later run resumes what was saved); returns the reference checkpoint."""
+    <run>/reference, as the run plan's reference_run plans it (an attempt or a later run resumes what was saved);
+    returns the reference checkpoint, the one the run plan names."""
     logger = get_run_logger()
-    done = finished_brief_reference(recipe, Path(run_dir))
-    if done is not None:
-        logger.info("rho1-wmtp: reusing the brief reference at %s", done.path)
-        return str(done.path)
+    run_plan = read_plan(Path(plan_file))
+    reference = run_plan.reference_run
+    if reference.finished:
+        logger.info("rho1-wmtp: reusing the brief reference at %s", run_plan.reference)
+        return str(run_plan.reference)
     logger.warning(
         "rho1-wmtp: no rho1.reference_checkpoint or rho1.reference_hf_model given, so the run's own model is "
         "trained for %d baseline steps as the reference; set one of them to use a real one",
-        recipe.rho1.reference_steps,
+        reference.recipe.train.max_steps,
     )
-    reference = brief_reference_recipe(recipe)
-    directory = brief_reference_dir(Path(run_dir))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "recipe.yaml").write_text(recipe_to_yaml(reference))
-    result = train_in_run_dir(reference, directory, probe=probe, mlflow_run_id=None, progress_name=reference.run.name)
-    return result["latest_checkpoint"]
+    reference.layout.recipe.write_text(recipe_to_yaml(reference.recipe))
+    train_planned(reference.layout.plan, mlflow_run_id=None)
+    return str(run_plan.reference)
 
 
 @task(
@@ -80,119 +79,52 @@ def train_reference(recipe: Recipe, run_dir: str, *, probe: dict) -> str:
     retry_condition_fn=retry_unless_invalid_input,
     cache_policy=NO_CACHE,
 )
-def train_model(
-    recipe: Recipe,
-    run_dir: str,
-    *,
-    probe: dict,
-    mlflow_run_id: str | None,
-    time_budget_s: float | None = None,
-    start_from: str | None = None,
-    verdicts: Verdicts | None = None,
-) -> dict:
-    """Train to recipe.train.max_steps; an attempt (or retry) resumes from the newest valid checkpoint of the run,
-    or from start_from (another run's checkpoint, verified) while the run has none of its own. verdicts: what
-    prepare_run found of the run's checkpoints, so the one it verified is not hashed again."""
-    return train_in_run_dir(
-        recipe,
-        Path(run_dir),
-        probe=probe,
-        mlflow_run_id=mlflow_run_id,
-        time_budget_s=time_budget_s,
-        start_from=Path(start_from) if start_from else None,
-        progress_name=Path(run_dir).name,
-        verdicts=verdicts,
-    )
+def train_model(plan_file: str, *, mlflow_run_id: str | None) -> dict:
+    """Train as the run plan says, to recipe.train.max_steps; a retry resumes from the newest valid checkpoint."""
+    return train_planned(Path(plan_file), mlflow_run_id=mlflow_run_id)
 
 
-def train_in_run_dir(
-    recipe: Recipe,
-    directory: Path,
-    *,
-    probe: dict,
-    mlflow_run_id: str | None,
-    progress_name: str,
-    time_budget_s: float | None = None,
-    start_from: Path | None = None,
-    verdicts: Verdicts | None = None,
-) -> dict:
-    """Hold the run's lock, resume from its newest valid checkpoint (else start_from, verified by the caller), and
-    train: one process here, more (devices.nproc_per_node or devices.nnodes above 1) under torchrun. The checkpoint
-    is hashed here at most once (not at all when verdicts has it) and never again by the training processes.
-    Returns the TrainResult."""
+def train_planned(plan_file: Path, *, mlflow_run_id: str | None) -> dict:
+    """Hold the run's lock and execute its plan: one process here, more under torchrun. A retry of the task (or a
+    Prefect retry after the job failed) starts from the newest valid checkpoint instead of the plan's start: the
+    failed attempt may have saved since. Returns the TrainResult as a dict."""
     logger = get_run_logger()
     for name in ("wmtp_core", "tasks"):
         logging.getLogger(name).setLevel(logging.INFO)
-    with run_lock(directory):
-        latest = latest_valid_checkpoint(directory, verdicts=dict(verdicts or {}))
-        if latest is not None:
-            logger.info("resuming from %s (step %d)", latest.path, latest.step)
-        elif start_from is not None:
-            logger.info("starting from %s", start_from)
-        resume = latest.path if latest else start_from
-        safe = tracking_policy(recipe.phases).never_stops_training
-        sink = metrics_sink(mlflow_run_id, directory, safe=safe) if mlflow_run_id else None
-        start = latest.step if latest else 0
-        progress = TrainingProgress(progress_name, max_steps=recipe.train.max_steps, start_step=start)
+    run_plan = read_plan(plan_file)
+    with run_lock(run_plan.run_dir):
+        if task_run.run_count > 1:
+            run_plan = restarted(run_plan)
+            save_plan(run_plan)
+        if not run_plan.start.fresh:
+            logger.info("starting from %s (step %d)", run_plan.start.checkpoint, run_plan.start.step)
+        safe = run_plan.gates.tracking_never_stops_training
+        sink = metrics_sink(mlflow_run_id, run_plan.run_dir, safe=safe) if mlflow_run_id else None
+        recipe = run_plan.recipe
+        progress = TrainingProgress(recipe.run.name, max_steps=recipe.train.max_steps, start_step=run_plan.start.step)
         report = progress.reporting_to(sink)  # MLflow metrics, then the Prefect progress artifact
         extra = {"tracking_run_id": mlflow_run_id}
-        recipe = _with_device_profile(recipe, probe)
         try:
-            if needs_torchrun(recipe):
-                return progress.finish(_train_under_torchrun(recipe, directory, resume, report, extra, time_budget_s))
-            return progress.finish(_train_here(recipe, directory, probe, resume, report, extra, time_budget_s))
+            if run_plan.launcher == "torchrun":
+                return progress.finish(_train_under_torchrun(run_plan, plan_file, report, extra))
+            return progress.finish(_train_here(run_plan, report, extra))
         finally:
             if sink is not None:
                 sink.close()
 
 
-def _with_device_profile(recipe: Recipe, probe: dict) -> Recipe:
-    """The recipe as the device policy adjusts it (the MPS profile), decided before choosing one process or torchrun."""
-    from wmtp_core.fixplan.gates import resolve_gates
-    from wmtp_core.runtime.devices import EnvironmentProbe  # torch loads here, not at flow import
-
-    gates = resolve_gates(recipe)
-    plan = gates.plan_devices(recipe.devices, recipe.data, EnvironmentProbe(**probe))
-    recipe, reasons = gates.apply_device_profile(recipe, plan)
-    for reason in reasons:
-        get_run_logger().info("%s", reason)
-    return recipe
-
-
-def _train_under_torchrun(recipe, directory, resume, report, extra, time_budget_s) -> dict:
-    result_file = directory / "torchrun_result.json"
-    command = torchrun_command(
-        recipe,
-        directory,
-        resume=resume,
-        resume_verified=True,  # train_in_run_dir verified it (or holds its verdict)
-        result_file=result_file,
-        manifest_extra=extra,
-        time_budget_s=time_budget_s,
-    )
+def _train_under_torchrun(run_plan: RunPlan, plan_file: Path, report, extra: dict) -> dict:
+    result_file = run_plan.layout.torchrun_result
     return run_torchrun(
-        command,
+        worker_command(run_plan, plan_file, result_file=result_file, manifest_extra=extra),
         result_file=result_file,
-        silence_timeout_s=recipe.devices.timeout_s,
+        silence_timeout_s=run_plan.recipe.devices.timeout_s,
         log=get_run_logger(),
         on_metrics=report,
     )
 
 
-def _train_here(recipe, directory, probe, resume, report, extra, time_budget_s) -> dict:
-    from wmtp_core.fixplan.gates import plan_run_devices
-    from wmtp_core.runtime.devices import EnvironmentProbe
-    from wmtp_core.training.loop import train
+def _train_here(run_plan: RunPlan, report, extra: dict) -> dict:
+    from wmtp_core.training.loop import train  # torch loads here, not at flow import
 
-    plan = plan_run_devices(recipe, EnvironmentProbe(**probe))
-    result = train(
-        recipe,
-        directory,
-        plan=plan,
-        resume_from=resume,
-        resume_verified=True,  # train_in_run_dir verified it (or holds its verdict)
-        on_metrics=report,
-        manifest_extra=extra,
-        time_budget_s=time_budget_s,
-    )
-    return asdict(result)
+    return asdict(train(run_plan, on_metrics=report, manifest_extra=extra))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -10,9 +9,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from tasks import tracking
+from tracking import client as tracking
 from wmtp_core.checkpoint.manifest import Verdicts
-from wmtp_core.config import Recipe
+from wmtp_core.run.plan import read_plan
+from wmtp_core.run.summary import RunSummary
 
 
 @task(
@@ -21,17 +21,17 @@ from wmtp_core.config import Recipe
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     cache_policy=NO_CACHE,
 )
-def open_tracking_run(
-    recipe: Recipe, run_dir: str, *, run_name: str, flow_run_id: str | None, probe: dict
-) -> str | None:
+def open_tracking_run(plan_file: str, *, flow_run_id: str | None) -> str | None:
     """The MLflow run for this WMTP run (created once, reused by every resume); None when tracking is off."""
+    run_plan = read_plan(Path(plan_file))
+    recipe = run_plan.recipe
     if not recipe.tracking.enabled:
         return None
     tags = {"prefect.flow_run_id": flow_run_id} if flow_run_id else {}
     if flow_run_id and flow_run.ui_url:
         tags["prefect.flow_run_url"] = flow_run.ui_url  # the MLflow run links back to the Prefect run
-    run_id = tracking.open_tracking_run(recipe, Path(run_dir), run_name=run_name, extra_tags=tags)
-    tracking.log_environment_tags(run_id, probe)
+    run_id = tracking.open_tracking_run(recipe, run_plan.run_dir, run_name=recipe.run.name, extra_tags=tags)
+    tracking.log_environment_tags(run_id, run_plan.probe.to_dict())
     get_run_logger().info("MLflow run %s at %s", run_id, tracking.tracking_uri())
     return run_id
 
@@ -39,31 +39,29 @@ def open_tracking_run(
 @task(
     name="upload_artifacts", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE
 )
-def upload_artifacts(
-    run_dir: str, summary: dict, *, mlflow_run_id: str | None, verdicts: Verdicts | None = None
-) -> list[str]:
+def upload_artifacts(summary: RunSummary, *, verdicts: Verdicts | None = None) -> list[str]:
     """Write summary.json, then upload it, every checkpoint and any pending metrics not yet uploaded (idempotent);
     verdicts: checkpoints the flow run has verified or saved already, not hashed again."""
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    if mlflow_run_id is None:
+    summary.write()
+    if summary.mlflow_run_id is None:
         return []
     return tracking.upload_run(
-        mlflow_run_id,
-        Path(run_dir),
-        succeeded=summary["status"] == "completed",
-        finished=summary["status"] != "stopped",
+        summary.mlflow_run_id,
+        Path(summary.run_dir),
+        succeeded=summary.status == "completed",
+        finished=summary.status != "stopped",
         verdicts=verdicts,
     )
 
 
 @task(name="record_pending_uploads", cache_policy=NO_CACHE)
-def record_pending_uploads(run_dir: str, summary: dict, *, reason: str) -> dict:
+def record_pending_uploads(summary: RunSummary, *, reason: str) -> RunSummary:
     """Phase 3: uploads that failed after their retries are owed, not fatal; note them for the next run or `wmtp
     upload`."""
-    tracking.record_pending_uploads(Path(run_dir), reason)
-    summary = {**summary, "uploads": "pending", "uploads_reason": reason}
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracking.record_pending_uploads(Path(summary.run_dir), reason)
+    summary = summary.model_copy(update={"uploads": "pending", "uploads_reason": reason})
+    summary.write()
     get_run_logger().warning(
-        "uploads to MLflow failed (%s); they are pending: run `wmtp upload %s`", reason, summary["run_name"]
+        "uploads to MLflow failed (%s); they are pending: run `wmtp upload %s`", reason, summary.run_name
     )
     return summary

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from support.recipes import TINY_OVERRIDES
 
-from tasks.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, torchrun_command
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+from wmtp_core.launch.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, torchrun_command
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every torchrun job takes 5-30 s here

@@ -11,11 +11,9 @@ import json
 import pytest
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
+from support.training import plan_and_train
 
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 from wmtp_core.training.worker import METRICS_PREFIX
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # each torchrun job takes 10-20 s here
@@ -67,8 +65,7 @@ def test_rho1_with_its_reference_sharded_and_sequential_checkpointed_heads_train
     checkpointed blocks give the plain computation's gradients: the 2-process job's losses are those of one plain
     process accumulating the same two micro-batches."""
     reference_recipe = load_recipe(None, [*TINY_OVERRIDES, "train.max_steps=2", "tracking.enabled=false"])
-    plan = plan_run_devices(reference_recipe, probe_environment())
-    reference = train(reference_recipe, tmp_path / "reference", plan=plan).latest_checkpoint
+    reference = plan_and_train(reference_recipe, tmp_path / "reference").latest_checkpoint
     rho1 = ["train.algorithm=rho1-wmtp", f"rho1.reference_checkpoint={reference}", "train.max_steps=4"]
     features = ["loss.sequential_heads=on", "train.activation_checkpointing=blocks"]
     losses, log = torchrun_losses(tmp_path / "two", *rho1, *features, steps=4)
@@ -77,10 +74,9 @@ def test_rho1_with_its_reference_sharded_and_sequential_checkpointed_heads_train
     one = load_recipe(None, [*TINY_OVERRIDES, *RUN, *rho1, "devices.strategy=single", "devices.nproc_per_node=1"])
     one = one.model_copy(update={"train": one.train.model_copy(update={"grad_accumulation_steps": 2})})
     single = {}
-    train(
+    plan_and_train(
         one,
         tmp_path / "one",
-        plan=plan,
         on_metrics=lambda step, m: single.update({step: m["loss"]} if "loss" in m else {}),
     )
     assert losses == pytest.approx(single, rel=1e-5)

@@ -11,13 +11,11 @@ import torch
 from safetensors.torch import load_file
 from support.hf_models import HF_OVERRIDES
 from support.torchrun import torchrun_worker
+from support.training import plan_and_train
 from transformers import AutoModelForCausalLM
 
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every torchrun job takes 5-30 s here
 
@@ -50,9 +48,8 @@ def test_fsdp_hf_trunk_exports_and_resumes_on_one_process_to_the_same_weights(tm
         torch.testing.assert_close(exported_BTV, trained(tokens_BT)[:, :, 0])
 
     one_process = load_recipe(None, [*common, "data.batch_size=2", "train.grad_accumulation_steps=2"])
-    plan = plan_run_devices(one_process, probe_environment())
-    resumed = train(one_process, tmp_path / "fsdp", plan=plan, resume_from=checkpoint)
-    straight = train(one_process, tmp_path / "straight", plan=plan)
+    resumed = plan_and_train(one_process, tmp_path / "fsdp", resume_from=checkpoint)
+    straight = plan_and_train(one_process, tmp_path / "straight")
     assert resumed.resumed_from_step == 4 and resumed.steps == straight.steps == 6
     expected = load_file(Path(straight.latest_checkpoint) / "model.safetensors")
     actual = load_file(Path(resumed.latest_checkpoint) / "model.safetensors")

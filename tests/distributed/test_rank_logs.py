@@ -8,7 +8,7 @@ import logging
 import pytest
 from support.recipes import TINY_OVERRIDES
 
-from tasks.torchrun import LOG_DIR, run_torchrun, torchrun_command
+from wmtp_core.launch.torchrun import LOG_DIR, run_torchrun, torchrun_command
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 
 pytestmark = pytest.mark.distributed

@@ -16,11 +16,9 @@ import torch
 from support.checkpoints import full_model_state
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
+from support.training import plan_and_train
 
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 from wmtp_core.training.worker import METRICS_PREFIX
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every torchrun job takes 5-30 s here
@@ -138,11 +136,9 @@ def test_resume_on_one_process_matches_the_uninterrupted_run(straight_runs, layo
         layout, "devices.strategy=single", "devices.nproc_per_node=1", "train.grad_accumulation_steps=2"
     )
     losses = {}
-    plan = plan_run_devices(recipe, probe_environment())
-    result = train(
+    result = plan_and_train(
         recipe,
         tmp_path,
-        plan=plan,
         resume_from=tmp_path / "checkpoints" / "step_00000004",
         on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None,
     )
@@ -166,11 +162,9 @@ def test_one_process_with_accumulation_matches_two_process_ddp_and_fsdp(straight
     fsdp_dir, fsdp_losses = straight_runs("fsdp")
     recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, "train.grad_accumulation_steps=2"])
     losses = {}
-    plan = plan_run_devices(recipe, probe_environment())
-    train(
+    plan_and_train(
         recipe,
         tmp_path,
-        plan=plan,
         on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None,
     )
     assert losses == pytest.approx(ddp_losses, rel=1e-5) and losses == pytest.approx(fsdp_losses, rel=1e-5)
@@ -185,12 +179,10 @@ def test_critic_on_two_processes_matches_one_process_with_accumulation(tmp_path)
     """Stage 1 (the value head alone, the trunk frozen) and Stage 2 on DDP and FSDP2: the value pretraining loss,
     the loss trajectory and the final weights, value head included, equal one process's with the same global batch."""
     recipe = load_recipe(None, [*TINY_OVERRIDES, *STEPS, *CRITIC, "train.grad_accumulation_steps=2"])
-    plan = plan_run_devices(recipe, probe_environment())
     expected = []
-    train(
+    plan_and_train(
         recipe,
         tmp_path / "single",
-        plan=plan,
         on_metrics=lambda step, metrics: expected.append({"step": step, "metrics": metrics}),
     )
     stage1 = {k: v for r in expected for k, v in r["metrics"].items() if k.startswith("value_pretrain")}

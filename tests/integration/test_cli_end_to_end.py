@@ -15,11 +15,9 @@ import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 from support.cli import WMTP, wmtp_environment
+from support.training import plan_and_train
 
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +56,7 @@ def test_resume_reaches_the_same_weights_as_a_straight_run(tmp_path, tiny_recipe
     )
     resumed = run_wmtp(["resume", "split", "--set", "train.max_steps=8"], home=home, api_url=prefect_api_url)
     straight = load_recipe(recipe, eight_steps)
-    expected_run = train(straight, tmp_path / "straight", plan=plan_run_devices(straight, probe_environment()))
+    expected_run = plan_and_train(straight, tmp_path / "straight")
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == expected_run.steps == 8
     assert resumed["mlflow_run_id"] == split["mlflow_run_id"]  # the resume continues the run's MLflow run
     expected = load_file(Path(expected_run.latest_checkpoint) / "model.safetensors")

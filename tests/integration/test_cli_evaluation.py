@@ -7,14 +7,12 @@ import json
 
 import pytest
 from support.recipes import TINY_OVERRIDES
+from support.training import plan_and_train
 from typer.testing import CliRunner
 
 from deployments.cli import app
 from wmtp_core.evaluation.problems import humaneval_problems
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 runner = CliRunner()
 
@@ -27,7 +25,7 @@ def home_with_a_run(tmp_path_factory):
     run_dir = home / "runs" / "gen"
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(json.dumps(recipe.model_dump(mode="json")))
-    train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    plan_and_train(recipe, run_dir)
     return home
 
 

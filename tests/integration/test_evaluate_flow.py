@@ -12,7 +12,7 @@ from support.prefect import flow_run_artifact_keys
 
 from flows.evaluate import wmtp_evaluate
 from flows.train import wmtp_train
-from tasks.tracking import tracking_uri
+from tracking.client import tracking_uri
 
 pytestmark = pytest.mark.slow
 QUICK = {"enabled": True, "max_problems": 3, "max_new_tokens": 12}

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from flows.resume import wmtp_resume
 from flows.train import wmtp_train
-from tasks.tracking import tracking_uri
+from tracking.client import tracking_uri
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
 from wmtp_core.recipes import load_recipe
 

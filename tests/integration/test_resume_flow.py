@@ -14,7 +14,7 @@ from support.hashing import HashedBytes
 import tasks.training
 from flows.resume import wmtp_resume
 from flows.train import wmtp_train
-from tasks.progress import TrainingProgress
+from tasks.reporting import TrainingProgress
 from wmtp_core.checkpoint.manifest import checkpoint_bytes, read_manifest
 
 pytestmark = pytest.mark.slow
@@ -164,6 +164,6 @@ def test_a_whole_resume_hashes_the_checkpoint_it_loads_once_and_nothing_else(
 def _uploaded_checkpoints(run_id):
     from mlflow import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tracking.client import tracking_uri
 
     return sorted(Path(a.path).name for a in MlflowClient(tracking_uri()).list_artifacts(run_id, "checkpoints"))

@@ -15,8 +15,9 @@ import pytest
 from support.cli import WMTP, wmtp_environment
 from support.recipes import TINY_OVERRIDES
 
+from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
-from wmtp_core.runtime.run_lock import LOCK_FILE, RunLockedError, run_lock
+from wmtp_core.runtime.run_lock import RunLockedError, run_lock
 
 HOLD = """
 import sys, time
@@ -55,7 +56,7 @@ def _holder(run_dir: Path, seconds: float = 60) -> subprocess.Popen:
 
 def _left_behind(run_dir: Path, host: str, pid: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "since": "2026-01-01T00:00:00+0000"}))
+    RunLayout(run_dir).lock.write_text(json.dumps({"host": host, "pid": pid, "since": "2026-01-01T00:00:00+0000"}))
 
 
 def test_second_holder_in_the_same_process_is_refused_with_the_holder_named(tmp_path):
@@ -69,15 +70,15 @@ def test_lock_is_released_when_training_raises_and_the_file_stays(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with run_lock(tmp_path):
             1 / 0
-    assert (tmp_path / LOCK_FILE).exists()  # never unlinked: unlinking a flock file races
+    assert RunLayout(tmp_path).lock.exists()  # never unlinked: unlinking a flock file races
     with run_lock(tmp_path):
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads(RunLayout(tmp_path).lock.read_text())["pid"] == os.getpid()
 
 
 def test_lock_left_by_a_dead_trainer_on_another_host_does_not_block(tmp_path):
     _left_behind(tmp_path, "wmtp-train-pod-7f9c-gone", 1)
     with run_lock(tmp_path):
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == socket.gethostname()
+        assert json.loads(RunLayout(tmp_path).lock.read_text())["host"] == socket.gethostname()
 
 
 def test_lock_left_on_this_host_with_a_pid_now_reused_does_not_block(tmp_path):
@@ -85,7 +86,7 @@ def test_lock_left_on_this_host_with_a_pid_now_reused_does_not_block(tmp_path):
     try:
         _left_behind(tmp_path, socket.gethostname(), unrelated.pid)  # a restarted container: same host, live pid
         with run_lock(tmp_path):
-            assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+            assert json.loads(RunLayout(tmp_path).lock.read_text())["pid"] == os.getpid()
     finally:
         unrelated.kill()
         unrelated.wait()
@@ -127,14 +128,12 @@ def test_exactly_one_of_20_simultaneous_contenders_wins(tmp_path, attempt):
 
 def _trained_run(run_dir: Path) -> Path:
     """A run as `wmtp train` leaves it (recipe.yaml, checkpoints), trained in-process: the CLI calls are the resumes."""
-    from wmtp_core.fixplan.gates import plan_run_devices
-    from wmtp_core.runtime.devices import probe_environment
-    from wmtp_core.training.loop import train
+    from support.training import plan_and_train
 
     recipe = load_recipe(None, [*TINY_OVERRIDES, "run.name=locked", "tracking.enabled=false"])
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    plan_and_train(recipe, run_dir)
     return run_dir
 
 

@@ -11,7 +11,7 @@ from support.prefect import flow_run_artifact_keys
 
 import tasks.training
 from flows.train import wmtp_train
-from tasks.tracking import PENDING_UPLOADS_FILE, MetricsSink, tracking_uri
+from tracking.client import PENDING_UPLOADS_FILE, MetricsSink, tracking_uri
 from wmtp_core.checkpoint.manifest import list_checkpoints
 from wmtp_core.config import PhaseGates
 

@@ -17,7 +17,7 @@ APPLY_MPS_PROFILE = """
 import json, wmtp_core
 from wmtp_core.config import Recipe
 from wmtp_core.runtime.devices import DevicePlan, apply_device_profile
-plan = DevicePlan("mps", None, False, 0, ())
+plan = DevicePlan(device="mps", autocast_dtype=None, use_grad_scaler=False, num_workers=0, reasons=())
 recipe, reasons = apply_device_profile(Recipe(), plan)
 print(json.dumps({"module": wmtp_core.__file__, "accumulation": recipe.train.grad_accumulation_steps,
                   "reasons": list(reasons)}))

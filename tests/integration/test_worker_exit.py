@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 from support.recipes import with_sections
+from support.training import plan_and_train
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.recipes import recipe_to_yaml
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 from wmtp_core.training.worker import worker_arguments
 
 
@@ -55,7 +53,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_non_zero(tiny_
     assert 50 < latest.step < 3000 and latest.step % 50 != 0  # saved where it stopped, not at a save interval
     assert f"SIGTERM at step {latest.step}" in outcome["message"]
     longer = with_sections(recipe, train={"max_steps": latest.step + 2})
-    resumed = train(longer, tmp_path, plan=plan_run_devices(longer, probe_environment()), resume_from=latest.path)
+    resumed = plan_and_train(longer, tmp_path, resume_from=latest.path)
     assert resumed.resumed_from_step == latest.step and resumed.steps == latest.step + 2
 
 

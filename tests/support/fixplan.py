@@ -1,4 +1,4 @@
-"""A row of the fix-plan report, as wmtp_core.fixplan.verification.verify_stage returns it."""
+"""A row of the fix-plan report, as wmtp_core.launch.verification.verify_stage returns it."""
 
 from __future__ import annotations
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from wmtp_core.fixplan.gates import resolve_gates
+from wmtp_core.data.records import builtin_dataset_path
+from wmtp_core.fixplan.gates import behaviours
 from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_devices
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.runtime.distributed import gather_objects, init_distributed, shutdown_distributed
 from wmtp_core.training.parts import build_run_parts
@@ -29,11 +31,14 @@ from wmtp_core.training.parts import build_run_parts
 def initial_model(recipe, ctx) -> dict:
     """{"weights": full state dict, "buffers": every named buffer, "rng": the torch generator state} after building
     the run's parts the way train() does (on this rank)."""
-    gates = resolve_gates(recipe)
-    plan = gates.plan_devices(recipe.devices, recipe.data, probe_environment())
+    recipe, resolved, plan = plan_devices(recipe, probe_environment())
+    gates = behaviours(resolved)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    parts = build_run_parts(recipe, plan, ctx=ctx, wrap_fsdp=gates.wrap_fsdp, from_meta=gates.fsdp_from_meta)
+    data = recipe.data.path or builtin_dataset_path()
+    parts = build_run_parts(
+        recipe, plan, data_file=data, ctx=ctx, wrap_fsdp=gates.wrap_fsdp, from_meta=gates.fsdp_from_meta
+    )
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return {
         "weights": get_model_state_dict(parts.model, options=options),

@@ -3,25 +3,25 @@ checkpointed."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from support.objective import recipe_loss
 from support.recipes import with_sections
+from support.training import device_plan, plan_and_train
 
-from wmtp_core.algorithms.brief_reference import brief_reference_dir, brief_reference_recipe, finished_brief_reference
-from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
-from wmtp_core.algorithms.reference import load_reference_model, reference_checkpoint
-from wmtp_core.checkpoint.manifest import CheckpointError, list_checkpoints
+from wmtp_core.algorithms.brief_reference import brief_reference_recipe
+from wmtp_core.algorithms.objective import MicroBatch
+from wmtp_core.algorithms.reference import load_reference_model
+from wmtp_core.checkpoint.manifest import list_checkpoints
 from wmtp_core.checkpoint.storage import load_checkpoint
-from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.run.plan import plan_run, write_plan
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
 
 def _plan(recipe):
-    return plan_run_devices(recipe, probe_environment())
+    return device_plan(recipe, probe_environment())
 
 
 def _first_micro_batch(parts):
@@ -39,10 +39,9 @@ def rho1_recipe(tiny_recipe):
 @pytest.mark.parametrize("weight_norm", ["head_softmax", "token_mean1_clip"])
 def test_critic_loss_trains_policy_and_value_head(tiny_recipe, weight_norm):
     recipe = with_sections(tiny_recipe, train={"algorithm": "critic-wmtp"}, loss={"weight_norm": weight_norm})
-    parts = build_run_parts(recipe, _plan(recipe))
-    loss, metrics = algorithm_loss(
-        parts.model, _first_micro_batch(parts), recipe=recipe, plan=_plan(recipe), reference=None
-    )
+    plan = _plan(recipe)
+    parts = build_run_parts(recipe, plan)
+    loss, metrics = recipe_loss(parts.model, _first_micro_batch(parts), recipe, plan=plan)
     loss.backward()
     assert torch.isfinite(loss)
     assert parts.model.value_head.net[0].weight.grad.abs().sum() > 0
@@ -63,9 +62,7 @@ def test_rho1_loss_uses_a_frozen_reference(rho1_recipe, tmp_path, mode):
     recipe = with_sections(rho1_recipe, rho1={"selection_mode": mode})
     plan = _plan(recipe)
     parts = build_run_parts(recipe, plan, reference_checkpoint=_train_brief_reference(recipe, tmp_path))
-    loss, metrics = algorithm_loss(
-        parts.model, _first_micro_batch(parts), recipe=recipe, plan=plan, reference=parts.reference
-    )
+    loss, metrics = recipe_loss(parts.model, _first_micro_batch(parts), recipe, plan=plan, reference=parts.reference)
     loss.backward()
     assert torch.isfinite(loss) and not parts.reference.training
     assert all(p.grad is None and not p.requires_grad for p in parts.reference.parameters())
@@ -75,14 +72,19 @@ def test_rho1_loss_uses_a_frozen_reference(rho1_recipe, tmp_path, mode):
 
 
 def _train_brief_reference(recipe, run_dir):
-    """What the wmtp-train flow's train_reference step does: a baseline run of the reference recipe under run_dir."""
-    reference = brief_reference_recipe(recipe)
-    return Path(train(reference, brief_reference_dir(run_dir), plan=_plan(reference)).latest_checkpoint)
+    """What the wmtp-train flow's train_reference step does: train the brief reference run the plan plans."""
+    planned = plan_run(recipe, directory=run_dir)
+    write_plan(planned)
+    train(planned.plan.reference_run)
+    return planned.plan.reference
 
 
-def test_a_rho1_run_without_its_brief_reference_says_how_to_get_one(rho1_recipe, tmp_path):
-    with pytest.raises(CheckpointError, match="train_reference step.*rho1.reference_checkpoint"):
-        reference_checkpoint(rho1_recipe, tmp_path)
+def test_a_rho1_run_without_a_named_reference_plans_a_brief_reference_run_first(rho1_recipe, tmp_path):
+    run_plan = plan_run(rho1_recipe, directory=tmp_path).plan
+    steps = rho1_recipe.rho1.reference_steps
+    assert run_plan.reference == tmp_path / "reference" / "checkpoints" / f"step_{steps:08d}"
+    assert run_plan.reference_run.run_dir == tmp_path / "reference" and run_plan.reference_run.start.fresh
+    assert not run_plan.reference_run.finished
 
 
 def test_the_brief_reference_is_a_full_format_baseline_run_found_once_finished(rho1_recipe, tmp_path):
@@ -90,10 +92,11 @@ def test_the_brief_reference_is_a_full_format_baseline_run_found_once_finished(r
     reference = brief_reference_recipe(recipe)
     assert (reference.train.algorithm, reference.train.max_steps) == ("baseline-mtp", recipe.rho1.reference_steps)
     assert reference.checkpoint.format == "full" and not reference.tracking.enabled
-    assert finished_brief_reference(recipe, tmp_path) is None
     trained = _train_brief_reference(recipe, tmp_path)
     assert trained == tmp_path / "reference" / "checkpoints" / f"step_{recipe.rho1.reference_steps:08d}"
-    assert finished_brief_reference(recipe, tmp_path).path == trained == reference_checkpoint(recipe, tmp_path)
+    assert trained.is_dir()
+    replanned = plan_run(recipe, directory=tmp_path).plan
+    assert replanned.reference_run.finished and replanned.reference == trained
     assert not load_reference_model(trained, _plan(recipe)).training
 
 
@@ -104,7 +107,7 @@ def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
         critic={"pretrain_steps": 5, "pretrain_patience": 100},
     )
     reports = []
-    train(recipe, tmp_path, plan=_plan(recipe), on_metrics=lambda step, m: reports.append(m))
+    plan_and_train(recipe, tmp_path, on_metrics=lambda step, m: reports.append(m))
     assert [m["value_pretrain_steps"] for m in reports if "value_pretrain_steps" in m] == [5.0]
     stage1 = list_checkpoints(tmp_path)[0]
     assert stage1.step == 0
@@ -113,10 +116,9 @@ def test_critic_stage1_is_saved_and_not_redone_on_resume(tiny_recipe, tmp_path):
     assert train_state["progress"]["value_head_pretrained"] is True
     reports.clear()
     longer = with_sections(recipe, train={"max_steps": 4})
-    result = train(
+    result = plan_and_train(
         longer,
         tmp_path,
-        plan=_plan(longer),
         resume_from=list_checkpoints(tmp_path)[-1].path,
         on_metrics=lambda step, m: reports.append(m),
     )
@@ -130,7 +132,7 @@ def test_critic_stage1_early_stopping_ends_the_stage(tiny_recipe, tmp_path):
         critic={"pretrain_steps": 200, "pretrain_patience": 1, "pretrain_min_delta": 1e9},
     )
     reports = []
-    train(recipe, tmp_path, plan=_plan(recipe), on_metrics=lambda step, m: reports.append(m))
+    plan_and_train(recipe, tmp_path, on_metrics=lambda step, m: reports.append(m))
     # Step 1 sets the best loss; step 2 cannot beat it by 1e9, and patience 1 ends the stage there.
     assert [m["value_pretrain_steps"] for m in reports if "value_pretrain_steps" in m] == [2.0]
 
@@ -154,6 +156,6 @@ def test_algorithm_variant_trains_and_eval_loss_falls(tiny_recipe, tmp_path, sec
     recipe = with_sections(recipe, train={**sections["train"], "max_steps": 40, "save_every": 20, "eval_every": 20})
     if recipe.train.algorithm == "rho1-wmtp":
         _train_brief_reference(recipe, tmp_path)
-    result = train(recipe, tmp_path, plan=_plan(recipe))
+    result = plan_and_train(recipe, tmp_path)
     assert result.steps == 40
     assert result.final_eval_loss < 0.85 * result.initial_eval_loss

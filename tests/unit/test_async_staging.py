@@ -10,18 +10,16 @@ import pytest
 import torch
 from support.checkpoints import full_model_state
 from support.recipes import with_sections
+from support.training import plan_and_train
 
 from wmtp_core.checkpoint import run_state, storage
 from wmtp_core.checkpoint.staging import StagingBuffers, live_storages
 from wmtp_core.checkpoint.storage import STATE_FILE
 from wmtp_core.checkpoint.writer import CheckpointWriter
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 
 def _train(recipe, run_dir):
-    return train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    return plan_and_train(recipe, run_dir)
 
 
 def _late(action, seconds: float):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.objective import recipe_loss
 from support.recipes import with_sections
+from support.training import device_plan
 
-from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss
-from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.algorithms.objective import MicroBatch
 from wmtp_core.models.hf import load_hf_mtp_model
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.blocks import transformer_blocks, wrap_block_forwards
+from wmtp_core.runtime.blocks import wrap_block_forwards
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train_step
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
@@ -28,7 +29,7 @@ def _batches(parts, count: int) -> list[dict]:
 def _train(recipe, *, steps: int, same_batch: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of `steps` optimizer steps on the run's first batches (or its first batch again and again), and the
     weights after them."""
-    plan = plan_run_devices(recipe, probe_environment())
+    plan = device_plan(recipe, probe_environment())
     torch.manual_seed(recipe.seed)
     parts = build_run_parts(recipe, plan)
     batches = _batches(parts, 1) * steps if same_batch else _batches(parts, steps)
@@ -55,17 +56,17 @@ def _saved_bytes(model, mb, recipe, plan) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        algorithm_loss(model, mb, recipe=recipe, plan=plan, reference=None)
+        recipe_loss(model, mb, recipe, plan=plan)
     return total[0]
 
 
 def test_checkpointed_blocks_keep_a_fraction_of_the_activations(tiny_recipe):
     recipe = with_sections(tiny_recipe, model={"num_layers": 4})
-    plan = plan_run_devices(recipe, probe_environment())
+    plan = device_plan(recipe, probe_environment())
     parts = build_run_parts(recipe, plan)
     mb = MicroBatch.from_batch(_batches(parts, 1)[0], device="cpu", pad_id=parts.pad_id)
     plain = _saved_bytes(parts.model, mb, recipe, plan)
-    wrap_block_forwards(transformer_blocks(parts.model), checkpointed=True, compiled=False)
+    wrap_block_forwards(parts.model.transformer_blocks(), checkpointed=True, compiled=False)
     assert _saved_bytes(parts.model, mb, recipe, plan) < 0.3 * plain
 
 
@@ -75,7 +76,7 @@ def test_checkpointed_hf_decoder_layers_give_bitwise_the_same_gradients(hf_model
     grads = []
     for checkpointed in (False, True):
         model = load_hf_mtp_model(str(hf_model_dirs[kind]), horizon=2, max_seq_len=64)
-        blocks = transformer_blocks(model)
+        blocks = model.transformer_blocks()
         assert len(blocks) == model.lm.config.num_hidden_layers + 1  # the LM's layers and the extra head
         wrap_block_forwards(blocks, checkpointed=checkpointed, compiled=False)
         model(tokens_BT).float().pow(2).mean().backward()

@@ -17,7 +17,6 @@ from wmtp_core.checkpoint.manifest import (
     latest_valid_checkpoint,
     list_checkpoints,
     prune_checkpoints,
-    select_checkpoint,
     verify_checkpoint,
 )
 from wmtp_core.checkpoint.state_dicts import CheckpointSaveError
@@ -29,8 +28,8 @@ from wmtp_core.checkpoint.storage import (
     make_durable,
     save_checkpoint,
 )
-from wmtp_core.config import PhaseGates, Recipe
-from wmtp_core.fixplan.gates import resolve_gates
+from wmtp_core.config import CheckpointConfig, PhaseGates
+from wmtp_core.fixplan.gates import behaviours, resolve_gates
 from wmtp_core.runtime.distributed import SINGLE
 
 
@@ -124,22 +123,6 @@ def test_no_checkpoint_means_latest_is_none(tmp_path):
     assert latest_valid_checkpoint(tmp_path) is None
 
 
-def test_select_checkpoint_takes_the_step_or_the_newest_valid_and_says_what_to_change(tmp_path):
-    run = tmp_path / "demo"
-    with pytest.raises(
-        CheckpointError, match=r"run 'demo' has no valid checkpoint yet \(see `wmtp checkpoints demo`\)"
-    ):
-        select_checkpoint(run, None)
-    older, newest = _save(run, 1), _save(run, 2)
-    (newest / MODEL_FILE).write_bytes(b"torn")
-    assert select_checkpoint(run, None) == older
-    assert select_checkpoint(run, 1) == older
-    with pytest.raises(CheckpointError, match=f"^--step 2: .*{MODEL_FILE}.*see `wmtp checkpoints demo`"):
-        select_checkpoint(run, 2, checksums=False, step_option="--step")
-    with pytest.raises(CheckpointError, match="^step 3: .*no manifest.json"):
-        select_checkpoint(run, 3)
-
-
 def test_prune_keeps_the_newest_valid_checkpoints(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step)
@@ -172,7 +155,7 @@ def test_checkpoint_from_another_model_shape_names_the_tensors(tmp_path):
 
 def _state_dicts(**gates):
     """The state-dict API the phase gates select."""
-    return resolve_gates(Recipe(phases=PhaseGates(**gates))).state_dicts
+    return behaviours(resolve_gates(PhaseGates(**gates), CheckpointConfig())).state_dicts
 
 
 def test_legacy_gate_fails_on_a_plain_module_with_keyerror_none():

@@ -8,19 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from support.training import plan_and_train
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from wmtp_core.checkpoint.conversion import convert_to_full, gather_mapped
-from wmtp_core.checkpoint.manifest import CheckpointError, step_dir_name
+from wmtp_core.checkpoint.manifest import CheckpointError
 from wmtp_core.checkpoint.storage import SHARDED_DIR, load_checkpoint, single_process_is_intended
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
+from wmtp_core.layout import step_dir_name
 
 
 def _sharded_run(recipe, run_dir) -> Path:
     recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"format": "sharded"})})
-    train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    plan_and_train(recipe, run_dir)
     return run_dir / "checkpoints" / step_dir_name(4)
 
 
@@ -75,7 +74,7 @@ def test_gathering_shards_maps_a_scratch_file_instead_of_filling_memory(tmp_path
 
 
 def test_a_full_format_checkpoint_is_refused_before_anything_is_hashed(tmp_path, tiny_recipe):
-    train(tiny_recipe, tmp_path, plan=plan_run_devices(tiny_recipe, probe_environment()))
+    plan_and_train(tiny_recipe, tmp_path)
     step = tmp_path / "checkpoints" / step_dir_name(4)
     reports = []
     with pytest.raises(CheckpointError, match="already in the full format"):

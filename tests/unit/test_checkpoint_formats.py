@@ -12,20 +12,18 @@ import torch
 from support import ROOT
 from support.hashing import HashedBytes
 from support.recipes import TINY_OVERRIDES
+from support.training import plan_and_train
 
 from wmtp_core.checkpoint.manifest import (
     MANIFEST_FILE,
     checkpoint_bytes,
     latest_valid_checkpoint,
     list_checkpoints,
-    step_dir_name,
     verify_checkpoint,
 )
 from wmtp_core.checkpoint.storage import MODEL_FILE, STATE_FILE, load_checkpoint, save_checkpoint
-from wmtp_core.fixplan.gates import plan_run_devices
+from wmtp_core.layout import step_dir_name
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint_v1"
 
@@ -39,10 +37,9 @@ def _resume(run_dir, checkpoint) -> tuple[dict[int, float], bytes]:
     """Resume the tiny run from checkpoint to its step 4; its losses per step and its final model file."""
     recipe = load_recipe(None, TINY_OVERRIDES)
     losses = {}
-    result = train(
+    result = plan_and_train(
         recipe,
         run_dir,
-        plan=plan_run_devices(recipe, probe_environment()),
         resume_from=checkpoint,
         on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]} if "loss" in metrics else {}),
     )
@@ -96,34 +93,20 @@ def test_a_format_2_checkpoint_with_one_flipped_byte_is_skipped_by_latest(tmp_pa
 
 def _five_kept_checkpoints(run_dir):
     recipe = load_recipe(None, [*TINY_OVERRIDES, "train.save_every=1", "train.keep_last=5", "train.max_steps=5"])
-    train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    plan_and_train(recipe, run_dir)
     return recipe
 
 
-def test_a_resume_hashes_the_checkpoint_it_loads_once_and_nothing_else(tmp_path, monkeypatch):
+@pytest.mark.parametrize("resume", ["latest", "newest path"])
+def test_a_resume_hashes_the_checkpoint_it_loads_once_and_nothing_else(tmp_path, monkeypatch, resume):
+    """The plan verifies the start checkpoint when it chooses it; loading it does not hash it again."""
     recipe = _five_kept_checkpoints(tmp_path)
     newest = tmp_path / "checkpoints" / step_dir_name(5)
     hashed = HashedBytes(monkeypatch)
-    latest = latest_valid_checkpoint(tmp_path)  # newest first: stops at the first that verifies
     longer = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 6})})
-    train(
-        longer,
-        tmp_path,
-        plan=plan_run_devices(longer, probe_environment()),
-        resume_from=latest.path,
-        resume_verified=True,
-    )
-    assert latest.path == newest
+    result = plan_and_train(longer, tmp_path, resume_from="latest" if resume == "latest" else newest)
+    assert result.resumed_from_step == 5
     assert hashed.total == checkpoint_bytes(verify_checkpoint(newest)) and set(hashed.files) <= set(newest.iterdir())
-
-
-def test_the_load_itself_verifies_a_checkpoint_given_without_a_verdict(tmp_path, monkeypatch):
-    recipe = _five_kept_checkpoints(tmp_path)
-    newest = tmp_path / "checkpoints" / step_dir_name(5)
-    hashed = HashedBytes(monkeypatch)
-    longer = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 6})})
-    train(longer, tmp_path, plan=plan_run_devices(longer, probe_environment()), resume_from=newest)
-    assert hashed.total == checkpoint_bytes(verify_checkpoint(newest))
 
 
 def test_checkpoints_verified_earlier_are_not_hashed_again_and_broken_ones_stay_skipped(tmp_path, monkeypatch):

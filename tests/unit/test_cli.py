@@ -97,17 +97,15 @@ def test_example_recipes_load_and_are_complete(recipe):
 def test_checkpoints_convert_turns_a_sharded_checkpoint_into_the_full_format(wmtp_home, tiny_recipe):
     import torch
     from safetensors.torch import load_file
+    from support.training import plan_and_train
 
     from wmtp_core.checkpoint.storage import load_checkpoint
-    from wmtp_core.fixplan.gates import plan_run_devices
-    from wmtp_core.runtime.devices import probe_environment
-    from wmtp_core.training.loop import train
 
     recipe = tiny_recipe.model_copy(
         update={"checkpoint": tiny_recipe.checkpoint.model_copy(update={"format": "sharded"})}
     )
     run = wmtp_home / "runs" / "sharded"
-    train(recipe, run, plan=plan_run_devices(recipe, probe_environment()))
+    plan_and_train(recipe, run)
     step = run / "checkpoints" / "step_00000004"
     assert not (step / "model.safetensors").exists() and (step / "sharded" / ".metadata").exists()
     result = runner.invoke(app, ["checkpoints", "sharded", "--convert", "4"])

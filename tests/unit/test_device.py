@@ -6,9 +6,10 @@ import itertools
 
 import pytest
 import torch
+from support.training import device_plan
 
-from wmtp_core.config import DataConfig, DevicesConfig, PhaseGates, Recipe
-from wmtp_core.fixplan.gates import plan_run_devices, resolve_gates
+from wmtp_core.config import CheckpointConfig, DataConfig, DevicesConfig, PhaseGates, Recipe
+from wmtp_core.fixplan.gates import device_policies, resolve_gates
 from wmtp_core.runtime.devices import DevicePlan, EnvironmentProbe, autocast_context, probe_environment
 
 
@@ -43,7 +44,7 @@ def _plan(probe: EnvironmentProbe, *, backend="auto", precision="auto", workers=
 
 def _policy(mps_gate: bool):
     """The device policy the phases.mps gate selects."""
-    return resolve_gates(Recipe(phases=PhaseGates(mps=mps_gate))).plan_devices
+    return device_policies(resolve_gates(PhaseGates(mps=mps_gate), CheckpointConfig()))[0]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_every_plan_gives_non_empty_reasons(probe, backend, precision, mps_gate)
 
 
 def test_autocast_context_with_no_dtype_is_a_no_op():
-    plan = DevicePlan("cpu", None, False, 0, ("test",))
+    plan = DevicePlan(device="cpu", autocast_dtype=None, use_grad_scaler=False, num_workers=0, reasons=("test",))
     a = torch.randn(4, 4)
     with autocast_context(plan):
         assert not torch.is_autocast_enabled("cpu")
@@ -132,7 +133,7 @@ def test_autocast_context_with_no_dtype_is_a_no_op():
 
 
 def test_autocast_context_with_bf16_on_cpu_casts_matmuls():
-    plan = DevicePlan("cpu", "bf16", False, 0, ("test",))
+    plan = DevicePlan(device="cpu", autocast_dtype="bf16", use_grad_scaler=False, num_workers=0, reasons=("test",))
     a = torch.randn(4, 4)
     with autocast_context(plan):
         assert (a @ a).dtype == torch.bfloat16
@@ -145,7 +146,6 @@ def test_probe_of_this_machine_plans_without_error():
 
 
 def _recipe(**sections):
-    from wmtp_core.config import Recipe
 
     recipe = Recipe()
     return recipe.model_copy(update={k: getattr(recipe, k).model_copy(update=v) for k, v in sections.items()})
@@ -153,8 +153,8 @@ def _recipe(**sections):
 
 def test_mps_with_gate_on_applies_the_mps_profile_fsdp_off_and_accumulation_4():
     recipe = _recipe(devices={"strategy": "fsdp", "nproc_per_node": 2}, data={"num_workers": 4})
-    plan = plan_run_devices(recipe, PROBES["mps"])
-    adjusted, reasons = resolve_gates(recipe).apply_device_profile(recipe, plan)
+    plan = device_plan(recipe, PROBES["mps"])
+    adjusted, reasons = _profile_policy(recipe)(recipe, plan)
     assert (adjusted.devices.strategy, adjusted.devices.nproc_per_node, adjusted.data.num_workers) == ("single", 1, 0)
     assert adjusted.train.grad_accumulation_steps == 4 and adjusted.devices.precision == "fp32"
     assert any("devices.strategy 'fsdp' -> 'single'" in reason for reason in reasons)
@@ -178,8 +178,8 @@ def test_plans_off_mps_or_with_the_gate_off_keep_the_configured_strategy(probe, 
 @pytest.mark.parametrize(("probe", "mps_gate"), [("mps", False), ("cpu", True), ("cuda-bf16", True)])
 def test_the_mps_profile_applies_only_on_mps_with_the_gate_on(probe, mps_gate):
     recipe = _recipe(devices={"strategy": "fsdp", "nproc_per_node": 2}, phases={"mps": mps_gate})
-    plan = plan_run_devices(recipe, PROBES[probe])
-    assert resolve_gates(recipe).apply_device_profile(recipe, plan) == (recipe, ())
+    plan = device_plan(recipe, PROBES[probe])
+    assert _profile_policy(recipe)(recipe, plan) == (recipe, ())
 
 
 def test_legacy_cpu_autocast_with_fp32_warns_and_the_fixed_path_does_not(recwarn):
@@ -194,11 +194,15 @@ def test_legacy_cpu_autocast_with_fp32_warns_and_the_fixed_path_does_not(recwarn
 
 
 def test_training_logs_its_device_plan_with_every_reason(tiny_recipe, tmp_path, caplog):
-    from wmtp_core.training.loop import train
+    from support.training import plan_and_train
 
     recipe = tiny_recipe.model_copy(update={"train": tiny_recipe.train.model_copy(update={"max_steps": 1})})
     plan = _plan(PROBES["cpu"], workers=0)
     with caplog.at_level("INFO", logger="wmtp_core"):
-        train(recipe, tmp_path, plan=plan)
+        plan_and_train(recipe, tmp_path, devices=plan)
     (line,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("device plan:")]
     assert all(reason in line for reason in plan.reasons)
+
+
+def _profile_policy(recipe):
+    return device_policies(resolve_gates(recipe.phases, recipe.checkpoint))[1]

@@ -11,23 +11,20 @@ import torch
 from support.checkpoints import full_model_state
 from support.hf_models import HF_OVERRIDES
 from support.recipes import TINY_OVERRIDES
+from support.training import plan_and_train
 from transformers import AutoModelForCausalLM
 
 from wmtp_core.checkpoint.final_model import load_checkpoint_model, load_final_model, write_final_model
 from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
 from wmtp_core.checkpoint.storage import MODEL_FILE
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.hf import load_hf_mtp_model
 from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 
 def _train(overrides: list[str], run_dir: Path) -> Path:
     recipe = load_recipe(None, [*overrides, "train.max_steps=2"])
-    plan = plan_run_devices(recipe, probe_environment())
-    return Path(train(recipe, run_dir, plan=plan).latest_checkpoint)
+    return Path(plan_and_train(recipe, run_dir).latest_checkpoint)
 
 
 def _written(checkpoint: Path, out: Path) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from support.fixplan import report_row
 
-from wmtp_core.fixplan.verification import passed
+from wmtp_core.launch.verification import passed
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ def _schema(entrypoint: str = "flows/train.py:wmtp_train") -> dict:
     return parameter_schema_from_entrypoint(entrypoint).model_dump()
 
 
-def test_recipe_phases_resume_and_evaluate_are_typed_parameters_with_descriptions():
+def test_recipe_phases_resume_evaluate_and_plan_file_are_typed_parameters_with_descriptions():
     schema = _schema()
     props = schema["properties"]
-    assert list(props) == ["recipe", "phases", "resume", "evaluate"]
+    assert list(props) == ["recipe", "phases", "resume", "evaluate", "plan_file"]
     assert props["recipe"]["$ref"] == "#/definitions/Recipe"
     assert {"$ref": "#/definitions/PhaseGates"} in props["phases"]["anyOf"]
     assert all(props[name].get("description") for name in props)

@@ -1,5 +1,5 @@
 """Hugging Face causal LMs as the trunk (tiny Llama and GPT-2 built locally from a config): Meta-style heads,
-the tokenizer adapter, the reference's tokenizer check, FSDP unit classes and the save_pretrained export."""
+the tokenizer adapter, the reference's tokenizer check, FSDP units and the save_pretrained export."""
 
 from __future__ import annotations
 
@@ -10,25 +10,22 @@ import pytest
 import torch
 from pydantic import ValidationError
 from support.hf_models import HF_OVERRIDES, MAX_POSITIONS
+from support.training import device_plan, plan_and_train
 from transformers import AutoModelForCausalLM
 
 from wmtp_core.algorithms.reference import load_reference
 from wmtp_core.checkpoint.manifest import CheckpointError, verify_checkpoint
 from wmtp_core.data.records import builtin_dataset_path, load_records
 from wmtp_core.data.sequences import MTPCollator, TokenSequences
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.models.hf import (
     HF_EXPORT_DIR,
     MTP_HEADS_FILE,
-    decoder_layer_classes,
     export_pretrained,
     load_hf_mtp_model,
 )
 from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
 from wmtp_core.models.tokenizer import ByteTokenizer, check_tokenizers_agree
 from wmtp_core.recipes import load_recipe
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 
 def _tokens(batch: int = 2, length: int = 12) -> torch.Tensor:
@@ -69,11 +66,13 @@ def test_values_read_the_trunk_output_and_gradients_reach_all_parts(hf_model_dir
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-def test_fsdp_shards_by_the_model_decoder_layer_class(hf_model_dirs):
-    llama = load_hf_mtp_model(str(hf_model_dirs["llama"]), horizon=2, max_seq_len=64)
+def test_fsdp_shards_the_model_decoder_layers_and_extra_heads(hf_model_dirs):
+    llama = load_hf_mtp_model(str(hf_model_dirs["llama"]), horizon=2, max_seq_len=64, with_value_head=True)
     gpt2 = load_hf_mtp_model(str(hf_model_dirs["gpt2"]), horizon=2, max_seq_len=64)
-    assert {cls.__name__ for cls in decoder_layer_classes(llama)} == {"LlamaDecoderLayer"}
-    assert {cls.__name__ for cls in gpt2.fsdp_unit_classes()} == {"GPT2Block"}
+    assert {type(block).__name__ for block in llama.transformer_blocks()} == {"LlamaDecoderLayer"}
+    assert {type(block).__name__ for block in gpt2.transformer_blocks()} == {"GPT2Block"}
+    assert gpt2.transformer_blocks() == [*gpt2.lm.transformer.h, *gpt2.extra_heads]
+    assert llama.full_precision_modules() == [llama.value_head] and gpt2.full_precision_modules() == []
 
 
 def test_a_sequence_longer_than_the_model_positions_is_refused(hf_model_dirs):
@@ -132,6 +131,17 @@ def test_tokenizers_that_differ_are_refused_naming_both(hf_model_dirs):
         check_tokenizers_agree(llama, ByteTokenizer(), trunk_source="trunk", reference_source="builtin")
 
 
+def _load_reference(recipe, trunk_tokenizer):
+    return load_reference(
+        recipe.rho1,
+        None,
+        device_plan(recipe),
+        algorithm=recipe.train.algorithm,
+        model_cfg=recipe.model,
+        trunk_tokenizer=trunk_tokenizer,
+    )
+
+
 def test_an_hf_reference_with_another_tokenizer_is_refused_before_training(hf_model_dirs):
     recipe = load_recipe(
         None,
@@ -142,16 +152,15 @@ def test_an_hf_reference_with_another_tokenizer_is_refused_before_training(hf_mo
             f"rho1.reference_hf_model={hf_model_dirs['gpt2']}",
         ],
     )
-    plan = plan_run_devices(recipe, probe_environment())
     trunk_tokenizer = load_hf_tokenizer(str(hf_model_dirs["llama"]))
     with pytest.raises(
         ValueError, match=f"rho1.reference_hf_model={hf_model_dirs['gpt2']}.*model.path={hf_model_dirs['llama']}"
     ):
-        load_reference(recipe, None, plan, trunk_tokenizer=trunk_tokenizer)
+        _load_reference(recipe, trunk_tokenizer)
     matching = recipe.model_copy(
         update={"rho1": recipe.rho1.model_copy(update={"reference_hf_model": str(hf_model_dirs["llama-seed-1"])})}
     )
-    reference = load_reference(matching, None, plan, trunk_tokenizer=trunk_tokenizer)
+    reference = _load_reference(matching, trunk_tokenizer)
     assert reference.horizon == 1 and not reference.training
     assert not any(p.requires_grad for p in reference.parameters())
 
@@ -174,8 +183,7 @@ def test_recipe_refuses_inconsistent_model_and_reference_keys(overrides, message
 
 def test_hf_checkpoint_holds_a_verified_export_that_transformers_loads(hf_model_dirs, tmp_path):
     recipe = load_recipe(None, [*HF_OVERRIDES, f"model.path={hf_model_dirs['gpt2']}", "train.max_steps=2"])
-    plan = plan_run_devices(recipe, probe_environment())
-    checkpoint = Path(train(recipe, tmp_path / "run", plan=plan).latest_checkpoint)
+    checkpoint = Path(plan_and_train(recipe, tmp_path / "run").latest_checkpoint)
     listed = verify_checkpoint(checkpoint)["files"]
     assert {
         f"{HF_EXPORT_DIR}/model.safetensors",

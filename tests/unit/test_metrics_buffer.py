@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tasks.metrics_buffer import BufferedMetrics, read_pending
+from tracking.metrics_buffer import BufferedMetrics, read_pending
 
 
 class FlakySender:

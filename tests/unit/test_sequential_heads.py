@@ -7,15 +7,16 @@ import copy
 
 import pytest
 import torch
+from support.objective import recipe_loss
 from support.recipes import with_sections
 
-from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, sequential_heads
+from wmtp_core.algorithms.objective import MicroBatch, sequential_heads
 from wmtp_core.data.sequences import MTPCollator
 from wmtp_core.models.hf import load_hf_mtp_model
 from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.runtime.devices import DevicePlan
 
-CPU = DevicePlan("cpu", None, False, 0, ())
+CPU = DevicePlan(device="cpu", autocast_dtype=None, use_grad_scaler=False, num_workers=0, reasons=())
 VOCAB = 97
 
 
@@ -31,7 +32,7 @@ def _micro_batch(lengths: list[int], *, horizon: int, vocab: int = VOCAB, pad_id
 def _loss_and_grads(model, mb, recipe, *, sequential: str, reference=None):
     model = copy.deepcopy(model)
     recipe = with_sections(recipe, loss={"sequential_heads": sequential})
-    loss, metrics = algorithm_loss(model, mb, recipe=recipe, plan=CPU, reference=reference)
+    loss, metrics = recipe_loss(model, mb, recipe, plan=CPU, reference=reference)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), metrics, grads
@@ -89,7 +90,7 @@ def _largest_saved_tensor(model, mb, recipe) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        algorithm_loss(model, mb, recipe=recipe, plan=CPU, reference=None)
+        recipe_loss(model, mb, recipe, plan=CPU)
     return max(sizes)
 
 
@@ -118,5 +119,6 @@ def test_sequential_heads_keep_no_head_logits_for_backward(tiny_recipe):
 def test_auto_turns_sequential_heads_on_on_accelerators_with_several_heads(
     tiny_recipe, setting, device, horizon, expected
 ):
-    recipe = with_sections(tiny_recipe, model={"horizon": horizon}, loss={"sequential_heads": setting})
-    assert sequential_heads(recipe, DevicePlan(device, None, False, 0, ())) is expected
+    loss = tiny_recipe.loss.model_copy(update={"sequential_heads": setting})
+    plan = DevicePlan(device=device, autocast_dtype=None, use_grad_scaler=False, num_workers=0, reasons=())
+    assert sequential_heads(loss, plan, horizon=horizon) is expected

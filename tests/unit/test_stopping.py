@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 from support.recipes import with_sections
+from support.training import plan_and_train
 
 from wmtp_core.checkpoint import run_state
 from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint
 from wmtp_core.checkpoint.writer import CheckpointWriter
-from wmtp_core.fixplan.gates import plan_run_devices
-from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train
 
 
 def _train(recipe, run_dir, **kwargs):
-    return train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()), **kwargs)
+    return plan_and_train(recipe, run_dir, **kwargs)
 
 
 def test_time_budget_saves_at_the_step_reached_and_resume_finishes(tiny_recipe, tmp_path):

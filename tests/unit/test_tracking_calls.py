@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from benchmarks.servers import free_port
-from tasks import tracking
+from tracking import client as tracking
 
 
 @pytest.fixture
@@ -49,15 +49,13 @@ def test_a_new_run_carries_user_source_and_git_commit_tags(async_logging, tiny_r
 @pytest.fixture
 def trained_run(wmtp_home, tiny_recipe):
     """A run directory with two valid checkpoints (steps 2 and 4) and its MLflow run in the embedded store."""
-    from wmtp_core.fixplan.gates import plan_run_devices
-    from wmtp_core.runtime.devices import probe_environment
-    from wmtp_core.training.loop import train
+    from support.training import plan_and_train
 
     recipe = tiny_recipe.model_copy(
         update={"train": tiny_recipe.train.model_copy(update={"max_steps": 4, "save_every": 2})}
     )
     run_dir = wmtp_home / "runs" / "uploaded"
-    train(recipe, run_dir, plan=plan_run_devices(recipe, probe_environment()))
+    plan_and_train(recipe, run_dir)
     return run_dir, tracking.open_tracking_run(recipe, run_dir, run_name="uploaded", extra_tags={})
 
 

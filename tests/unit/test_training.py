@@ -8,21 +8,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support.recipes import with_sections
+from support.training import device_plan, plan_and_train
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
 from wmtp_core.config import PhaseGates
-from wmtp_core.fixplan.gates import plan_run_devices
 from wmtp_core.runtime.devices import probe_environment
-from wmtp_core.training.loop import train, train_step
+from wmtp_core.training.loop import train_step
 from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
 
 def _plan(recipe):
-    return plan_run_devices(recipe, probe_environment())
+    return device_plan(recipe, probe_environment())
 
 
 def _train(recipe, run_dir, **kwargs):
-    return train(recipe, run_dir, plan=_plan(recipe), **kwargs)
+    return plan_and_train(recipe, run_dir, **kwargs)
 
 
 def test_eval_loss_falls_on_the_builtin_data(tiny_recipe, tmp_path):

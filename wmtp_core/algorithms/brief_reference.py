@@ -1,5 +1,6 @@
 """rho1-wmtp's brief reference: when the recipe names no reference model, the run's own model trained for
-rho1.reference_steps baseline steps, as a run of its own in <run_dir>/reference/ (its recipe, checkpoints, resume).
+rho1.reference_steps baseline steps, as a run of its own in <run_dir>/reference/ (its recipe, checkpoints, resume;
+the run plan plans it: wmtp_core.run.plan).
 
 It is trained as a step before the main training (the wmtp-train flow's train_reference task), by the same loop and
 launcher as any run, so it works on any number of processes; the main training then loads it as a file.
@@ -8,12 +9,7 @@ Imports no torch.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from wmtp_core.checkpoint.manifest import CheckpointInfo, latest_valid_checkpoint
 from wmtp_core.config import Recipe
-
-BRIEF_REFERENCE_DIR = "reference"
 
 
 def needs_brief_reference(recipe: Recipe) -> bool:
@@ -21,10 +17,6 @@ def needs_brief_reference(recipe: Recipe) -> bool:
     return (
         recipe.train.algorithm == "rho1-wmtp" and rho1.reference_checkpoint is None and rho1.reference_hf_model is None
     )
-
-
-def brief_reference_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / BRIEF_REFERENCE_DIR
 
 
 def brief_reference_recipe(recipe: Recipe) -> Recipe:
@@ -42,14 +34,8 @@ def brief_reference_recipe(recipe: Recipe) -> Recipe:
         }
     )
     checkpoint = recipe.checkpoint.model_copy(update={"format": "full", "async_save": False})
-    name = f"{recipe.run.name}-{BRIEF_REFERENCE_DIR}"[:64] if recipe.run.name else None
+    name = f"{recipe.run.name}-reference"[:64] if recipe.run.name else None
     run = recipe.run.model_copy(update={"name": name})
     tracking = recipe.tracking.model_copy(update={"enabled": False})
     updates = {"train": train, "checkpoint": checkpoint, "run": run, "tracking": tracking}
     return type(recipe).model_validate(recipe.model_copy(update=updates).model_dump())
-
-
-def finished_brief_reference(recipe: Recipe, run_dir: Path) -> CheckpointInfo | None:
-    """The reference run's checkpoint once it has reached rho1.reference_steps, else None."""
-    done = latest_valid_checkpoint(brief_reference_dir(run_dir))
-    return done if done is not None and done.step >= recipe.rho1.reference_steps else None

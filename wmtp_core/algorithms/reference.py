@@ -15,56 +15,43 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from wmtp_core.algorithms.brief_reference import brief_reference_dir, finished_brief_reference
 from wmtp_core.checkpoint.manifest import MANIFEST_FILE, CheckpointError, verify_checkpoint
 from wmtp_core.checkpoint.storage import MODEL_FILE, check_shapes_match
-from wmtp_core.config import ModelConfig, Recipe
+from wmtp_core.config import ModelConfig, Rho1Config
+from wmtp_core.data.tokens import Tokenizer
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model
 from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
-from wmtp_core.models.tokenizer import ByteTokenizer, Tokenizer, check_tokenizers_agree
+from wmtp_core.models.tokenizer import ByteTokenizer, check_tokenizers_agree
 from wmtp_core.models.transformer import MTPTransformer
 from wmtp_core.runtime.devices import DevicePlan
 
 log = logging.getLogger(__name__)
 
 
-def reference_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
-    """The reference checkpoint directory of a rho1-wmtp run: rho1.reference_checkpoint, else the finished brief
-    reference under run_dir; None when rho1.reference_hf_model names the reference (load_reference reads it)."""
-    if recipe.rho1.reference_hf_model is not None:
-        log.info("rho1-wmtp: reference model is the Hugging Face model %s", recipe.rho1.reference_hf_model)
-        return None
-    if recipe.rho1.reference_checkpoint is not None:
-        log.info("rho1-wmtp: reference model from %s", recipe.rho1.reference_checkpoint)
-        return Path(recipe.rho1.reference_checkpoint)
-    done = finished_brief_reference(recipe, run_dir)
-    if done is None:
-        raise CheckpointError(
-            f"rho1-wmtp: no reference in {brief_reference_dir(run_dir)} trained to rho1.reference_steps="
-            f"{recipe.rho1.reference_steps}; train it first (the wmtp-train flow does: its train_reference step), "
-            "or set rho1.reference_checkpoint or rho1.reference_hf_model"
-        )
-    log.info("rho1-wmtp: reference model is the brief reference at %s", done.path)
-    return done.path
-
-
 def load_reference(
-    recipe: Recipe, checkpoint: Path | None, plan: DevicePlan, *, trunk_tokenizer: Tokenizer
+    rho1: Rho1Config,
+    checkpoint: Path | None,
+    plan: DevicePlan,
+    *,
+    algorithm: str,
+    model_cfg: ModelConfig,
+    trunk_tokenizer: Tokenizer,
 ) -> torch.nn.Module | None:
-    """The frozen reference of a rho1-wmtp run (None for other algorithms), after checking that its tokenizer is
-    the trunk's (vocabulary and special ids); the error names both models."""
-    hf_reference = recipe.rho1.reference_hf_model
-    if recipe.train.algorithm != "rho1-wmtp" or (checkpoint is None and hf_reference is None):
+    """The frozen reference of a rho1-wmtp run (None for other algorithms: algorithm is train.algorithm), after
+    checking that its tokenizer is the trunk's (vocabulary and special ids); the error names both models.
+    model_cfg: the trunk's model section (the source it names, and the sequence length the reference reads)."""
+    hf_reference = rho1.reference_hf_model
+    if algorithm != "rho1-wmtp" or (checkpoint is None and hf_reference is None):
         return None
     if hf_reference is not None:
         tokenizer, source = load_hf_tokenizer(hf_reference), f"rho1.reference_hf_model={hf_reference}"
     else:
         tokenizer, source = checkpoint_tokenizer(checkpoint), f"rho1 reference checkpoint {checkpoint}"
-    trunk_source = f"model.path={recipe.model.path}" if recipe.model.source == "hf" else "the built-in byte tokenizer"
+    trunk_source = f"model.path={model_cfg.path}" if model_cfg.source == "hf" else "the built-in byte tokenizer"
     check_tokenizers_agree(trunk_tokenizer, tokenizer, trunk_source=trunk_source, reference_source=source)
     if checkpoint is not None:
-        return load_reference_model(checkpoint, plan, max_seq_len=recipe.model.max_seq_len)
-    model = load_hf_mtp_model(hf_reference, horizon=1, max_seq_len=recipe.model.max_seq_len, dtype=_frozen_dtype(plan))
+        return load_reference_model(checkpoint, plan, max_seq_len=model_cfg.max_seq_len)
+    model = load_hf_mtp_model(hf_reference, horizon=1, max_seq_len=model_cfg.max_seq_len, dtype=_frozen_dtype(plan))
     return model.requires_grad_(False).to(plan.device).eval()
 
 

@@ -26,10 +26,11 @@ from wmtp_core.checkpoint.hashed_files import save_safetensors_hashed
 from wmtp_core.checkpoint.manifest import FINAL_MODEL_CONFIG
 from wmtp_core.checkpoint.storage import MODEL_FILE, SHARDED_DIR, read_checkpoint_manifest
 from wmtp_core.config import ModelConfig
+from wmtp_core.data.tokens import Tokenizer
 from wmtp_core.models.build import build_model_skeleton, build_tokenizer
 from wmtp_core.models.hf import HF_EXPORT_DIR, load_hf_mtp_model, save_mtp_pretrained
 from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
-from wmtp_core.models.tokenizer import ByteTokenizer, Tokenizer
+from wmtp_core.models.tokenizer import ByteTokenizer
 from wmtp_core.models.transformer import MTPTransformer
 
 

@@ -8,7 +8,6 @@ digest per file; format 1 (sha256) still verifies.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,13 +15,13 @@ from pathlib import Path
 
 from wmtp_core.checkpoint import digests
 from wmtp_core.checkpoint.digests import DIGEST_ALGORITHM
+from wmtp_core.layout import STEP_DIR, RunLayout
 from wmtp_core.progress import CountProgress
 
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 FINAL_MODEL_CONFIG = "model_config.json"  # beside model.safetensors in an exported final model
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
@@ -37,12 +36,8 @@ class CheckpointInfo:
     problem: str | None = None
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return RunLayout(run_dir).checkpoints
 
 
 def read_manifest(path: Path) -> dict:
@@ -116,34 +111,12 @@ def latest_valid_checkpoint(
         if known.get(str(path)) is not None:
             continue  # known not to count
         hash_it = checksums and str(path) not in known
-        on_bytes = _Progress(_listed_bytes(path), on_progress).add if hash_it else None
-        info = _checked(step, path, checksums=hash_it, on_bytes=on_bytes)
+        info = _checked(step, path, checksums=hash_it, on_progress=on_progress)
         if hash_it:
             known[str(path)] = info.problem
         if info.valid:
             return info
     return None
-
-
-def select_checkpoint(run_dir: Path, step: int | None, *, checksums: bool = True, step_option: str = "step") -> Path:
-    """The checkpoint evaluation and generation use: the run's one at step, verified, or with no step its newest
-    valid one. CheckpointError otherwise, naming step as step_option (how the caller's user sets it: the CLI passes
-    "--step") and pointing at `wmtp checkpoints`, which shows the run's checkpoints and why each one counts or not.
-
-    checksums=False checks presence and sizes only, for a caller whose checkpoint is hashed later anyway (once).
-    """
-    see = f"(see `wmtp checkpoints {run_dir.name}`)"
-    if step is None:
-        latest = latest_valid_checkpoint(run_dir, checksums=checksums)
-        if latest is None:
-            raise CheckpointError(f"run {run_dir.name!r} has no valid checkpoint yet {see}")
-        return latest.path
-    path = checkpoints_dir(run_dir) / step_dir_name(step)
-    try:
-        verify_checkpoint(path, checksums=checksums)
-    except CheckpointError as error:
-        raise CheckpointError(f"{step_option} {step}: {error} {see}") from None
-    return path
 
 
 def verdict_of(path: Path, verdicts: Verdicts) -> str | None:
@@ -208,12 +181,18 @@ def entry_digest(entry: dict) -> tuple[str, str]:
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     parent = checkpoints_dir(run_dir)
     entries = sorted(parent.iterdir()) if parent.is_dir() else []
-    return [(int(m.group(1)), e) for e in entries if (m := _STEP_DIR.match(e.name)) and e.is_dir()]
+    return [(int(m.group(1)), e) for e in entries if (m := STEP_DIR.match(e.name)) and e.is_dir()]
 
 
-def _checked(step: int, path: Path, *, checksums: bool, on_bytes) -> CheckpointInfo:
+def _checked(
+    step: int, path: Path, *, checksums: bool, on_bytes=None, on_progress: CountProgress | None = None
+) -> CheckpointInfo:
+    """The checkpoint's verdict; its manifest is read once (on_progress follows the hashing of this one)."""
     try:
-        _verify_files(path, read_manifest(path), checksums=checksums, on_bytes=on_bytes)
+        manifest = read_manifest(path)
+        if on_progress is not None and checksums:
+            on_bytes = _Progress(checkpoint_bytes(manifest), on_progress).add
+        _verify_files(path, manifest, checksums=checksums, on_bytes=on_bytes)
     except CheckpointError as error:
         return CheckpointInfo(step, path, valid=False, problem=str(error))
     return CheckpointInfo(step, path, valid=True)

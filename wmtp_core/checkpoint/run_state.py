@@ -39,7 +39,7 @@ from wmtp_core.checkpoint.storage import (
     write_sharded,
 )
 from wmtp_core.checkpoint.writer import CheckpointWriter
-from wmtp_core.config import Recipe
+from wmtp_core.config import CheckpointConfig
 from wmtp_core.runtime.distributed import (
     DistContext,
     background_group,
@@ -63,12 +63,19 @@ class RunPieces:
     (hf models; wmtp_core.models.hf.export_pretrained)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SaveSettings:
     """Where and how a run saves: the same for every save of the run."""
 
     run_dir: Path
-    recipe: Recipe
+    checkpoint: CheckpointConfig
+    """checkpoint.format: full or sharded (checkpoint.async_save is the writer's)."""
+    keep_last: int
+    """train.keep_last: checkpoints kept on disk."""
+    timeout_s: int
+    """devices.timeout_s: the bound on the collectives of a sharded save in the background."""
+    recipe: dict
+    """The run's recipe as plain values (Recipe.model_dump(mode="json")), written into every manifest as it is."""
     ctx: DistContext
     state_dicts: StateDictAPI
     writer: CheckpointWriter
@@ -81,7 +88,7 @@ log = logging.getLogger(__name__)
 def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, settings: SaveSettings) -> None:
     """Snapshot the pieces and the loop's progress (plain values) at this step (collectives on every rank) and hand
     the write to settings.writer."""
-    ctx, recipe, writer, run_dir = settings.ctx, settings.recipe, settings.writer, settings.run_dir
+    ctx, writer, run_dir = settings.ctx, settings.writer, settings.run_dir
     train_state = {
         "scheduler": pieces.scheduler.state_dict(),
         "scaler": pieces.scaler.state_dict(),
@@ -89,13 +96,13 @@ def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, setting
         "progress": progress,
     }
     manifest = {
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": settings.recipe,
         "torch_version": torch.__version__,
         "world_size": ctx.world_size,
         **settings.manifest_extra,
     }
-    settle = (lambda path: _settle(path, run_dir, recipe.train.keep_last)) if ctx.is_main else None
-    if recipe.checkpoint.format == "sharded":
+    settle = (lambda path: _settle(path, run_dir, settings.keep_last)) if ctx.is_main else None
+    if settings.checkpoint.format == "sharded":
         _submit_sharded(
             pieces,
             run_dir,
@@ -105,7 +112,7 @@ def save_run_checkpoint(pieces: RunPieces, progress: dict, *, step: int, setting
             ctx=ctx,
             writer=writer,
             settle=settle,
-            timeout_s=recipe.devices.timeout_s,
+            timeout_s=settings.timeout_s,
         )
         return
     model_state, optim_state = settings.state_dicts.gather(pieces.model, pieces.optimizer, ctx)
@@ -212,7 +219,7 @@ def restore_run_checkpoint(
     rank. Files are read through memory maps: a rank that receives rank 0's state by broadcast reads only the small
     parts of train_state.pt it uses, never the weights or the optimizer state.
     """
-    manifest = _checked_on_rank0(pieces, path, ctx=ctx, verified=verified)
+    manifest, model_state = _checked_on_rank0(pieces, path, ctx=ctx, verified=verified)
     train_state = load_train_state(path / STATE_FILE)
     if manifest.get("format", "full") == "sharded":
         template = gather_sharded_state(pieces.model, pieces.optimizer)
@@ -223,7 +230,7 @@ def restore_run_checkpoint(
         state_dicts.restore(
             pieces.model,
             pieces.optimizer,
-            open_model_state(path) if reads_state else {},
+            (model_state if ctx.is_main else open_model_state(path)) if reads_state else {},
             train_state["optimizer"] if reads_state else {},
             ctx,
         )
@@ -242,23 +249,27 @@ def restore_run_checkpoint(
     return progress
 
 
-def _checked_on_rank0(pieces: RunPieces, path: Path, *, ctx: DistContext, verified: bool) -> dict:
-    """The checkpoint's manifest, once rank 0 has checked the checkpoint (digests unless verified, and that its
-    weights fit the model); a problem is raised on every rank, so none waits for a broadcast that never comes."""
-    problem = None
+def _checked_on_rank0(pieces: RunPieces, path: Path, *, ctx: DistContext, verified: bool) -> tuple[dict, dict]:
+    """(the checkpoint's manifest, rank 0's open model state of a full checkpoint) once rank 0 has checked the
+    checkpoint (digests unless verified, and that its weights fit the model); a problem is raised on every rank, so
+    none waits for a broadcast that never comes. Rank 0 opens each file once here; the restore reuses it."""
+    problem, manifest, model_state = None, None, {}
     # On every rank: under FSDP1 (the legacy API) state_dict() is a collective, which rank 0 alone would wait on.
     expected = unwrap(pieces.model).state_dict()
     if ctx.is_main:
         try:
             manifest = read_checkpoint_manifest(path, verified=verified)
             if manifest.get("format", "full") == "full":
-                check_shapes_match(open_model_state(path), expected, source=path)
+                model_state = open_model_state(path)
+                check_shapes_match(model_state, expected, source=path)
         except CheckpointError as error:
             problem = str(error)
     problem = broadcast_object(problem, ctx)
     if problem is not None:
         raise CheckpointError(problem)
-    return read_checkpoint_manifest(path, verified=True)  # sizes only: rank 0 has checked the digests
+    if manifest is None:
+        manifest = read_checkpoint_manifest(path, verified=True)  # sizes only: rank 0 has checked the digests
+    return manifest, model_state
 
 
 def capture_rng() -> dict:

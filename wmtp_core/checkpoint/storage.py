@@ -33,9 +33,9 @@ from wmtp_core.checkpoint.manifest import (
     CheckpointError,
     checkpoints_dir,
     describe_files,
-    step_dir_name,
     verify_checkpoint,
 )
+from wmtp_core.layout import step_dir_name
 
 MODEL_FILE, STATE_FILE, SHARDED_DIR = "model.safetensors", "train_state.pt", "sharded"
 

@@ -34,17 +34,27 @@ def builtin_dataset_path() -> Path:
 
 def load_records(path: Path) -> list[Record]:
     """Read a JSONL file in the MBPP schema; a malformed line raises DataError naming file and line."""
+    return parse_records(read_data_file(path), source=path)
+
+
+def read_data_file(path: Path) -> str:
+    """The text of a data file (read once), or DataError saying what to set."""
     if not path.is_file():
         raise DataError(
             f"data file {path} does not exist (set data.path to a JSONL file, or null for the built-in set)"
         )
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if line.strip():
-                records.append(_parse_record(line, where=f"{path}:{line_number}"))
+    return path.read_text(encoding="utf-8")
+
+
+def parse_records(text: str, *, source: Path) -> list[Record]:
+    """The records of a data file's text; a malformed line raises DataError naming source and line."""
+    records = [
+        _parse_record(line, where=f"{source}:{line_number}")
+        for line_number, line in enumerate(text.split("\n"), start=1)  # not splitlines: JSON strings may hold U+2028
+        if line.strip()
+    ]
     if not records:
-        raise DataError(f"data file {path} holds no records")
+        raise DataError(f"data file {source} holds no records")
     return records
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wmtp_core.data.records import DataError, Record, format_example
-from wmtp_core.models.tokenizer import Tokenizer
+from wmtp_core.data.tokens import Tokenizer
 
 IGNORE_INDEX = -100
 

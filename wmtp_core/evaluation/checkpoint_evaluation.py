@@ -14,15 +14,16 @@ import torch
 
 from wmtp_core.checkpoint.final_model import load_checkpoint_model
 from wmtp_core.checkpoint.manifest import read_manifest
-from wmtp_core.config import EvaluationConfig, Recipe
+from wmtp_core.config import DataConfig, EvaluationConfig, Recipe
 from wmtp_core.data.records import builtin_dataset_path, load_records, split_records
+from wmtp_core.data.tokens import Tokenizer
 from wmtp_core.evaluation.problems import Problem, load_problems
 from wmtp_core.evaluation.sandbox import SandboxLimits
 from wmtp_core.evaluation.scoring import Scores, score_completions
 from wmtp_core.generation.generate import generate
 from wmtp_core.generation.head_analysis import head_accuracy
 from wmtp_core.generation.settings import DecodingStats, SamplingSettings, decoding_stats
-from wmtp_core.models.tokenizer import Tokenizer
+from wmtp_core.layout import RunLayout
 from wmtp_core.progress import DescribedProgress
 
 EXAMPLES_KEPT = 5  # completions copied into the report (all of them are in completions.jsonl)
@@ -50,8 +51,9 @@ def evaluate_checkpoint(
     scores = score_completions(
         problems, completions, limits=limits, on_progress=lambda done, total: report_progress("tests", done, total)
     )
-    per_head = head_accuracy(model, tokenizer, held_out_records(recipe), max_len=recipe.model.max_seq_len)
-    out = runs_under / "evaluations" / f"{checkpoint.name}-{Path(evaluation.benchmark).stem}"
+    held_out = held_out_records(recipe.data, seed=recipe.seed)
+    per_head = head_accuracy(model, tokenizer, held_out, max_len=recipe.model.max_seq_len)
+    out = RunLayout(runs_under).evaluations / f"{checkpoint.name}-{Path(evaluation.benchmark).stem}"
     report = {
         "benchmark": evaluation.benchmark,
         "checkpoint": str(checkpoint),
@@ -128,10 +130,11 @@ def combined(calls: list[DecodingStats]) -> DecodingStats:
     )
 
 
-def held_out_records(recipe: Recipe) -> list:
-    """The run's own eval split (its data.path or the built-in set), as training held it out."""
-    path = Path(recipe.data.path) if recipe.data.path else builtin_dataset_path()
-    _, held_out = split_records(load_records(path), eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
+def held_out_records(data: DataConfig, *, seed: int) -> list:
+    """The run's own eval split (its data.path or the built-in set), as training held it out with the recipe's
+    seed."""
+    path = Path(data.path) if data.path else builtin_dataset_path()
+    _, held_out = split_records(load_records(path), eval_fraction=data.eval_fraction, seed=seed)
     return held_out
 
 

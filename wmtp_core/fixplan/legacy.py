@@ -93,7 +93,14 @@ def plan_devices_as_configured(devices: DevicesConfig, data: DataConfig, probe: 
     device, reasons = choose_backend(devices.backend, probe)
     autocast = "fp32" if devices.precision == "auto" else devices.precision
     why = f"phases.mps off: legacy autocast with {autocast} on {device}"
-    return DevicePlan(device, autocast, device == "cuda" and autocast == "fp16", data.num_workers, reasons + (why,))
+    scaler = device == "cuda" and autocast == "fp16"
+    return DevicePlan(
+        device=device,
+        autocast_dtype=autocast,
+        use_grad_scaler=scaler,
+        num_workers=data.num_workers,
+        reasons=reasons + (why,),
+    )
 
 
 def recipe_as_configured(recipe: Recipe, plan: DevicePlan) -> tuple[Recipe, tuple[str, ...]]:

@@ -12,10 +12,10 @@ import time
 
 import torch
 
+from wmtp_core.data.tokens import Tokenizer
 from wmtp_core.generation.decoding import Continuation, DraftCounts, decode_prompt
 from wmtp_core.generation.sampling import row_generator
 from wmtp_core.generation.settings import DecodingStats, Generation, SamplingSettings, decoding_stats
-from wmtp_core.models.tokenizer import Tokenizer
 
 
 def generate(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from wmtp_core.data.records import Record
 from wmtp_core.data.sequences import IGNORE_INDEX, MTPCollator, TokenSequences
-from wmtp_core.models.tokenizer import Tokenizer
+from wmtp_core.data.tokens import Tokenizer
 
 
 def head_accuracy(

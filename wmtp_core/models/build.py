@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from wmtp_core.config import ModelConfig
+from wmtp_core.data.tokens import Tokenizer
 from wmtp_core.models.hf import hf_mtp_skeleton, load_hf_mtp_model
 from wmtp_core.models.hf_tokenizer import load_hf_tokenizer
-from wmtp_core.models.tokenizer import ByteTokenizer, Tokenizer
+from wmtp_core.models.tokenizer import ByteTokenizer
 from wmtp_core.models.transformer import MTPTransformer
 
 

@@ -59,9 +59,14 @@ class HFMTPModel(nn.Module):
     def decoder_layers(self) -> nn.ModuleList:
         return self.lm.get_submodule(self._layers_path)
 
-    def fsdp_unit_classes(self) -> set[type[nn.Module]]:
-        """What FSDP shards one by one (wmtp_core.runtime.distributed asks the model): see decoder_layer_classes."""
-        return decoder_layer_classes(self)
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The LM's decoder layers, then the extra heads (wmtp_core.runtime.blocks.BlockModel: FSDP shards each one,
+        then the root holds the embeddings, final norm, unembedding and value head)."""
+        return [*self.decoder_layers(), *self.extra_heads]
+
+    def full_precision_modules(self) -> list[nn.Module]:
+        """The value head, if any: it computes in fp32 under any mixed precision (BlockModel)."""
+        return [self.value_head] if self.value_head is not None else []
 
     def head_blocks(self) -> list[nn.Module]:
         """The decoder layers only the extra heads run (forward(head_loss=...) recomputes them one head at a time;
@@ -190,12 +195,6 @@ class _LayerCall:
         else:
             out = layer(**{**kwargs, "hidden_states": hidden_BTD})
         return out[0] if isinstance(out, tuple) else out  # older layers return (hidden, attention weights, ...)
-
-
-def decoder_layer_classes(model: HFMTPModel) -> set[type[nn.Module]]:
-    """The decoder-layer class(es) of the model (LlamaDecoderLayer, GPT2Block, ...): FSDP shards each such layer,
-    the extra heads included, then the root holds the embeddings, final norm, unembedding and value head."""
-    return {type(layer) for layer in model.decoder_layers()} | {type(head) for head in model.extra_heads}
 
 
 def load_hf_mtp_model(

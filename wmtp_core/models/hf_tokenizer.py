@@ -1,4 +1,4 @@
-"""A Hugging Face tokenizer behind the interface the data pipeline uses (wmtp_core.models.tokenizer.Tokenizer), so
+"""A Hugging Face tokenizer behind the interface the data pipeline uses (wmtp_core.data.tokens.Tokenizer), so
 TokenSequences and MTPCollator work with it as with ByteTokenizer. transformers is imported only when one is loaded.
 """
 

@@ -1,28 +1,13 @@
 """A byte-level tokenizer for the built-in model: every UTF-8 byte is a token, plus pad/bos/eos. No downloads.
 
-`Tokenizer` is what the data pipeline needs from any tokenizer (this one, or wmtp_core.models.hf_tokenizer's adapter).
+It (like wmtp_core.models.hf_tokenizer's adapter) meets wmtp_core.data.tokens.Tokenizer, what the data pipeline needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-
-class Tokenizer(Protocol):
-    pad_id: int
-    bos_id: int | None
-    eos_id: int | None
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def vocabulary_digest(self) -> str:
-        """Identifies the vocabulary itself (tokens and ids), so two tokenizers can be compared."""
-        ...
-
-    def encode(self, text: str, *, add_special: bool = True) -> list[int]: ...
+from wmtp_core.data.tokens import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,14 @@ class MTPTransformer(nn.Module):
         """The blocks only the heads run (forward(head_loss=...) recomputes them one head at a time)."""
         return list(self.heads)
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Every block, trunk then heads (wmtp_core.runtime.blocks.BlockModel: FSDP's units, checkpointed, compiled)."""
+        return [*self.trunk, *self.heads]
+
+    def full_precision_modules(self) -> list[nn.Module]:
+        """The value head, if any: it computes in fp32 under any mixed precision (BlockModel)."""
+        return [self.value_head] if self.value_head is not None else []
+
     def forward(
         self,
         tokens_BT: torch.Tensor,

@@ -9,16 +9,24 @@ loads in a run without, and the other way round.
 from __future__ import annotations
 
 import types
+from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's transformer blocks: the classes it names (fsdp_unit_classes, hf decoder layers), else `Block`."""
-    named = getattr(model, "fsdp_unit_classes", None)
-    classes = {cls.__name__ for cls in named()} if callable(named) else {"Block"}
-    return [m for m in model.modules() if type(m).__name__ in classes]
+class BlockModel(Protocol):
+    """What the runtime asks of a model it shards, checkpoints or compiles (MTPTransformer and HFMTPModel meet it);
+    the runtime knows no model class."""
+
+    def transformer_blocks(self) -> list[torch.nn.Module]:
+        """Every transformer block, in forward order (trunk, then heads): FSDP's units, and what checkpointing and
+        compile wrap."""
+        ...
+
+    def full_precision_modules(self) -> list[torch.nn.Module]:
+        """The modules that compute in fp32 under any mixed precision (critic-wmtp's value head); may be empty."""
+        ...
 
 
 def wrap_block_forwards(blocks: list[torch.nn.Module], *, checkpointed: bool, compiled: bool) -> None:

@@ -11,36 +11,16 @@ import contextlib
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Literal
 
 import torch
 import yaml
 
 from wmtp_core.config import DataConfig, DevicesConfig, Recipe
+from wmtp_core.runtime.device_plan import DevicePlan, EnvironmentProbe, Precision
 
-Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MPS_PROFILE = "mps_optimized.yaml"  # in wmtp_core/runtime/profiles/, read with importlib.resources
-
-
-@dataclass(frozen=True)
-class EnvironmentProbe:
-    """What the machine offers; plain values so it can be logged, stored and passed between tasks."""
-
-    torch_version: str
-    python_version: str
-    platform: str
-    cpu_count: int
-    cuda_available: bool
-    cuda_device_count: int
-    cuda_device_name: str | None
-    cuda_bf16_supported: bool
-    mps_available: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def probe_environment() -> EnvironmentProbe:
@@ -59,17 +39,6 @@ def probe_environment() -> EnvironmentProbe:
     )
 
 
-@dataclass(frozen=True)
-class DevicePlan:
-    """Where and how to train; `reasons` says why each choice was made, for the run log."""
-
-    device: str
-    autocast_dtype: Precision | None
-    use_grad_scaler: bool
-    num_workers: int
-    reasons: tuple[str, ...]
-
-
 DevicePolicy = Callable[[DevicesConfig, DataConfig, "EnvironmentProbe"], DevicePlan]
 ProfilePolicy = Callable[[Recipe, DevicePlan], tuple[Recipe, tuple[str, ...]]]
 
@@ -83,7 +52,9 @@ def plan_devices(devices: DevicesConfig, data: DataConfig, probe: EnvironmentPro
         reasons += _mps_reasons(devices, workers)
         workers = 0
     scaler = device == "cuda" and autocast == "fp16"
-    return DevicePlan(device, autocast, scaler, workers, reasons + (why,))
+    return DevicePlan(
+        device=device, autocast_dtype=autocast, use_grad_scaler=scaler, num_workers=workers, reasons=reasons + (why,)
+    )
 
 
 def _mps_reasons(devices: DevicesConfig, workers: int) -> tuple[str, ...]:

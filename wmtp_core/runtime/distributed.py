@@ -19,8 +19,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from wmtp_core.models.transformer import ValueHead
-from wmtp_core.runtime.blocks import transformer_blocks
+from wmtp_core.runtime.blocks import BlockModel
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def background_group(ctx: DistContext, *, timeout_s: int) -> dist.ProcessGroup |
 
 FsdpWrapper = Callable[..., torch.nn.Module]
 """(model, blocks sharded one by one, ctx, device, *, param_dtype) -> the sharded model; param_dtype (or None) is the
-dtype the weights are gathered in to compute (the mixed-precision policy)."""
+dtype the weights are gathered in to compute (the mixed-precision policy). The model is a BlockModel."""
 
 
 def check_strategy(strategy: str, ctx: DistContext) -> None:
@@ -98,7 +97,7 @@ def check_strategy(strategy: str, ctx: DistContext) -> None:
 
 
 def shard_fully(
-    model: torch.nn.Module,
+    model: BlockModel,
     blocks: list[torch.nn.Module],
     ctx: DistContext,
     device: str,
@@ -109,12 +108,13 @@ def shard_fully(
 
     With param_dtype (bf16), FSDP2's MixedPrecisionPolicy gathers the weights in it and frees them after use, so
     autocast finds nothing to cast and keeps no per-op weight copies; gradients reduce in fp32 into the fp32 master
-    weights. The value head stays fp32 (its own unit): TD weights are differences of values that bf16 blurs.
+    weights. The model's full-precision modules (the value head) stay fp32, each its own unit: TD weights are
+    differences of values that bf16 blurs.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     if param_dtype is not None:
-        for value_head in [m for m in model.modules() if isinstance(m, ValueHead)]:
-            fully_shard(value_head)
+        for module in model.full_precision_modules():
+            fully_shard(module)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     return fully_shard(model, mp_policy=policy)
@@ -129,13 +129,13 @@ def wrap_model(
     fsdp: FsdpWrapper = shard_fully,
     param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """DDP, or FSDP through `fsdp` (FSDP2's fully_shard unless the run says otherwise) computing with weights in
-    param_dtype; call before building the optimizer."""
+    """DDP, or FSDP through `fsdp` (FSDP2's fully_shard unless the run says otherwise) of the model's transformer
+    blocks (a BlockModel) computing with weights in param_dtype; call before building the optimizer."""
     if not ctx.active or strategy == "single":
         return model
     if strategy == "ddp":
         return DDP(model, device_ids=[ctx.local_rank] if device == "cuda" else None)
-    return fsdp(model, transformer_blocks(model), ctx, device, param_dtype=param_dtype)
+    return fsdp(model, model.transformer_blocks(), ctx, device, param_dtype=param_dtype)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-LOCK_FILE = "train.lock"
+from wmtp_core.layout import RunLayout
 
 
 class RunLockedError(RuntimeError):
@@ -34,7 +34,7 @@ class RunLockedError(RuntimeError):
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run's lock for the duration of the block (released on any exit, and by the kernel on death)."""
-    fd = _acquire(run_dir / LOCK_FILE)
+    fd = _acquire(RunLayout(run_dir).lock)
     try:
         yield
     finally:

@@ -14,24 +14,22 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from wmtp_core.algorithms.losses import uniform_weights, valid_mask, weighted_mtp_loss
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, head_losses
-from wmtp_core.algorithms.reference import reference_checkpoint
 from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint, save_run_checkpoint
 from wmtp_core.checkpoint.writer import CheckpointWriter
 from wmtp_core.config import Recipe
-from wmtp_core.fixplan.gates import Behaviours, resolve_gates
+from wmtp_core.fixplan.gates import behaviours
+from wmtp_core.run.plan import RunPlan
 from wmtp_core.runtime.devices import DevicePlan, autocast_context
 from wmtp_core.runtime.distributed import (
     SINGLE,
     DistContext,
     all_reduce_mean,
-    broadcast_object,
     check_strategy,
     max_over_ranks,
     reshard_after_forward_only,
@@ -62,45 +60,52 @@ class TrainResult:
 
 
 def train(
-    recipe: Recipe,
-    run_dir: Path,
+    run_plan: RunPlan,
     *,
-    plan: DevicePlan,
-    resume_from: Path | None = None,
-    resume_verified: bool = False,
     on_metrics: MetricsCallback | None = None,
     manifest_extra: dict | None = None,
-    time_budget_s: float | None = None,
     ctx: DistContext = SINGLE,
 ) -> TrainResult:
-    """Train to recipe.train.max_steps, resuming from a checkpoint directory if given; saves along the way.
+    """Train the planned run to recipe.train.max_steps from the plan's start point; saves along the way.
 
-    Stops early with a checkpoint at the step reached when time_budget_s runs out (returns, stop_reason set) or on
-    SIGTERM (raises TrainingInterrupted). Under torchrun every rank calls this with its DistContext.
-    resume_verified: the caller has verified resume_from (its digests are not checked again).
+    Stops early with a checkpoint at the step reached when the plan's time budget runs out (returns, stop_reason
+    set) or on SIGTERM (raises TrainingInterrupted). Under torchrun every rank calls this with the same plan and
+    its own DistContext. The plan's start checkpoint was verified when it was chosen: it is not hashed again.
     """
-    gates = resolve_gates(recipe)
-    recipe = _adjusted_to_device(recipe, plan, gates, ctx)
+    recipe, plan, start = run_plan.recipe, run_plan.devices, run_plan.start
+    gates = behaviours(run_plan.gates)
+    _seed_and_check(run_plan, ctx)
     parts = build_run_parts(
         recipe,
         plan,
-        reference_checkpoint=_rho1_reference(recipe, run_dir, ctx),
+        data_file=run_plan.data_file,
+        reference_checkpoint=run_plan.reference,
         ctx=ctx,
         wrap_fsdp=gates.wrap_fsdp,
         from_meta=gates.fsdp_from_meta,
     )
     state = TrainState()
-    if resume_from:
+    if not start.fresh:
         restored = restore_run_checkpoint(
-            parts.pieces(), resume_from, ctx=ctx, state_dicts=gates.state_dicts, verified=resume_verified
+            parts.pieces(), start.checkpoint, ctx=ctx, state_dicts=gates.state_dicts, verified=True
         )
         state = TrainState(**restored)
-    resumed_from = state.step if resume_from else None
+    resumed_from = state.step if not start.fresh else None
     report = (on_metrics or (lambda step, metrics: None)) if ctx.is_main else (lambda step, metrics: None)
     writer = CheckpointWriter(background=recipe.checkpoint.async_save)
     writer.guard(parts.optimizer)  # an async save's snapshot overlaps the next forward and backward, not the update
-    writer.latest = resume_from
-    settings = SaveSettings(run_dir, recipe, ctx, gates.state_dicts, writer, manifest_extra or {})
+    writer.latest = start.checkpoint
+    settings = SaveSettings(
+        run_dir=run_plan.run_dir,
+        checkpoint=recipe.checkpoint,
+        keep_last=recipe.train.keep_last,
+        timeout_s=recipe.devices.timeout_s,
+        recipe=recipe.model_dump(mode="json"),
+        ctx=ctx,
+        state_dicts=gates.state_dicts,
+        writer=writer,
+        manifest_extra=manifest_extra or {},
+    )
 
     def save() -> None:
         save_run_checkpoint(parts.pieces(), asdict(state), step=state.step, settings=settings)
@@ -111,7 +116,7 @@ def train(
     explicit = gates.explicit_cleanup
     try:
         with (
-            StopRequest(time_budget_s, handle_signals=explicit) as stop,
+            StopRequest(run_plan.time_budget_s, handle_signals=explicit) as stop,
             training_resources(plan.device, explicit=explicit) as resources,
         ):
             batches = resources.track(batch_stream(parts, state))
@@ -144,27 +149,23 @@ def _before_the_first_step(
         state.initial_eval_loss = evaluate(parts, plan)
         report(0, {"eval_loss": state.initial_eval_loss})
     if recipe.train.algorithm == "critic-wmtp" and not state.value_head_pretrained:
-        report(state.step, pretrain_value_head(parts, recipe=recipe, plan=plan))
+        report(
+            state.step,
+            pretrain_value_head(
+                parts, critic=recipe.critic, grad_accumulation_steps=recipe.train.grad_accumulation_steps, plan=plan
+            ),
+        )
         state.value_head_pretrained = True
         save()  # at once, so a resumed critic run never redoes Stage 1
 
 
-def _adjusted_to_device(recipe: Recipe, plan: DevicePlan, gates: Behaviours, ctx: DistContext) -> Recipe:
-    """The recipe as the device changes it (the MPS profile), checked against the job, with the run's seeds set."""
-    recipe, profile_reasons = gates.apply_device_profile(recipe, plan)
-    for reason in (f"device plan: {'; '.join(plan.reasons)}", *profile_reasons) if ctx.is_main else ():
-        log.info("%s", reason)
-    check_strategy(recipe.devices.strategy, ctx)
-    torch.manual_seed(recipe.seed)
-    random.seed(recipe.seed)
-    return recipe
-
-
-def _rho1_reference(recipe: Recipe, run_dir: Path, ctx: DistContext) -> Path | None:
-    """The reference checkpoint of a rho1-wmtp run: rank 0 finds (and verifies) it, every rank loads that file."""
-    if recipe.train.algorithm != "rho1-wmtp":
-        return None
-    return broadcast_object(reference_checkpoint(recipe, run_dir) if ctx.is_main else None, ctx)
+def _seed_and_check(run_plan: RunPlan, ctx: DistContext) -> None:
+    """Log the plan's device choices (rank 0), check the strategy against the job, and seed the run's RNGs."""
+    if ctx.is_main:
+        log.info("device plan: %s", "; ".join(run_plan.devices.reasons))
+    check_strategy(run_plan.recipe.devices.strategy, ctx)
+    torch.manual_seed(run_plan.recipe.seed)
+    random.seed(run_plan.recipe.seed)
 
 
 def run_steps(
@@ -213,7 +214,17 @@ def train_step(
     for _ in range(accumulation):
         batch = next(batches)
         mb = MicroBatch.from_batch(batch, device=plan.device, pad_id=parts.pad_id)
-        loss, metrics = algorithm_loss(parts.model, mb, recipe=recipe, plan=plan, reference=parts.reference)
+        loss, metrics = algorithm_loss(
+            parts.model,
+            mb,
+            algorithm=recipe.train.algorithm,
+            loss=recipe.loss,
+            rho1=recipe.rho1,
+            critic=recipe.critic,
+            horizon=recipe.model.horizon,
+            plan=plan,
+            reference=parts.reference,
+        )
         parts.scaler.scale(loss / accumulation).backward()
         for name, value in {"loss": loss.detach(), **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value.float() / accumulation

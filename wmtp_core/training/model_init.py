@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from wmtp_core.config import Recipe
+from wmtp_core.algorithms.objective import sequential_heads
+from wmtp_core.config import LossConfig, ModelConfig, TrainConfig
+from wmtp_core.data.tokens import Tokenizer
 from wmtp_core.models.build import build_model, build_model_skeleton
-from wmtp_core.models.tokenizer import Tokenizer
 from wmtp_core.runtime.devices import DevicePlan
 from wmtp_core.runtime.distributed import DistContext, FsdpWrapper, broadcast_object
 from wmtp_core.training.optim import decayed_parameter_names
@@ -23,9 +24,12 @@ from wmtp_core.training.parallelize import parallelize
 
 
 def build_wrapped_model(
-    recipe: Recipe,
+    model_cfg: ModelConfig,
     tokenizer: Tokenizer,
     *,
+    train: TrainConfig,
+    loss: LossConfig,
+    strategy: str,
     plan: DevicePlan,
     ctx: DistContext,
     wrap_fsdp: FsdpWrapper,
@@ -34,17 +38,20 @@ def build_wrapped_model(
 ) -> tuple[torch.nn.Module, torch.nn.Module, set[str]]:
     """(the model as trained, wrapped for DDP/FSDP or not; the model itself; its weight-decayed parameter names).
 
-    from_meta: FSDP2 (wrap_fsdp shards modules on the meta device) builds through the meta device when
-    devices.strategy=fsdp under torchrun; otherwise every process builds the full model.
+    train: its block features (activation checkpointing, compile); loss: whether the heads run one at a time;
+    strategy: devices.strategy. from_meta: FSDP2 (wrap_fsdp shards modules on the meta device) builds through the
+    meta device when strategy is fsdp under torchrun; otherwise every process builds the full model.
     """
-    if not (from_meta and ctx.active and recipe.devices.strategy == "fsdp"):
-        model = build_model(recipe.model, tokenizer, with_value_head=with_value_head).to(plan.device)
+    sequential = sequential_heads(loss, plan, horizon=model_cfg.horizon)
+    if not (from_meta and ctx.active and strategy == "fsdp"):
+        model = build_model(model_cfg, tokenizer, with_value_head=with_value_head).to(plan.device)
         decayed = decayed_parameter_names(model)  # before wrapping: FSDP1 flattens the shapes it is decided by
-        return parallelize(model, recipe, plan, ctx, fsdp=wrap_fsdp), model, decayed
-    full = build_model(recipe.model, tokenizer, with_value_head=with_value_head) if ctx.is_main else None
-    model = build_model_skeleton(recipe.model, tokenizer, with_value_head=with_value_head)
+        wrapped = parallelize(model, train, plan, ctx, strategy=strategy, sequential=sequential, fsdp=wrap_fsdp)
+        return wrapped, model, decayed
+    full = build_model(model_cfg, tokenizer, with_value_head=with_value_head) if ctx.is_main else None
+    model = build_model_skeleton(model_cfg, tokenizer, with_value_head=with_value_head)
     decayed = decayed_parameter_names(model)
-    wrapped = parallelize(model, recipe, plan, ctx, fsdp=wrap_fsdp)
+    wrapped = parallelize(model, train, plan, ctx, strategy=strategy, sequential=sequential, fsdp=wrap_fsdp)
     wrapped.to_empty(device=plan.device)
     fill_from_rank0(wrapped, full, ctx)
     return wrapped, model, decayed

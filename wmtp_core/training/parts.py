@@ -78,6 +78,7 @@ def build_run_parts(
     recipe: Recipe,
     plan: DevicePlan,
     *,
+    data_file: Path | None = None,
     reference_checkpoint: Path | None = None,
     ctx: DistContext = SINGLE,
     wrap_fsdp: FsdpWrapper = shard_fully,
@@ -85,16 +86,21 @@ def build_run_parts(
 ) -> RunParts:
     """Tokenize the data, build the model on the plan's device, wrap it for DDP/FSDP, then build the optimizer
     (after wrapping: FSDP replaces the parameters, an optimizer built earlier would update stale ones).
+    data_file: the records to read: a run plan's (train() passes it: the planner's checked copy of a user file, or
+    the built-in set); None reads the recipe's data.path (or the built-in set) directly, as benchmarks do.
     from_meta: FSDP2 builds on the meta device and fills the shards from rank 0 (wmtp_core.training.model_init)."""
     tokenizer = build_tokenizer(recipe.model)
-    records = load_records(recipe.data.path or builtin_dataset_path())
+    records = load_records(data_file or recipe.data.path or builtin_dataset_path())
     train_records, eval_records = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     max_len = recipe.model.max_seq_len
     collator = MTPCollator(horizon=recipe.model.horizon, pad_id=tokenizer.pad_id)
     critic = recipe.train.algorithm == "critic-wmtp"
     model, unwrapped, decayed = build_wrapped_model(
-        recipe,
+        recipe.model,
         tokenizer,
+        train=recipe.train,
+        loss=recipe.loss,
+        strategy=recipe.devices.strategy,
         plan=plan,
         ctx=ctx,
         wrap_fsdp=wrap_fsdp,
@@ -103,7 +109,14 @@ def build_run_parts(
     )
     export = partial(export_pretrained, unwrapped, tokenizer) if isinstance(unwrapped, HFMTPModel) else None
     optimizer = build_optimizer(model, recipe.train, value_lr=recipe.critic.value_lr, decayed=decayed)
-    reference = load_reference(recipe, reference_checkpoint, plan, trunk_tokenizer=tokenizer)
+    reference = load_reference(
+        recipe.rho1,
+        reference_checkpoint,
+        plan,
+        algorithm=recipe.train.algorithm,
+        model_cfg=recipe.model,
+        trunk_tokenizer=tokenizer,
+    )
     return RunParts(
         model=model,
         optimizer=optimizer,
@@ -117,7 +130,7 @@ def build_run_parts(
         num_workers=plan.num_workers,
         worker_start=recipe.data.worker_start,
         seed=recipe.seed,
-        reference=shard_reference(reference, recipe, plan, ctx, fsdp=wrap_fsdp),
+        reference=shard_reference(reference, plan, ctx, strategy=recipe.devices.strategy, fsdp=wrap_fsdp),
         ctx=ctx,
         export=export,
     )

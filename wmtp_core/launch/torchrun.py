@@ -4,9 +4,9 @@ torchrun runs `wmtp_core.training.worker` on every rank. Every rank's stdout and
 directory (logs/torchrun/<job>/attempt_<n>/<local rank>/); rank 0's are also streamed here line by line: progress
 lines go to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. A failed job names the rank that
 failed first, with the last lines of that rank's own log. The job is bounded by its own silence
-timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM and Ctrl-C to this process are passed on
-(tasks.job_signals), so the ranks save a checkpoint before exiting; when any rank dies, torchrun stops the others and
-exits non-zero.
+timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM and Ctrl-C to this process are passed
+on (wmtp_core.launch.job_signals), so the ranks save a checkpoint before exiting; when any rank dies, torchrun stops
+the others and exits non-zero.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.job_signals import forwarded_stop_signals, stop_job
-from wmtp_core.config import Recipe
+from wmtp_core.launch.job_signals import forwarded_stop_signals, stop_job
+from wmtp_core.run.plan import RunPlan
 from wmtp_core.training.worker import EXIT_TERMINATED, METRICS_PREFIX, rank_result_file, worker_arguments
 
 
@@ -37,7 +37,6 @@ class WorkerInterrupted(RuntimeError):
 
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")  # torchrun's "Root Cause" block
 _TEE_PREFIX = re.compile(r"^\[default\d+\]:")  # what torchrun puts before each line it tees to the console
-LOG_DIR = Path("logs") / "torchrun"  # under the run directory
 _NOT_RETRIABLE = {
     "ValueError",
     "RecipeError",
@@ -48,53 +47,40 @@ _NOT_RETRIABLE = {
 }
 
 
-def needs_torchrun(recipe: Recipe) -> bool:
-    return recipe.devices.nproc_per_node * recipe.devices.nnodes > 1
-
-
-def torchrun_command(
-    recipe: Recipe,
-    run_dir: Path,
+def worker_command(
+    run_plan: RunPlan,
+    plan_file: Path,
     *,
-    resume: Path | None,
     result_file: Path,
-    manifest_extra: dict,
-    time_budget_s: float | None,
-    resume_verified: bool = False,
+    manifest_extra: dict | None = None,
+    every_rank_on_console: bool = False,
 ) -> list[str]:
-    """The torchrun command line; resume_verified: this process has verified resume, so no rank hashes it again."""
-    devices = recipe.devices
+    """The command line that executes a run plan: `python -m wmtp_core.training.worker` for one process, else
+    torchrun running it on every rank: rank 0's output on the console and every rank's kept in files under the run
+    directory, or (every_rank_on_console, as `wmtp verify` counts every rank's warnings) every rank's on the console.
+    Training and `wmtp verify` both launch what this builds."""
+    worker = worker_arguments(plan_file, result_file=result_file, manifest_extra=manifest_extra)
+    if run_plan.launcher == "in-process":
+        return [sys.executable, *worker]
+    devices = run_plan.recipe.devices
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(devices.nproc_per_node)]
-    # Every rank's output to files in the run directory; only local rank 0's also to the console (and so to us).
-    launcher += ["--log-dir", str(run_dir / LOG_DIR), "--tee", "3", "--local-ranks-filter", "0"]
-    if devices.nnodes == 1:
-        launcher.append("--standalone")
-    else:
-        endpoint = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
-        if endpoint == ":":
-            raise WorkerInputError(
-                f"devices.nnodes={devices.nnodes} needs MASTER_ADDR and MASTER_PORT in the environment "
-                "(the rendezvous host every node can reach)"
-            )
-        launcher += [
-            "--nnodes",
-            str(devices.nnodes),
-            "--rdzv_backend",
-            "c10d",
-            "--rdzv_endpoint",
-            endpoint,
-            "--rdzv_id",
-            recipe.run.name or "wmtp",
-        ]
-    worker = worker_arguments(
-        run_dir,
-        result_file=result_file,
-        resume=resume,
-        resume_verified=resume_verified,
-        manifest_extra=manifest_extra,
-        time_budget_s=time_budget_s,
-    )
-    return launcher + worker
+    launcher += ["--log-dir", str(run_plan.layout.torchrun_logs)]
+    # Every rank's output straight to the console (unprefixed), or rank 0's teed there and every rank's to files.
+    launcher += [] if every_rank_on_console else ["--tee", "3", "--local-ranks-filter", "0"]
+    return launcher + _rendezvous(devices.nnodes, run_id=run_plan.recipe.run.name) + worker
+
+
+def _rendezvous(nnodes: int, *, run_id: str) -> list[str]:
+    """--standalone on one node; on several, the c10d rendezvous at MASTER_ADDR:MASTER_PORT."""
+    if nnodes == 1:
+        return ["--standalone"]
+    endpoint = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+    if endpoint == ":":
+        raise WorkerInputError(
+            f"devices.nnodes={nnodes} needs MASTER_ADDR and MASTER_PORT in the environment "
+            "(the rendezvous host every node can reach)"
+        )
+    return ["--nnodes", str(nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", run_id]
 
 
 def run_torchrun(
@@ -111,7 +97,7 @@ def run_torchrun(
     log.info("launching: %s", " ".join(command))
     log_dir = _log_dir(command)
     jobs_before = _job_dirs(log_dir)
-    # A session of its own: the terminal's Ctrl-C reaches this process only, which passes it on (tasks.job_signals).
+    # A session of its own: the terminal's Ctrl-C reaches this process only, which passes it on (job_signals).
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
     )

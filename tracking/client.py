@@ -19,22 +19,21 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.git_utils import get_git_commit
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from tasks.locations import wmtp_home
-from tasks.metrics_buffer import PENDING_METRICS_FILE, BufferedMetrics, Point, read_pending
+from tracking.metrics_buffer import BufferedMetrics, Point, read_pending
 from wmtp_core.checkpoint.manifest import (
     FINAL_MODEL_CONFIG,
     MANIFEST_FILE,
     Verdicts,
-    latest_valid_checkpoint,
     list_checkpoints,
     verdict_of,
 )
 from wmtp_core.config import Recipe
+from wmtp_core.layout import RunLayout, wmtp_home
 from wmtp_core.progress import DescribedProgress
 from wmtp_core.recipes import flatten_recipe
+from wmtp_core.run.start import choose_checkpoint
 
 log = logging.getLogger(__name__)
-TRACKING_FILE = "tracking.json"
 PENDING_UPLOADS_FILE = "pending_uploads.json"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
@@ -67,7 +66,7 @@ def client() -> MlflowClient:
 
 def open_tracking_run(recipe: Recipe, run_dir: Path, *, run_name: str, extra_tags: dict[str, str]) -> str:
     """The MLflow run id of this WMTP run: the one recorded in run_dir if any (a resume), else a new run."""
-    recorded = run_dir / TRACKING_FILE
+    recorded = RunLayout(run_dir).tracking
     mlflow = client()
     if recorded.is_file():
         run_id = json.loads(recorded.read_text())["mlflow_run_id"]
@@ -127,7 +126,7 @@ class MetricsSink:
 def metrics_sink(run_id: str, run_dir: Path, *, safe: bool) -> MetricsSink | BufferedMetrics:
     """The training callback: buffered and failure-proof when safe (phases.api on), else the legacy one."""
     if safe:
-        return BufferedMetrics(point_sender(run_id), pending_path=run_dir / PENDING_METRICS_FILE)
+        return BufferedMetrics(point_sender(run_id), pending_path=RunLayout(run_dir).pending_metrics)
     return MetricsSink(run_id)
 
 
@@ -172,7 +171,7 @@ def _metrics(points: list[Point]) -> list[Metric]:
 
 def upload_pending_metrics(run_id: str, run_dir: Path) -> int:
     """Send the metric points a previous run could not; the pending file is removed once they are all sent."""
-    pending_file = run_dir / PENDING_METRICS_FILE
+    pending_file = RunLayout(run_dir).pending_metrics
     points = read_pending(pending_file)
     send = point_sender(run_id)
     for start in range(0, len(points), _MAX_METRICS_PER_BATCH):
@@ -252,13 +251,13 @@ def upload_final_model(
     from wmtp_core.checkpoint.final_model import write_final_model
 
     mlflow = client()
-    latest = latest_valid_checkpoint(run_dir, verdicts=verdicts)
-    if latest is None or _final_model_step(mlflow, run_id) == latest.step:
+    latest = choose_checkpoint(RunLayout(run_dir), "latest", continuing=False, fresh_if_none=True, verdicts=verdicts)
+    if latest.fresh or _final_model_step(mlflow, run_id) == latest.step:
         return False
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "final_model"
         model_dir.mkdir()
-        write_final_model(latest.path, model_dir, verified=True)
+        write_final_model(latest.checkpoint, model_dir, verified=True)
         # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
         uploads = _folder_files(model_dir, "final_model", last=FINAL_MODEL_CONFIG)
         _send_files(mlflow, run_id, uploads, description="uploading the final model", on_progress=on_progress)
@@ -294,8 +293,8 @@ def upload_run(
     if succeeded:
         upload_final_model(run_id, run_dir, verdicts=verdicts, on_progress=on_progress)
     sent = upload_pending_metrics(run_id, run_dir)
-    if (run_dir / "summary.json").is_file():
-        client().log_artifact(run_id, str(run_dir / "summary.json"))
+    if RunLayout(run_dir).summary.is_file():
+        client().log_artifact(run_id, str(RunLayout(run_dir).summary))
     if finished:
         client().set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
     (run_dir / PENDING_UPLOADS_FILE).unlink(missing_ok=True)
@@ -310,7 +309,7 @@ def record_pending_uploads(run_dir: Path, reason: str) -> None:
 
 def run_link(run_dir: Path) -> str | None:
     """Where to see the run's MLflow page, from tracking.json (no request to the server, which may be down)."""
-    recorded = run_dir / TRACKING_FILE
+    recorded = RunLayout(run_dir).tracking
     if not recorded.is_file():
         return None
     info = json.loads(recorded.read_text())

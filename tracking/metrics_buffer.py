@@ -18,7 +18,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 Point = tuple[str, float, int, int]  # key, value, timestamp in ms, step
-PENDING_METRICS_FILE = "pending_metrics.jsonl"
 
 
 class BufferedMetrics:

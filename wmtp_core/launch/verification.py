@@ -5,7 +5,8 @@ plan counts: checkpoint save success, resume success, Python warnings by categor
 Each stage runs twice: a first run with 2 spawned DataLoader workers (so leaks can show) is cancelled with SIGTERM
 mid-training, as Prefect cancels a flow run; a second run resumes from the newest valid checkpoint to the end.
 Children run with PYTHONWARNINGS=always so every warning (deprecations included) is printed, and is counted.
-No torch import here: the children train (wmtp_core.training.worker), this module launches and reads them.
+Each run is planned (wmtp_core.run.plan) and launched with the command training uses (worker_command); the
+children train, this module launches and reads them.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.config import PhaseGates, Recipe
-from wmtp_core.recipes import TINY_MODEL, load_recipe, recipe_to_yaml
-from wmtp_core.training.worker import worker_arguments
+from wmtp_core.launch.torchrun import worker_command
+from wmtp_core.recipes import TINY_MODEL, load_recipe
+from wmtp_core.run.plan import plan_run, write_plan
 
 STAGES = {
     "legacy": PhaseGates(checkpoint=False, mps=False, api=False),
@@ -62,8 +62,6 @@ def verify_stage(stage: str, model: str, workdir: Path, *, timeout_s: float = 30
     """Cancel a run mid-training, resume it, and return the stage's row of the report."""
     recipe = stage_recipe(stage, model)
     run_dir = workdir / recipe.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     first = _run(recipe, run_dir, resume=False, cancel_at=CANCEL_AT, timeout_s=timeout_s)
     second = _run(recipe, run_dir, resume=True, cancel_at=None, timeout_s=timeout_s)
     saved = first["saved"] + second["saved"]
@@ -98,29 +96,17 @@ def passed(rows: list[dict], *, last_stage: str = "p1+p2+p3") -> bool:
 
 
 def _run(recipe: Recipe, run_dir: Path, *, resume: bool, cancel_at: int | None, timeout_s: float) -> dict:
-    result_file = run_dir / "verify_result.json"
-    result_file.unlink(missing_ok=True)
-    latest = latest_valid_checkpoint(run_dir)
-    if resume and latest is None:
+    try:
+        planned = plan_run(recipe, resume="latest" if resume else None, directory=run_dir)
+    except FileNotFoundError:  # the cancelled run saved nothing to resume from
         return _outcome(
             status=None, output="", result={"ok": False, "error_type": "NoCheckpoint"}, step_times=[], resumed=False
         )
-    worker = worker_arguments(run_dir, result_file=result_file, resume="latest" if resume else None)
-
-    launcher = [sys.executable]
-    if recipe.devices.nproc_per_node > 1:
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(recipe.devices.nproc_per_node),
-            # The ranks' error files go here; without a log dir torchrun leaves a torchelastic_* directory in /tmp.
-            "--log-dir",
-            str(run_dir / "logs" / "torchrun"),
-        ]
+    result_file = planned.plan.layout.verify_result
+    result_file.unlink(missing_ok=True)
+    command = worker_command(planned.plan, write_plan(planned), result_file=result_file, every_rank_on_console=True)
     env = {**os.environ, "PYTHONWARNINGS": "always"}
-    process = subprocess.Popen(launcher + worker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, step_times, deadline = [], [], time.monotonic() + timeout_s
     for line in process.stdout:  # bounded below: an orphaned worker could keep the pipe open
         lines.append(line)
