@@ -12,7 +12,7 @@ import typer
 from deployments.cli_options import INVALID_INPUT
 from deployments.progress_bars import byte_progress_bars
 from wmtp_core.checkpoint.manifest import CheckpointError, list_checkpoints
-from wmtp_core.layout import step_dir_name
+from wmtp_core.layout import RunLayout
 
 
 def print_checkpoints(directory: Path, *, as_json: bool) -> None:
@@ -33,7 +33,7 @@ def convert_checkpoint(directory: Path, step: int) -> None:
     """Rewrite the run's sharded checkpoint at step in the full format; exit 2 when there is none to convert."""
     from wmtp_core.checkpoint.conversion import convert_to_full  # torch loads here, not for a plain listing
 
-    path = directory / "checkpoints" / step_dir_name(step)
+    path = RunLayout(directory).checkpoint(step)
     if not path.is_dir():
         print(
             f"error: run {directory.name} has no checkpoint at step {step} (see `wmtp checkpoints {directory.name}`)",

@@ -15,8 +15,9 @@ import pytest
 from support.recipes import TINY_OVERRIDES
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
-from wmtp_core.launch.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, torchrun_command
-from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.launch.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, worker_command
+from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_run, write_plan
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every torchrun job takes 5-30 s here
 LONG_RUN = [
@@ -32,12 +33,9 @@ LONG_RUN = [
 
 def prepared(run_dir: Path, *overrides: str) -> tuple[list[str], Path]:
     recipe = load_recipe(None, [*TINY_OVERRIDES, *LONG_RUN, *overrides])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    planned = plan_run(recipe, directory=run_dir)
     result = run_dir / "result.json"
-    return torchrun_command(
-        recipe, run_dir, resume=None, result_file=result, manifest_extra={}, time_budget_s=None
-    ), result
+    return worker_command(planned.plan, write_plan(planned), result_file=result), result
 
 
 def processes() -> list[tuple[int, list[bytes], dict[bytes, bytes]]]:

@@ -8,8 +8,10 @@ import logging
 import pytest
 from support.recipes import TINY_OVERRIDES
 
-from wmtp_core.launch.torchrun import LOG_DIR, run_torchrun, torchrun_command
-from wmtp_core.recipes import load_recipe, recipe_to_yaml
+from wmtp_core.launch.torchrun import run_torchrun, worker_command
+from wmtp_core.layout import RunLayout
+from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_run, write_plan
 
 pytestmark = pytest.mark.distributed
 
@@ -27,10 +29,9 @@ runpy.run_module("wmtp_core.training.worker", run_name="__main__", alter_sys=Tru
 
 def _two_process_command(run_dir, *, worker=None):
     recipe = load_recipe(None, [*TINY_OVERRIDES, "devices.strategy=ddp", "devices.nproc_per_node=2"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    planned = plan_run(recipe, directory=run_dir)
     result = run_dir / "result.json"
-    command = torchrun_command(recipe, run_dir, resume=None, result_file=result, manifest_extra={}, time_budget_s=None)
+    command = worker_command(planned.plan, write_plan(planned), result_file=result)
     if worker is not None:
         at = command.index("-m", command.index("--local-ranks-filter"))
         command[at : at + 2] = [str(worker)]
@@ -64,7 +65,7 @@ def test_a_failed_rank_is_named_with_its_own_last_lines_and_every_rank_log_is_ke
         run_torchrun(command, result_file=result, silence_timeout_s=120, log=log, on_metrics=None)
     last_lines = str(failed.value).split("last lines:\n")[1]
     assert "rank 1 about to fail" in last_lines and "RuntimeError: injected failure on rank 1" in last_lines
-    (job,) = (run_dir / LOG_DIR).iterdir()
+    (job,) = RunLayout(run_dir).torchrun_logs.iterdir()
     assert str(job) in str(failed.value)
     for rank in (0, 1):
         assert f"rank {rank} starting" in (job / "attempt_0" / str(rank) / "stdout.log").read_text()
@@ -79,5 +80,5 @@ def test_a_successful_job_streams_rank_0_and_keeps_both_ranks_logs(tmp_path):
     assert outcome["steps"] == 4
     assert any(line.startswith("[rank 0] INFO wmtp_core.training.loop: step 4/4") for line in streamed.lines)
     assert not any(line.startswith(("[rank 1]", "[default")) for line in streamed.lines)
-    (job,) = (run_dir / LOG_DIR).iterdir()
+    (job,) = RunLayout(run_dir).torchrun_logs.iterdir()
     assert sorted(p.name for p in (job / "attempt_0").iterdir()) == ["0", "1"]
