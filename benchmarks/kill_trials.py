@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from wmtp_core.checkpoint.manifest import checkpoints_dir, latest_valid_checkpoint
-from wmtp_core.recipes import TINY_MODEL, load_recipe, recipe_to_yaml
+from wmtp_core.launch.torchrun import worker_command
+from wmtp_core.recipes import TINY_MODEL, load_recipe
+from wmtp_core.run.plan import plan_run, write_plan
 
 KILL_RUN = [
     "seed=7",
@@ -48,25 +49,15 @@ def kill_recipe():
 
 
 def start(run_dir: Path, *, resume: bool) -> subprocess.Popen:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.exists():
-        recipe_file.write_text(recipe_to_yaml(kill_recipe()))
-    command = [
-        sys.executable,
-        "-m",
-        "wmtp_core.training.worker",
-        "--recipe",
-        str(recipe_file),
-        "--run-dir",
-        str(run_dir),
-    ]
-    return subprocess.Popen(
-        command + (["--resume", "latest"] if resume else []),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    """The worker training the kill recipe in run_dir, planned as a flow run plans it (resume: from the newest valid
+    checkpoint, or fresh when the kill came before the first save)."""
+    recipe = kill_recipe()
+    try:
+        planned = plan_run(recipe, resume="latest" if resume else None, directory=run_dir)
+    except FileNotFoundError:
+        planned = plan_run(recipe, directory=run_dir)
+    command = worker_command(planned.plan, write_plan(planned), result_file=run_dir / "result.json")
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

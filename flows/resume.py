@@ -34,7 +34,10 @@ def wmtp_resume(
     """
     layout = RunLayout.of_run(run_name)
     if not layout.recipe.is_file():
-        return Failed(message=f"run {run_name!r} does not exist in {layout.root.parent}; start it with wmtp-train")
+        return Failed(
+            message=f"run {run_name!r} has no valid checkpoint to resume from (no such run in "
+            f"{layout.root.parent}); start it with wmtp-train"
+        )
     overrides = [f"train.max_steps={target_steps}"] if target_steps is not None else []
     recipe = load_recipe(layout.recipe, overrides)
     budget_s = budget_minutes * 60 if budget_minutes else None

@@ -26,9 +26,13 @@ from wmtp_core.run.summary import EvaluationOutcome, RunSummary
 
 
 def train_flow_run_name() -> str:
-    """`train-<run>` for a new run, `resume-<run>` when the resume parameter continues one (Prefect calls this
-    with the run's parameters in prefect.runtime; the recipe is a dict when it comes from the API)."""
+    """`train-<run>` for a new run, `resume-<run>` when it continues one (from its plan file, or from the resume
+    parameter). Prefect calls this with the run's parameters in prefect.runtime; the recipe is a dict when it comes
+    from the API."""
     parameters = flow_run.parameters
+    if parameters.get("plan_file"):
+        planned = read_plan(Path(parameters["plan_file"]))
+        return f"{'train' if planned.start.fresh else 'resume'}-{planned.recipe.run.name}"
     recipe = parameters.get("recipe")
     run = recipe.get("run", {}) if isinstance(recipe, dict) else getattr(recipe, "run", None)
     name = run.get("name") if isinstance(run, dict) else getattr(run, "name", None)

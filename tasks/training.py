@@ -97,7 +97,7 @@ def train_planned(plan_file: Path, *, mlflow_run_id: str | None) -> dict:
             run_plan = restarted(run_plan)
             save_plan(run_plan)
         if not run_plan.start.fresh:
-            logger.info("starting from %s (step %d)", run_plan.start.checkpoint, run_plan.start.step)
+            logger.info("resuming from %s (step %d)", run_plan.start.checkpoint, run_plan.start.step)
         safe = run_plan.gates.tracking_never_stops_training
         sink = metrics_sink(mlflow_run_id, run_plan.run_dir, safe=safe) if mlflow_run_id else None
         recipe = run_plan.recipe

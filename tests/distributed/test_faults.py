@@ -16,6 +16,7 @@ from support.recipes import TINY_OVERRIDES
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
 from wmtp_core.launch.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, worker_command
+from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
 from wmtp_core.run.plan import plan_run, write_plan
 
@@ -62,15 +63,18 @@ def worker_pids(run_dir: Path) -> dict[int, int]:
         if b"wmtp_core.training.worker" in argv
         and b"RANK" in env
         and b"torch.distributed.run" not in argv
-        and str(run_dir).encode() in argv
+        and _names(argv, run_dir)
     }
 
 
 def launcher_pid(run_dir: Path) -> int:
     """The torchrun process whose job trains in run_dir."""
-    return next(
-        pid for pid, argv, env in processes() if b"torch.distributed.run" in argv and str(run_dir).encode() in argv
-    )
+    return next(pid for pid, argv, env in processes() if b"torch.distributed.run" in argv and _names(argv, run_dir))
+
+
+def _names(argv: list[bytes], run_dir: Path) -> bool:
+    """The command line executes run_dir's plan (--plan <run_dir>/plan.json)."""
+    return str(RunLayout(run_dir).plan).encode() in argv
 
 
 def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:

@@ -1,7 +1,7 @@
 """The wmtp-resume flow (and wmtp-train from another run's checkpoint) on the tiny model against the session's Prefect
 test server: a branch, no checkpoint, already complete, a time budget per invocation, and a training failure that the
 task retry resumes from its last save; a whole resume hashes its checkpoint once. Where a run resumes from:
-tests/unit/test_run_setup.py."""
+tests/unit/test_start_point.py."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_a_training_failure_is_retried_from_the_last_save_and_reaches_the_same_s
 def test_a_whole_resume_hashes_the_checkpoint_it_loads_once_and_nothing_else(
     prefect_api_url, wmtp_home, tiny_recipe, monkeypatch
 ):
-    """prepare_run verifies the newest checkpoint; train_model, the load, upload_checkpoints and upload_final_model
+    """The run plan verifies the newest checkpoint; train_model, the load, upload_checkpoints and upload_final_model
     take its verdict (and the new saves' own) instead of hashing again, with 4 kept checkpoints to tempt them."""
     recipe = tiny_recipe.model_copy(
         update={

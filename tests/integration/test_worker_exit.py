@@ -17,15 +17,14 @@ from support.recipes import with_sections
 from support.training import plan_and_train
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
-from wmtp_core.recipes import recipe_to_yaml
-from wmtp_core.training.worker import worker_arguments
+from wmtp_core.launch.torchrun import worker_command
+from wmtp_core.run.plan import plan_run, write_plan
 
 
 def start_worker(recipe, run_dir: Path, **popen) -> subprocess.Popen:
     """The worker training recipe in run_dir (its outcome in run_dir/result.json), stdout as text lines."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    command = [sys.executable, *worker_arguments(run_dir, result_file=run_dir / "result.json")]
+    planned = plan_run(recipe, directory=run_dir)
+    command = worker_command(planned.plan, write_plan(planned), result_file=run_dir / "result.json")
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, **popen)
 
 
