@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, sequential_heads
+from wmtp_core.algorithms.objective import MicroBatch, Objective, algorithm_loss, sequential_heads
 from wmtp_core.data.sequences import MTPCollator
 from wmtp_core.models.hf import HFMTPModel
 from wmtp_core.recipes import load_recipe
@@ -111,17 +111,7 @@ def measure(features: tuple[str, ...], args, device: str) -> dict:
 def _timed_step(model, optimizer, mb, recipe, plan) -> float:
     _synchronize(plan.device)
     start = time.perf_counter()
-    loss, _ = algorithm_loss(
-        model,
-        mb,
-        algorithm=recipe.train.algorithm,
-        loss=recipe.loss,
-        rho1=recipe.rho1,
-        critic=recipe.critic,
-        horizon=recipe.model.horizon,
-        plan=plan,
-        reference=None,
-    )
+    loss, _ = algorithm_loss(model, mb, Objective.of(recipe), plan=plan, reference=None)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

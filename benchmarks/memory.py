@@ -48,7 +48,7 @@ def measure(name: str, steps: int) -> dict:
     """In the child: the step peak over the RSS before the timed steps, and the median step time."""
     import torch
 
-    from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, sequential_heads
+    from wmtp_core.algorithms.objective import MicroBatch, Objective, algorithm_loss, sequential_heads
     from wmtp_core.data.sequences import MTPCollator
     from wmtp_core.models.transformer import MTPTransformer
     from wmtp_core.recipes import load_recipe
@@ -70,17 +70,7 @@ def measure(name: str, steps: int) -> dict:
     mb = MicroBatch.from_batch(MTPCollator(recipe.model.horizon, pad_id=0)(tokens), device="cpu", pad_id=0)
 
     def step() -> None:
-        loss, _ = algorithm_loss(
-            model,
-            mb,
-            algorithm=recipe.train.algorithm,
-            loss=recipe.loss,
-            rho1=recipe.rho1,
-            critic=recipe.critic,
-            horizon=recipe.model.horizon,
-            plan=plan,
-            reference=None,
-        )
+        loss, _ = algorithm_loss(model, mb, Objective.of(recipe), plan=plan, reference=None)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

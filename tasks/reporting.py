@@ -25,6 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from wmtp_core.checkpoint.manifest import list_checkpoints
 from wmtp_core.run.summary import RunSummary
 
+log = logging.getLogger(__name__)
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
 
 def artifact_key(prefix: str, run_name: str) -> str:
     """A Prefect artifact key for a run: lowercase letters, digits and dashes only (Prefect's rule)."""
@@ -100,10 +103,6 @@ def publish_checkpoints(run_name: str, run_dir: str) -> None:
         key=artifact_key("wmtp-checkpoints", run_name),
         description=f"Checkpoints of run {run_name} (step, complete, size, path)",
     )
-
-
-log = logging.getLogger(__name__)
-MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
 class TrainingProgress:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.objective import recipe_loss
 from support.recipes import with_sections
 from support.training import device_plan, plan_and_train
 
 from wmtp_core.algorithms.brief_reference import brief_reference_recipe
-from wmtp_core.algorithms.objective import MicroBatch
+from wmtp_core.algorithms.objective import MicroBatch, Objective, algorithm_loss
 from wmtp_core.algorithms.reference import load_reference_model
 from wmtp_core.checkpoint.manifest import list_checkpoints
 from wmtp_core.checkpoint.storage import load_checkpoint
@@ -41,7 +40,7 @@ def test_critic_loss_trains_policy_and_value_head(tiny_recipe, weight_norm):
     recipe = with_sections(tiny_recipe, train={"algorithm": "critic-wmtp"}, loss={"weight_norm": weight_norm})
     plan = _plan(recipe)
     parts = build_run_parts(recipe, plan)
-    loss, metrics = recipe_loss(parts.model, _first_micro_batch(parts), recipe, plan=plan)
+    loss, metrics = algorithm_loss(parts.model, _first_micro_batch(parts), Objective.of(recipe), plan=plan)
     loss.backward()
     assert torch.isfinite(loss)
     assert parts.model.value_head.net[0].weight.grad.abs().sum() > 0
@@ -62,7 +61,9 @@ def test_rho1_loss_uses_a_frozen_reference(rho1_recipe, tmp_path, mode):
     recipe = with_sections(rho1_recipe, rho1={"selection_mode": mode})
     plan = _plan(recipe)
     parts = build_run_parts(recipe, plan, reference_checkpoint=_train_brief_reference(recipe, tmp_path))
-    loss, metrics = recipe_loss(parts.model, _first_micro_batch(parts), recipe, plan=plan, reference=parts.reference)
+    loss, metrics = algorithm_loss(
+        parts.model, _first_micro_batch(parts), Objective.of(recipe), plan=plan, reference=parts.reference
+    )
     loss.backward()
     assert torch.isfinite(loss) and not parts.reference.training
     assert all(p.grad is None and not p.requires_grad for p in parts.reference.parameters())

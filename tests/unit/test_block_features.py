@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.objective import recipe_loss
 from support.recipes import with_sections
 from support.training import device_plan
 
-from wmtp_core.algorithms.objective import MicroBatch
+from wmtp_core.algorithms.objective import MicroBatch, Objective, algorithm_loss
 from wmtp_core.models.hf import load_hf_mtp_model
 from wmtp_core.recipes import load_recipe
 from wmtp_core.runtime.blocks import wrap_block_forwards
@@ -56,7 +55,7 @@ def _saved_bytes(model, mb, recipe, plan) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        recipe_loss(model, mb, recipe, plan=plan)
+        algorithm_loss(model, mb, Objective.of(recipe), plan=plan)
     return total[0]
 
 

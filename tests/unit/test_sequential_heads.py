@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
-from support.objective import recipe_loss
 from support.recipes import with_sections
 
-from wmtp_core.algorithms.objective import MicroBatch, sequential_heads
+from wmtp_core.algorithms.objective import MicroBatch, Objective, algorithm_loss, sequential_heads
 from wmtp_core.data.sequences import MTPCollator
 from wmtp_core.models.hf import load_hf_mtp_model
 from wmtp_core.models.transformer import MTPTransformer
@@ -32,7 +31,7 @@ def _micro_batch(lengths: list[int], *, horizon: int, vocab: int = VOCAB, pad_id
 def _loss_and_grads(model, mb, recipe, *, sequential: str, reference=None):
     model = copy.deepcopy(model)
     recipe = with_sections(recipe, loss={"sequential_heads": sequential})
-    loss, metrics = recipe_loss(model, mb, recipe, plan=CPU, reference=reference)
+    loss, metrics = algorithm_loss(model, mb, Objective.of(recipe), plan=CPU, reference=reference)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), metrics, grads
@@ -90,7 +89,7 @@ def _largest_saved_tensor(model, mb, recipe) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        recipe_loss(model, mb, recipe, plan=CPU)
+        algorithm_loss(model, mb, Objective.of(recipe), plan=CPU)
     return max(sizes)
 
 

@@ -30,7 +30,7 @@ from wmtp_core.algorithms.weights import (
     token_skip_selection,
     weight_stats,
 )
-from wmtp_core.config import CriticConfig, LossConfig, Rho1Config
+from wmtp_core.config import CriticConfig, LossConfig, Recipe, Rho1Config
 from wmtp_core.runtime.devices import DevicePlan, autocast_context
 from wmtp_core.runtime.distributed import reshard_after_forward_only
 
@@ -79,26 +79,38 @@ def head_losses(
     return (first if sequential else head_cross_entropy(first, labels_BTK)), values_BT
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What one micro-batch's loss depends on: the recipe's algorithm, its loss, rho1 and critic sections, and the
+    horizon (with loss, whether the heads run one at a time). Made once per run (Objective.of), not per step."""
+
+    algorithm: str
+    loss: LossConfig
+    rho1: Rho1Config
+    critic: CriticConfig
+    horizon: int
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> Objective:
+        return cls(recipe.train.algorithm, recipe.loss, recipe.rho1, recipe.critic, recipe.model.horizon)
+
+
 def algorithm_loss(
     model: torch.nn.Module,
     mb: MicroBatch,
+    objective: Objective,
     *,
-    algorithm: str,
-    loss: LossConfig,
-    rho1: Rho1Config,
-    critic: CriticConfig,
-    horizon: int,
     plan: DevicePlan,
-    reference: torch.nn.Module | None,
+    reference: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The scaled weighted MTP loss (+ the critic's value loss) and its metrics as 0-dim tensors.
 
-    algorithm: train.algorithm; rho1 and critic are read by their algorithm only; horizon: model.horizon (with loss,
-    whether the heads run one at a time). The weights are computed from every head's CE (and the values) before any
-    gradient flows; with sequential heads that CE comes from a forward that keeps no logits, and backward
-    recomputes one head at a time."""
+    rho1 and critic settings are read by their algorithm only. The weights are computed from every head's CE (and
+    the values) before any gradient flows; with sequential heads that CE comes from a forward that keeps no logits,
+    and backward recomputes one head at a time."""
+    algorithm, loss, rho1, critic = objective.algorithm, objective.loss, objective.rho1, objective.critic
     is_critic = algorithm == "critic-wmtp"
-    sequential = sequential_heads(loss, plan, horizon=horizon)
+    sequential = sequential_heads(loss, plan, horizon=objective.horizon)
     with autocast_context(plan):
         ce_BTK, values_BT = head_losses(model, mb.tokens_BT, mb.labels_BTK, sequential=sequential, values=is_critic)
     metrics: Metrics = {}

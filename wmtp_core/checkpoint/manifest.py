@@ -119,16 +119,19 @@ def latest_valid_checkpoint(
     return None
 
 
-def verdict_of(path: Path, verdicts: Verdicts) -> str | None:
+def verdict_of(path: Path, verdicts: Verdicts, *, checksums: bool = True) -> str | None:
     """None when the checkpoint at path verifies, else why not; taken from verdicts when it is there, else found
-    (hashing the checkpoint) and added to it."""
-    if str(path) not in verdicts:
-        try:
-            verify_checkpoint(path)
-            verdicts[str(path)] = None
-        except CheckpointError as error:
-            verdicts[str(path)] = str(error)
-    return verdicts[str(path)]
+    (hashing the checkpoint) and added to it. checksums=False checks presence and sizes only, and records nothing."""
+    if str(path) in verdicts:
+        return verdicts[str(path)]
+    try:
+        verify_checkpoint(path, checksums=checksums)
+        problem = None
+    except CheckpointError as error:
+        problem = str(error)
+    if checksums:
+        verdicts[str(path)] = problem
+    return problem
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:

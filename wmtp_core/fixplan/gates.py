@@ -86,14 +86,16 @@ def behaviours(gates: ResolvedGates) -> Behaviours:
     from wmtp_core.fixplan import legacy
     from wmtp_core.runtime import distributed
 
-    gather = {
-        "distributed-checkpoint": state_dicts.gather_full_state,
-        "fsdp-state-dict-type": legacy.gather_with_state_dict_type,
-        "fsdp-calls-on-any-model": legacy.gather_fsdp_state_on_any_model,
-    }[gates.state_dicts]
     if gates.state_dicts == "distributed-checkpoint":
-        api = state_dicts.StateDictAPI(gather, state_dicts.restore_full_state, reads_on_rank0_only=True)
+        api = state_dicts.StateDictAPI(
+            state_dicts.gather_full_state, state_dicts.restore_full_state, reads_on_rank0_only=True
+        )
     else:
+        gather = (
+            legacy.gather_with_state_dict_type
+            if gates.state_dicts == "fsdp-state-dict-type"
+            else legacy.gather_fsdp_state_on_any_model
+        )
         api = state_dicts.StateDictAPI(gather, legacy.restore_with_state_dict_type, reads_on_rank0_only=False)
     fsdp2 = gates.fsdp == "fsdp2-from-meta"
     return Behaviours(

@@ -93,7 +93,6 @@ def plan_run(
     data_text = _checked_data(recipe)
     probe = probe or _probe_this_machine()
     recipe, gates, devices = plan_devices(recipe, probe)
-    reference, reference_run = _rho1_reference(recipe, layout, gates=gates, devices=devices, probe=probe)
     plan = RunPlan(
         recipe=recipe,
         gates=gates,
@@ -103,10 +102,9 @@ def plan_run(
         start=start,
         data_file=layout.data if data_text is not None else builtin_dataset_path(),
         launcher=_launcher(recipe),
-        reference=reference,
-        reference_run=reference_run,
         time_budget_s=time_budget_s,
     )
+    plan = _with_rho1_reference(plan)
     return PlannedRun(plan, data_text)
 
 
@@ -162,34 +160,32 @@ def _checked_data(recipe: Recipe) -> str | None:
     return text
 
 
-def _rho1_reference(
-    recipe: Recipe, layout: RunLayout, *, gates: ResolvedGates, devices: DevicePlan, probe: EnvironmentProbe
-) -> tuple[Path | None, RunPlan | None]:
-    """(reference checkpoint, brief reference run plan) of a rho1-wmtp run: the named checkpoint (verified), or the
-    brief reference's final checkpoint, which its run (planned here, trained first) writes."""
+def _with_rho1_reference(plan: RunPlan) -> RunPlan:
+    """A rho1-wmtp plan with its reference: the named checkpoint (verified), or the final checkpoint of the brief
+    reference run, planned here (the run's own plan, with the brief recipe, in <run>/reference) and trained first."""
     from wmtp_core.algorithms.brief_reference import brief_reference_recipe, needs_brief_reference
 
-    rho1 = recipe.rho1
-    if recipe.train.algorithm != "rho1-wmtp" or rho1.reference_hf_model is not None:
-        return None, None
+    recipe = plan.recipe
+    if recipe.train.algorithm != "rho1-wmtp" or recipe.rho1.reference_hf_model is not None:
+        return plan
     if not needs_brief_reference(recipe):
-        named = Path(rho1.reference_checkpoint)
+        named = Path(recipe.rho1.reference_checkpoint)
         owner = RunLayout(named.parent.parent)  # <run>/checkpoints/step_...
         chosen = choose_checkpoint(owner, named, continuing=False, option="rho1.reference_checkpoint")
-        return chosen.checkpoint, None
-    brief = brief_reference_recipe(recipe)
-    reference = layout.reference
-    brief_run = RunPlan(
-        recipe=brief,
-        gates=gates,
-        devices=devices,
-        probe=probe,
-        run_dir=reference.root,
-        start=choose_checkpoint(reference, "latest", continuing=True, fresh_if_none=True),
-        data_file=layout.data if recipe.data.path is not None else builtin_dataset_path(),
-        launcher=_launcher(brief),
+        return plan.model_copy(update={"reference": chosen.checkpoint})
+    brief, reference = brief_reference_recipe(recipe), plan.layout.reference
+    brief_run = plan.model_copy(
+        update={
+            "recipe": brief,
+            "run_dir": reference.root,
+            "start": choose_checkpoint(reference, "latest", continuing=True, fresh_if_none=True),
+            "launcher": _launcher(brief),
+            "time_budget_s": None,
+        }
     )
-    return reference.checkpoint(brief.train.max_steps), brief_run
+    return plan.model_copy(
+        update={"reference": reference.checkpoint(brief.train.max_steps), "reference_run": brief_run}
+    )
 
 
 def _launcher(recipe: Recipe) -> Literal["in-process", "torchrun"]:

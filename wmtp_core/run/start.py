@@ -17,7 +17,6 @@ from wmtp_core.checkpoint.manifest import (
     latest_valid_checkpoint,
     read_manifest,
     verdict_of,
-    verify_checkpoint,
 )
 from wmtp_core.layout import STEP_DIR, RunLayout
 
@@ -78,7 +77,7 @@ def choose_checkpoint(
     if at is None or at == "latest":
         return _newest(layout, checksums=checksums, verdicts=known, fresh_if_none=fresh_if_none)
     path = layout.checkpoint(at) if isinstance(at, int) else Path(at).resolve()
-    problem = verdict_of(path, known) if checksums else _presence_problem(path)
+    problem = verdict_of(path, known, checksums=checksums)
     if problem is not None:
         raise CheckpointError(f"{option} {at}: {problem} {_see(layout)}")
     chosen = StartPoint(checkpoint=path, step=_step_of(path))
@@ -93,20 +92,12 @@ def choose_checkpoint(
 
 
 def _newest(layout: RunLayout, *, checksums: bool, verdicts: Verdicts, fresh_if_none: bool) -> StartPoint:
-    newest = latest_valid_checkpoint(layout.root, verdicts=verdicts if checksums else None, checksums=checksums)
+    newest = latest_valid_checkpoint(layout.root, verdicts=verdicts, checksums=checksums)
     if newest is not None:
         return StartPoint(checkpoint=newest.path, step=newest.step)
     if fresh_if_none:
         return FRESH
     raise FileNotFoundError(f"run {layout.name!r} has no valid checkpoint in {layout.checkpoints} {_see(layout)}")
-
-
-def _presence_problem(path: Path) -> str | None:
-    try:
-        verify_checkpoint(path, checksums=False)
-    except CheckpointError as error:
-        return str(error)
-    return None
 
 
 def _step_of(path: Path) -> int:

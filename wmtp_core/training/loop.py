@@ -214,17 +214,7 @@ def train_step(
     for _ in range(accumulation):
         batch = next(batches)
         mb = MicroBatch.from_batch(batch, device=plan.device, pad_id=parts.pad_id)
-        loss, metrics = algorithm_loss(
-            parts.model,
-            mb,
-            algorithm=recipe.train.algorithm,
-            loss=recipe.loss,
-            rho1=recipe.rho1,
-            critic=recipe.critic,
-            horizon=recipe.model.horizon,
-            plan=plan,
-            reference=parts.reference,
-        )
+        loss, metrics = algorithm_loss(parts.model, mb, parts.objective, plan=plan, reference=parts.reference)
         parts.scaler.scale(loss / accumulation).backward()
         for name, value in {"loss": loss.detach(), **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value.float() / accumulation

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from wmtp_core.algorithms.objective import Objective
 from wmtp_core.algorithms.reference import load_reference
 from wmtp_core.checkpoint.run_state import RunPieces
 from wmtp_core.config import Recipe
@@ -55,6 +56,8 @@ class RunParts:
     num_workers: int
     worker_start: str
     seed: int
+    objective: Objective
+    """What each micro-batch's loss depends on (wmtp_core.algorithms.objective), taken from the recipe once."""
     reference: torch.nn.Module | None = None
     ctx: DistContext = SINGLE
     export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None
@@ -130,6 +133,7 @@ def build_run_parts(
         num_workers=plan.num_workers,
         worker_start=recipe.data.worker_start,
         seed=recipe.seed,
+        objective=Objective.of(recipe),
         reference=shard_reference(reference, plan, ctx, strategy=recipe.devices.strategy, fsdp=wrap_fsdp),
         ctx=ctx,
         export=export,
