@@ -98,7 +98,8 @@ def execute_plan(plan_file: str) -> dict | State:
             return Failed(message=f"upload to MLflow failed (phases.api off): {one_line(upload)}")
         summary = record_pending_uploads(summary, reason=one_line(upload))
     publish_summary(summary)
-    publish_checkpoints(recipe.run.name, str(run_plan.run_dir))
+    listed = training.result().get("checkpoints") if training.is_completed() else None
+    publish_checkpoints(recipe.run.name, str(run_plan.run_dir), listed=listed)
     if summary.status == "stopped":
         return Completed(
             message=f"stopped by {stopped_by(summary.stop_reason)} at step {summary.steps} of "
@@ -155,7 +156,7 @@ def build_summary(
     }
     if training.is_completed():
         result = training.result()
-        figures = {key: value for key, value in result.items() if key != "saved_checkpoints"}
+        figures = {key: value for key, value in result.items() if key not in ("saved_checkpoints", "checkpoints")}
         status = "stopped" if result.get("stop_reason") else "completed"
         return RunSummary(status=status, **figures, **common)
     latest = choose_checkpoint(

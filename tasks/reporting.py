@@ -22,7 +22,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from wmtp_core.checkpoint.manifest import list_checkpoints
+from wmtp_core.checkpoint.manifest import CheckpointInfo, list_checkpoints
 from wmtp_core.run.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,13 @@ def publish_summary(summary: RunSummary) -> None:
     )
 
 
-def checkpoint_rows(run_dir: Path) -> list[dict]:
-    """One row per checkpoint directory of the run, oldest first (sizes checked; `wmtp checkpoints` checks digests)."""
+def checkpoint_rows(run_dir: Path, listed: list[dict] | None = None) -> list[dict]:
+    """One row per checkpoint directory of the run, oldest first (sizes checked; `wmtp checkpoints` checks digests).
+    listed: the run's checkpoints as training's last pruning listed them ({step, path, valid, problem}); without it
+    (a failed training) the run directory is listed here."""
+    infos = [CheckpointInfo(**{**row, "path": Path(row["path"])}) for row in listed or ()]
     rows = []
-    for info in list_checkpoints(run_dir, checksums=False):
+    for info in infos or list_checkpoints(run_dir, checksums=False):
         size_mb = sum(f.stat().st_size for f in info.path.rglob("*") if f.is_file()) / 2**20
         rows.append(
             {
@@ -96,10 +99,10 @@ def checkpoint_rows(run_dir: Path) -> list[dict]:
 
 
 @task(name="publish_checkpoints", cache_policy=NO_CACHE)
-def publish_checkpoints(run_name: str, run_dir: str) -> None:
-    """Create the table artifact of the run's checkpoints (key: wmtp-checkpoints-<run>)."""
+def publish_checkpoints(run_name: str, run_dir: str, *, listed: list[dict] | None = None) -> None:
+    """Create the table artifact of the run's checkpoints (key: wmtp-checkpoints-<run>); listed: checkpoint_rows'."""
     create_table_artifact(
-        checkpoint_rows(Path(run_dir)),
+        checkpoint_rows(Path(run_dir), listed),
         key=artifact_key("wmtp-checkpoints", run_name),
         description=f"Checkpoints of run {run_name} (step, complete, size, path)",
     )

@@ -126,7 +126,7 @@ def test_no_checkpoint_means_latest_is_none(tmp_path):
 def test_prune_keeps_the_newest_valid_checkpoints(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step)
-    removed = prune_checkpoints(tmp_path, keep_last=2)
+    removed = prune_checkpoints(tmp_path, keep_last=2).removed
     assert [p.name for p in removed] == ["step_00000001", "step_00000002"]
     assert [i.step for i in list_checkpoints(tmp_path)] == [3, 4]
 

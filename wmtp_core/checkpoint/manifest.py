@@ -134,21 +134,26 @@ def verdict_of(path: Path, verdicts: Verdicts, *, checksums: bool = True) -> str
     return problem
 
 
-def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
-    """Delete all but the newest keep_last valid checkpoints (and anything older); return what was removed.
+@dataclass(frozen=True)
+class Pruned:
+    kept: list[CheckpointInfo]
+    """What the run holds after pruning, oldest first (presence and sizes checked): the listing pruning made."""
+    removed: list[Path]
+
+
+def prune_checkpoints(run_dir: Path, *, keep_last: int) -> Pruned:
+    """Delete all but the newest keep_last valid checkpoints (and anything older); return what was kept and removed.
 
     Validity here is presence and size (no re-hashing of every kept checkpoint at every save); loading still
     verifies the digests of the checkpoint it uses, and skips to an older one when they do not match.
     """
     infos = list_checkpoints(run_dir, checksums=False)
     valid_steps = [info.step for info in infos if info.valid]
-    if len(valid_steps) <= keep_last:
-        return []
-    oldest_kept = valid_steps[-keep_last]
+    oldest_kept = valid_steps[-keep_last] if len(valid_steps) > keep_last else -1
     removed = [info.path for info in infos if info.step < oldest_kept]
     for path in removed:
         shutil.rmtree(path)
-    return removed
+    return Pruned(kept=[info for info in infos if info.step >= oldest_kept], removed=removed)
 
 
 def describe_files(directory: Path, *, skip: set[str] = frozenset()) -> dict[str, dict]:

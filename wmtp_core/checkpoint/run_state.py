@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from wmtp_core.checkpoint.hashed_files import torch_save_hashed
-from wmtp_core.checkpoint.manifest import CheckpointError, prune_checkpoints
+from wmtp_core.checkpoint.manifest import CheckpointError, CheckpointInfo, prune_checkpoints
 from wmtp_core.checkpoint.staging import live_storages
 from wmtp_core.checkpoint.state_dicts import (
     StateDictAPI,
@@ -149,10 +149,11 @@ def _save_full(
     return path
 
 
-def _settle(path: Path, run_dir: Path, keep_last: int) -> None:
-    """Make the new checkpoint durable, and only then prune older ones: a crash at any point leaves one to resume."""
+def _settle(path: Path, run_dir: Path, keep_last: int) -> list[CheckpointInfo]:
+    """Make the new checkpoint durable, and only then prune older ones: a crash at any point leaves one to resume.
+    Returns the run's checkpoints as pruning listed them."""
     make_durable(path)
-    prune_checkpoints(run_dir, keep_last=keep_last)
+    return prune_checkpoints(run_dir, keep_last=keep_last).kept
 
 
 def _submit_sharded(
@@ -164,7 +165,7 @@ def _submit_sharded(
     *,
     ctx: DistContext,
     writer: CheckpointWriter,
-    settle: Callable[[Path], None] | None,
+    settle: Callable[[Path], object] | None,
     timeout_s: int,
 ) -> None:
     """Every rank writes its own shards, then rank 0 publishes. In the background (async_save) the shards are

@@ -38,11 +38,13 @@ class CheckpointWriter:
         self.latest: Path | None = None
         self.saved: list[Path] = []
         """Every checkpoint this writer published, in order (hashed while written: valid by construction)."""
+        self.settled: object = None
+        """What the newest save's settle returned (the run's checkpoints as its pruning listed them)."""
 
     def submit(
         self,
         write: Callable[[], Path],
-        settle: Callable[[Path], None] | None = None,
+        settle: Callable[[Path], object] | None = None,
         *,
         snapshot: dict | None = None,
         live: set[int] = frozenset(),
@@ -61,7 +63,7 @@ class CheckpointWriter:
         self.latest = path = write()
         self.saved.append(path)
         if settle is not None:
-            self._start(lambda: settle(path))
+            self._start(lambda: self._settle(settle, path))
 
     def guard(self, optimizer: torch.optim.Optimizer) -> None:
         """Make optimizer.step() wait for a pending snapshot, so it never changes the state while it is copied."""
@@ -86,7 +88,7 @@ class CheckpointWriter:
         return self.latest
 
     def _save(
-        self, snapshot: dict | None, live: set[int], write: Callable[[], Path], settle: Callable[[Path], None] | None
+        self, snapshot: dict | None, live: set[int], write: Callable[[], Path], settle: Callable[[Path], object] | None
     ) -> None:
         try:
             if snapshot is not None:
@@ -96,7 +98,10 @@ class CheckpointWriter:
         self.latest = path = write()
         self.saved.append(path)
         if settle is not None:
-            settle(path)
+            self._settle(settle, path)
+
+    def _settle(self, settle: Callable[[Path], object], path: Path) -> None:
+        self.settled = settle(path)
 
     def _start(self, work: Callable[[], None]) -> None:
         self._thread = threading.Thread(target=self._run, args=(work,), name="wmtp-checkpoint-writer")

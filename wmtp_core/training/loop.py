@@ -57,6 +57,9 @@ class TrainResult:
     saved_checkpoints: tuple[str, ...] = ()
     """The checkpoints this call saved (some may have been pruned since): valid by construction, so whoever gets
     this result need not hash them again."""
+    checkpoints: tuple[dict, ...] = ()
+    """The run's checkpoints after the last save ({step, path, valid, problem}), as its pruning listed them (rank 0),
+    so a table of them needs no listing of its own."""
 
 
 def train(
@@ -138,6 +141,7 @@ def train(
         resumed_from_step=resumed_from,
         stop_reason=stop_reason,
         saved_checkpoints=tuple(str(path) for path in writer.saved),
+        checkpoints=tuple({**asdict(info), "path": str(info.path)} for info in writer.settled or ()),
     )
 
 
