@@ -15,7 +15,7 @@ from tasks.reporting import TrainingProgress
 from tracking.client import metrics_sink
 from wmtp_core.checkpoint.manifest import CheckpointError
 from wmtp_core.config import RecipeError
-from wmtp_core.launch.torchrun import WorkerInterrupted, run_torchrun, worker_command
+from wmtp_core.launch.torchrun import WorkerInterrupted, run_job, worker_command
 from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.run.plan import RunPlan, read_plan, restarted, save_plan
 from wmtp_core.runtime.run_lock import RunLockedError, run_lock
@@ -85,9 +85,9 @@ def train_model(plan_file: str, *, mlflow_run_id: str | None) -> dict:
 
 
 def train_planned(plan_file: Path, *, mlflow_run_id: str | None) -> dict:
-    """Hold the run's lock and execute its plan: one process here, more under torchrun. A retry of the task (or a
-    Prefect retry after the job failed) starts from the newest valid checkpoint instead of the plan's start: the
-    failed attempt may have saved since. Returns the TrainResult as a dict."""
+    """Hold the run's lock and execute its plan: one process here, more under torchrun or on a Ray cluster. A retry
+    of the task (or a Prefect retry after the job failed) starts from the newest valid checkpoint instead of the
+    plan's start: the failed attempt may have saved since. Returns the TrainResult as a dict."""
     logger = get_run_logger()
     for name in ("wmtp_core", "tasks"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -105,17 +105,19 @@ def train_planned(plan_file: Path, *, mlflow_run_id: str | None) -> dict:
         report = progress.reporting_to(sink)  # MLflow metrics, then the Prefect progress artifact
         extra = {"tracking_run_id": mlflow_run_id}
         try:
-            if run_plan.launcher == "torchrun":
-                return progress.finish(_train_under_torchrun(run_plan, plan_file, report, extra))
+            if run_plan.launcher in ("torchrun", "ray"):
+                return progress.finish(_train_as_job(run_plan, plan_file, report, extra))
             return progress.finish(_train_here(run_plan, report, extra))
         finally:
             if sink is not None:
                 sink.close()
 
 
-def _train_under_torchrun(run_plan: RunPlan, plan_file: Path, report, extra: dict) -> dict:
-    result_file = run_plan.layout.torchrun_result
-    return run_torchrun(
+def _train_as_job(run_plan: RunPlan, plan_file: Path, report, extra: dict) -> dict:
+    """Under torchrun on this node, or a Ray job's driver (wmtp_core.launch.ray_job) for the cluster's workers."""
+    layout = run_plan.layout
+    result_file = layout.ray_result if run_plan.launcher == "ray" else layout.torchrun_result
+    return run_job(
         worker_command(run_plan, plan_file, result_file=result_file, manifest_extra=extra),
         result_file=result_file,
         silence_timeout_s=run_plan.recipe.devices.timeout_s,

@@ -76,6 +76,9 @@ class DataConfig(_Section):
     """How DataLoader workers start: the platform default (fork on Linux, spawn on macOS), or spawn/fork explicitly."""
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     """Share of records held out for the eval loss."""
+    ledger: bool = False
+    """Record the sample ids of every micro-batch each rank trains on (<run>/data_ledger/rank<r>.jsonl): an audit that
+    resumes, also at another number of processes, neither repeat nor skip data."""
 
 
 class TrainConfig(_Section):
@@ -182,6 +185,9 @@ class DevicesConfig(_Section):
     """Mixed precision; auto is bf16 on CUDA where supported and fp32 elsewhere."""
     strategy: Literal["single", "ddp", "fsdp"] = "single"
     """Parallelism: single (one process), ddp (replicated model) or fsdp (FSDP2: sharded model and optimizer)."""
+    launcher: Literal["torchrun", "ray"] = "torchrun"
+    """torchrun: one process in the task's own, more under torchrun on this node; ray: ray.workers Ray Train workers
+    placed over a Ray cluster's nodes (restarted on a lost node)."""
     nproc_per_node: PositiveInt = 1
     """Processes per node; above 1 (or devices.nnodes above 1) the training task runs under torchrun."""
     nnodes: PositiveInt = 1
@@ -198,6 +204,21 @@ class DevicesConfig(_Section):
                 "processes but devices.strategy=single trains one; set devices.strategy=ddp or fsdp"
             )
         return self
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """The Ray cluster's GCS address (host:port, as `ray start --head` prints); null: $RAY_ADDRESS, else a Ray
+    instance started on this machine for the run."""
+    workers: PositiveInt = 2
+    """Training processes (Ray Train workers) with devices.launcher=ray: one rank each, placed over the cluster."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs each worker reserves; a worker starts only on a node with this many free."""
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    """GPUs each worker reserves: 0 trains on CPU (gloo), 1 on one CUDA device per worker (nccl)."""
+    max_failures: int = Field(default=2, ge=0)
+    """Restarts of the worker group after a worker or node is lost, each from the newest valid checkpoint; past
+    them the training task fails and its Prefect retry starts the job again."""
 
 
 class CheckpointConfig(_Section):
@@ -264,6 +285,8 @@ class Recipe(_Section):
     """critic-wmtp settings (used when train.algorithm is critic-wmtp)."""
     devices: DevicesConfig = DevicesConfig()
     """Device and precision."""
+    ray: RayConfig = RayConfig()
+    """The Ray cluster and its workers (used when devices.launcher is ray)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpoint format and write mode (cadence and retention are train.save_every and train.keep_last)."""
     tracking: TrackingConfig = TrackingConfig()
@@ -280,11 +303,26 @@ class Recipe(_Section):
                 f"evaluation.heads ({self.evaluation.heads}) exceeds model.horizon ({self.model.horizon}): the model "
                 "has no head to draft with beyond its horizon"
             )
+        if self.devices.launcher == "ray":
+            _check_ray_devices(self.devices, self.ray)
         if self.train.warmup_steps > self.train.max_steps:
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})"
             )
         return self
+
+
+def _check_ray_devices(devices: DevicesConfig, ray: RayConfig) -> None:
+    if devices.nproc_per_node * devices.nnodes > 1:
+        raise ValueError(
+            "devices.launcher=ray places ray.workers processes over the cluster: set ray.workers instead of "
+            f"devices.nproc_per_node={devices.nproc_per_node} and devices.nnodes={devices.nnodes} (leave both at 1)"
+        )
+    if ray.workers > 1 and devices.strategy == "single":
+        raise ValueError(
+            f"ray.workers={ray.workers} starts {ray.workers} processes but devices.strategy=single trains one; "
+            "set devices.strategy=ddp or fsdp"
+        )
 
 
 def check_run_name(name: str) -> str:

@@ -113,6 +113,20 @@ class RunLayout:
         """Every rank's stdout and stderr, one directory per torchrun job and attempt."""
         return self.root / "logs" / "torchrun"
 
+    def data_ledger(self, rank: int) -> Path:
+        """data.ledger: the sample ids of every micro-batch rank trained on, one JSON line each, across resumes."""
+        return self.root / "data_ledger" / f"rank{rank}.jsonl"
+
+    @property
+    def ray_logs(self) -> Path:
+        """Every Ray worker's output, one directory per Ray job and worker-group attempt."""
+        return self.root / "logs" / "ray"
+
+    @property
+    def ray_result(self) -> Path:
+        """Where rank 0 of a Ray job writes its outcome (or the job's driver, when the job failed)."""
+        return self.root / "ray_result.json"
+
     @property
     def torchrun_result(self) -> Path:
         """Where rank 0 of a torchrun job writes its outcome (another rank that fails writes beside it)."""

@@ -15,7 +15,7 @@ import pytest
 from support.recipes import TINY_OVERRIDES
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
-from wmtp_core.launch.torchrun import WorkerInputError, WorkerInterrupted, run_torchrun, worker_command
+from wmtp_core.launch.torchrun import WorkerInputError, WorkerInterrupted, run_job, worker_command
 from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
 from wmtp_core.run.plan import plan_run, write_plan
@@ -94,7 +94,7 @@ def test_a_dead_rank_fails_the_job_cleanly_without_a_hang(tmp_path):
     when_checkpoint_exists(tmp_path, 20, lambda: os.kill(worker_pids(tmp_path)[1], signal.SIGKILL))
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="torchrun exited with status") as failed:
-        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
+        run_job(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
     message = str(failed.value)
     assert "rank 1 failed first" in message  # the rank killed, not the rank that lost its peer after it
     assert message.split("last lines:\n")[1].strip()  # the job's own last lines, not an empty list
@@ -109,7 +109,7 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
     # SIGTERM to the launcher only: torchrun passes it to every rank, as when Prefect cancels a flow run.
     when_checkpoint_exists(tmp_path, 20, lambda: os.kill(launcher_pid(tmp_path), signal.SIGTERM))
     with pytest.raises(WorkerInterrupted, match="SIGTERM at step"):
-        run_torchrun(
+        run_job(
             command,
             result_file=result,
             silence_timeout_s=60,
@@ -131,9 +131,7 @@ def _press_ctrl_c(times: int) -> None:
 def test_ctrl_c_makes_every_rank_save_at_one_step_and_the_run_end_stopped(tmp_path):
     command, result = prepared(tmp_path)
     when_checkpoint_exists(tmp_path, 20, lambda: _press_ctrl_c(1))
-    trained = run_torchrun(
-        command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None
-    )
+    trained = run_job(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
     assert trained["stop_reason"] == "Ctrl-C"
     assert latest_valid_checkpoint(tmp_path).step == trained["steps"] > 20
     assert worker_pids(tmp_path) == {}
@@ -144,7 +142,7 @@ def test_a_second_ctrl_c_kills_every_rank_at_once(tmp_path):
     pressed: list[float] = []
     when_checkpoint_exists(tmp_path, 20, lambda: (pressed.append(time.monotonic()), _press_ctrl_c(2)))
     with pytest.raises(KeyboardInterrupt):
-        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
+        run_job(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
     assert time.monotonic() - pressed[0] < 10  # killed, not waited for (torchrun alone waits 30 s for its ranks)
     assert worker_pids(tmp_path) == {}
     assert not [
@@ -183,5 +181,5 @@ def test_flow_trains_two_processes_and_logs_rank_zero_metrics(run_wmtp, prefect_
 def test_legacy_checkpoint_gate_on_ddp_fails_the_job_visibly(tmp_path):
     command, result = prepared(tmp_path, "phases.checkpoint=false", "train.max_steps=4", "train.save_every=2")
     with pytest.raises(WorkerInputError, match=r"CheckpointSaveError: .*KeyError\(None\).*set phases.checkpoint=true"):
-        run_torchrun(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
+        run_job(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
     assert latest_valid_checkpoint(tmp_path) is None  # nothing half-saved counts as a checkpoint

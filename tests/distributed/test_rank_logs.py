@@ -8,7 +8,7 @@ import logging
 import pytest
 from support.recipes import TINY_OVERRIDES
 
-from wmtp_core.launch.torchrun import run_torchrun, worker_command
+from wmtp_core.launch.torchrun import run_job, worker_command
 from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
 from wmtp_core.run.plan import plan_run, write_plan
@@ -62,7 +62,7 @@ def test_a_failed_rank_is_named_with_its_own_last_lines_and_every_rank_log_is_ke
     command, result = _two_process_command(run_dir, worker=worker)
     log, streamed = _logger()
     with pytest.raises(RuntimeError, match="rank 1 failed first") as failed:
-        run_torchrun(command, result_file=result, silence_timeout_s=120, log=log, on_metrics=None)
+        run_job(command, result_file=result, silence_timeout_s=120, log=log, on_metrics=None)
     last_lines = str(failed.value).split("last lines:\n")[1]
     assert "rank 1 about to fail" in last_lines and "RuntimeError: injected failure on rank 1" in last_lines
     (job,) = RunLayout(run_dir).torchrun_logs.iterdir()
@@ -76,7 +76,7 @@ def test_a_successful_job_streams_rank_0_and_keeps_both_ranks_logs(tmp_path):
     run_dir = tmp_path / "run"
     command, result = _two_process_command(run_dir)
     log, streamed = _logger()
-    outcome = run_torchrun(command, result_file=result, silence_timeout_s=120, log=log, on_metrics=None)
+    outcome = run_job(command, result_file=result, silence_timeout_s=120, log=log, on_metrics=None)
     assert outcome["steps"] == 4
     assert any(line.startswith("[rank 0] INFO wmtp_core.training.loop: step 4/4") for line in streamed.lines)
     assert not any(line.startswith(("[rank 1]", "[default")) for line in streamed.lines)

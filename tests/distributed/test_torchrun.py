@@ -8,12 +8,11 @@ Every torchrun call is bounded by a subprocess timeout, so a hang fails the test
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from support.checkpoints import full_model_state
+from support.checkpoints import copy_run_up_to, full_model_state
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
 from support.training import plan_and_train
@@ -59,13 +58,6 @@ def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tup
 
 def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
     return full_model_state(run_dir / "checkpoints" / f"step_{step:08d}")
-
-
-def copy_run_up_to(source: Path, target: Path, step: int) -> None:
-    """A run directory holding only source's checkpoints up to `step`: an interrupted run."""
-    for checkpoint in sorted((source / "checkpoints").glob("step_*")):
-        if int(checkpoint.name.removeprefix("step_")) <= step:
-            shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)
 
 
 # Measured here (torch 2.15, CPU gloo): FSDP1's FSDP.optim_state_dict with use_orig_params=True returns each

@@ -21,3 +21,10 @@ def full_model_state(checkpoint: Path) -> dict:
         copy = Path(scratch) / "checkpoints" / checkpoint.name
         shutil.copytree(checkpoint, copy)
         return load_file(convert_to_full(copy, Path(scratch)) / MODEL_FILE)
+
+
+def copy_run_up_to(source: Path, target: Path, step: int) -> None:
+    """A run directory holding only source's checkpoints up to `step`: an interrupted run."""
+    for checkpoint in sorted((source / "checkpoints").glob("step_*")):
+        if int(checkpoint.name.removeprefix("step_")) <= step:
+            shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)

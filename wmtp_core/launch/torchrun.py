@@ -1,4 +1,5 @@
-"""Launching a multi-process training job with torchrun from the training task, and reading it back.
+"""Launching a multi-process training job from the training task, and reading it back: torchrun on this node, or the
+driver of a Ray job (wmtp_core.launch.ray_job), which prints rank 0's lines and writes the outcome the same way.
 
 torchrun runs `wmtp_core.training.worker` on every rank. Every rank's stdout and stderr are kept in the run
 directory (logs/torchrun/<job>/attempt_<n>/<local rank>/); rank 0's are also streamed here line by line: progress
@@ -24,7 +25,13 @@ from pathlib import Path
 
 from wmtp_core.launch.job_signals import forwarded_stop_signals, stop_job
 from wmtp_core.run.plan import RunPlan
-from wmtp_core.training.worker import EXIT_TERMINATED, METRICS_PREFIX, rank_result_file, worker_arguments
+from wmtp_core.training.worker import (
+    EXIT_TERMINATED,
+    INPUT_ERROR_TYPES,
+    METRICS_PREFIX,
+    rank_result_file,
+    worker_arguments,
+)
 
 
 class WorkerInputError(ValueError):
@@ -37,14 +44,6 @@ class WorkerInterrupted(RuntimeError):
 
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")  # torchrun's "Root Cause" block
 _TEE_PREFIX = re.compile(r"^\[default\d+\]:")  # what torchrun puts before each line it tees to the console
-_NOT_RETRIABLE = {
-    "ValueError",
-    "RecipeError",
-    "DataError",
-    "CheckpointError",
-    "CheckpointSaveError",
-    "FileNotFoundError",
-}
 
 
 def worker_command(
@@ -59,6 +58,10 @@ def worker_command(
     torchrun running it on every rank: rank 0's output on the console and every rank's kept in files under the run
     directory, or (every_rank_on_console, as `wmtp verify` counts every rank's warnings) every rank's on the console.
     Training and `wmtp verify` both launch what this builds."""
+    if run_plan.launcher == "ray":
+        from wmtp_core.launch.ray_job import ray_job_arguments
+
+        return [sys.executable, *ray_job_arguments(plan_file, result_file=result_file, manifest_extra=manifest_extra)]
     worker = worker_arguments(plan_file, result_file=result_file, manifest_extra=manifest_extra)
     if run_plan.launcher == "in-process":
         return [sys.executable, *worker]
@@ -83,7 +86,7 @@ def _rendezvous(nnodes: int, *, run_id: str) -> list[str]:
     return ["--nnodes", str(nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", run_id]
 
 
-def run_torchrun(
+def run_job(
     command: list[str],
     *,
     result_file: Path,
@@ -91,7 +94,8 @@ def run_torchrun(
     log: logging.Logger,
     on_metrics: Callable[[int, dict], None] | None,
 ) -> dict:
-    """Run the job to its end and return rank 0's TrainResult as a dict; raise a typed error otherwise."""
+    """Run the job (torchrun, or a Ray job's driver) to its end and return rank 0's TrainResult as a dict; raise a
+    typed error otherwise."""
     for stale in [result_file, *result_file.parent.glob(f"{result_file.stem}.rank*{result_file.suffix}")]:
         stale.unlink(missing_ok=True)
     log.info("launching: %s", " ".join(command))
@@ -105,7 +109,7 @@ def run_torchrun(
     threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
     tail: list[str] = []
     with forwarded_stop_signals(process, log) as signals:
-        while (line := _next_line(lines, process, silence_timeout_s)) is not None:
+        while (line := _next_line(lines, process, silence_timeout_s, _job_name(command))) is not None:
             if line.startswith(METRICS_PREFIX):
                 report = json.loads(line[len(METRICS_PREFIX) :])
                 if on_metrics is not None:
@@ -117,7 +121,12 @@ def run_torchrun(
         status = process.wait()
     new_jobs = [job for job in _job_dirs(log_dir) if job not in jobs_before]
     job_dir = new_jobs[-1] if new_jobs else None
-    return _outcome(status, result_file, tail, job_dir=job_dir, interrupted=signals.interrupted)
+    name = _job_name(command)
+    return _outcome(status, result_file, tail, job_dir=job_dir, interrupted=signals.interrupted, name=name)
+
+
+def _job_name(command: list[str]) -> str:
+    return "torchrun" if "torch.distributed.run" in command else "the Ray job"
 
 
 def _log_dir(command: list[str]) -> Path | None:
@@ -137,19 +146,25 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _next_line(lines: queue.Queue, process: subprocess.Popen, silence_timeout_s: float) -> str | None:
+def _next_line(lines: queue.Queue, process: subprocess.Popen, silence_timeout_s: float, name: str) -> str | None:
     try:
         return lines.get(timeout=silence_timeout_s)
     except queue.Empty:
         stop_job(process)
         raise TimeoutError(
-            f"torchrun printed nothing for {silence_timeout_s:.0f} s (devices.timeout_s): stopped it; "
+            f"{name} printed nothing for {silence_timeout_s:.0f} s (devices.timeout_s): stopped it; "
             "a rank is probably stuck; resume continues from the newest checkpoint"
         ) from None
 
 
 def _outcome(
-    status: int, result_file: Path, tail: list[str], *, job_dir: Path | None = None, interrupted: bool = False
+    status: int,
+    result_file: Path,
+    tail: list[str],
+    *,
+    job_dir: Path | None = None,
+    interrupted: bool = False,
+    name: str = "torchrun",
 ) -> dict:
     outcome = json.loads(result_file.read_text()) if result_file.is_file() else {"ok": False}
     # After Ctrl-C torchrun exits non-zero (it re-raises the signal) though every rank saved and returned.
@@ -157,22 +172,22 @@ def _outcome(
         return outcome["result"]
     if interrupted:  # Ctrl-C before the ranks could stop cleanly (e.g. still starting): not a failure to retry
         raise WorkerInterrupted(
-            f"stopped by Ctrl-C (torchrun exited {status}); resume continues from the newest checkpoint"
+            f"stopped by Ctrl-C ({name} exited {status}); resume continues from the newest checkpoint"
         )
     failed_rank, failed_local_rank = _root_cause_rank(tail)
     if failed_rank not in (None, 0):
         outcome = _rank_outcome(result_file, failed_rank) or outcome
     error_type, message = outcome.get("error_type"), outcome.get("message")
     if status == EXIT_TERMINATED or error_type == "TrainingInterrupted":
-        raise WorkerInterrupted(message or f"torchrun exited {status} after SIGTERM")
-    if error_type in _NOT_RETRIABLE:
+        raise WorkerInterrupted(message or f"{name} exited {status} after SIGTERM")
+    if error_type in INPUT_ERROR_TYPES:
         raise WorkerInputError(f"{error_type}: {message}")
-    who = f"rank {failed_rank}" if failed_rank is not None else "a rank"
+    who = f"rank {failed_rank} failed first, " if failed_rank is not None else ""
     cause = f"{error_type}: {message}" if error_type else "died without reporting an error (killed?)"
     own_log = _rank_log_tail(job_dir, failed_local_rank)
     last = "\n".join(own_log or _before_torchrun_summary(tail)[-12:])
     logs = f" (every rank's output: {job_dir})" if job_dir else ""
-    raise RuntimeError(f"torchrun exited with status {status}: {who} failed first, {cause}{logs}; last lines:\n{last}")
+    raise RuntimeError(f"{name} exited with status {status}: {who}{cause}{logs}; last lines:\n{last}")
 
 
 def _rank_log_tail(job_dir: Path | None, local_rank: int | None, lines: int = 12) -> list[str]:

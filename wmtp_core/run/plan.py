@@ -23,6 +23,7 @@ from wmtp_core.layout import RunLayout, run_dir
 from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.run.start import At, StartPoint, choose_checkpoint
 from wmtp_core.runtime.device_plan import DevicePlan, EnvironmentProbe
+from wmtp_core.runtime.ray_cluster import check_reachable, cluster_address
 
 
 class RunPlan(BaseModel):
@@ -45,8 +46,9 @@ class RunPlan(BaseModel):
     data_file: Path
     """The records every process reads: the checked copy of the user's data file in the run directory, or the
     built-in set shipped with the package."""
-    launcher: Literal["in-process", "torchrun"]
-    """in-process: one process, the caller's; torchrun: devices.nproc_per_node x devices.nnodes processes."""
+    launcher: Literal["in-process", "torchrun", "ray"]
+    """in-process: one process, the caller's; torchrun: devices.nproc_per_node x devices.nnodes processes; ray:
+    ray.workers Ray Train workers on the Ray cluster."""
     reference: Path | None = None
     """rho1-wmtp: the reference checkpoint every rank loads (None: rho1.reference_hf_model, or another algorithm)."""
     reference_run: RunPlan | None = None
@@ -84,13 +86,15 @@ def plan_run(
 
     resume: None for a new run, else where it continues (wmtp_core.run.start.choose_checkpoint's rules).
     directory: the run directory; default $WMTP_HOME/runs/<run.name>. probe: the machine (default: probe this one).
-    Raises RecipeError/ValueError, DataError, CheckpointError, FileNotFoundError or FileExistsError, each saying
-    what to change, before anything is written.
+    Raises RecipeError/ValueError (ClusterError: an unreachable Ray address), DataError, CheckpointError,
+    FileNotFoundError or FileExistsError, each saying what to change, before anything is written.
     """
     recipe = with_run_name(recipe, recipe.run.name or generate_run_name(recipe))
     layout = RunLayout(directory or run_dir(recipe.run.name))
     start = choose_checkpoint(layout, resume, continuing=True)
     data_text = _checked_data(recipe)
+    if recipe.devices.launcher == "ray" and (address := cluster_address(recipe.ray)) is not None:
+        check_reachable(address)  # in seconds, naming it (Ray's own connect retries for a minute)
     probe = probe or _probe_this_machine()
     recipe, gates, devices = plan_devices(recipe, probe)
     plan = RunPlan(
@@ -188,7 +192,9 @@ def _with_rho1_reference(plan: RunPlan) -> RunPlan:
     )
 
 
-def _launcher(recipe: Recipe) -> Literal["in-process", "torchrun"]:
+def _launcher(recipe: Recipe) -> Literal["in-process", "torchrun", "ray"]:
+    if recipe.devices.launcher == "ray":
+        return "ray"
     return "torchrun" if recipe.devices.nproc_per_node * recipe.devices.nnodes > 1 else "in-process"
 
 

@@ -87,6 +87,8 @@ def train(
         wrap_fsdp=gates.wrap_fsdp,
         from_meta=gates.fsdp_from_meta,
     )
+    if recipe.data.ledger:
+        parts.data_ledger = run_plan.layout.data_ledger(ctx.rank)
     state = TrainState()
     if not start.fresh:
         restored = restore_run_checkpoint(

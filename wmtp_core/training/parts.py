@@ -3,10 +3,12 @@ the TrainState that says where training stands, and the resumable stream of batc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch.utils.data import DataLoader
@@ -63,6 +65,8 @@ class RunParts:
     export: Callable[[Path, dict[str, torch.Tensor]], None] | None = None
     """Writes a transformers-loadable copy of the trunk into a checkpoint directory being built, from the full model
     state (hf models; wmtp_core.models.hf.export_pretrained)."""
+    data_ledger: Path | None = None
+    """data.ledger: the file this rank appends {"epoch", "position", "ids"} to for every micro-batch it takes."""
 
     def pieces(self) -> RunPieces:
         """What a checkpoint of this run saves."""
@@ -158,15 +162,29 @@ def batch_stream(parts: RunParts, state: TrainState) -> Iterator[dict[str, torch
     """
     rank, world = parts.ctx.rank, parts.ctx.world_size
     loader_iter = None
+    ledger = _open_ledger(parts.data_ledger)
     try:
         while True:
             batches = parts.epoch_batches(state.epoch)
             rounds = (len(batches) - state.batch_in_epoch) // world  # a round gives every rank one batch
             mine = batches[state.batch_in_epoch + rank :: world][:rounds]
             loader_iter = iter(parts.loader(mine))
-            for batch in loader_iter:
+            for ids, batch in zip(mine, loader_iter):
+                if ledger is not None:
+                    entry = {"epoch": state.epoch, "position": state.batch_in_epoch + rank, "ids": ids}
+                    ledger.write(json.dumps(entry) + "\n")
+                    ledger.flush()
                 state.batch_in_epoch += world
                 yield batch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     finally:
         del loader_iter  # drops the iterator so its worker processes shut down now, not at interpreter exit
+        if ledger is not None:
+            ledger.close()
+
+
+def _open_ledger(path: Path | None) -> TextIO | None:
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a")

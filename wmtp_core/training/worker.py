@@ -24,6 +24,18 @@ from pathlib import Path
 
 METRICS_PREFIX = "WMTP_METRICS "
 EXIT_FAILED, EXIT_TERMINATED = 1, 143
+INPUT_ERROR_TYPES = frozenset(
+    {
+        "ValueError",
+        "RecipeError",
+        "DataError",
+        "CheckpointError",
+        "CheckpointSaveError",
+        "FileNotFoundError",
+        "ClusterError",
+    }
+)
+"""Outcomes' error types that say the input is wrong: a launcher does not run the job again for them."""
 
 
 def main(argv: list[str] | None = None) -> int:

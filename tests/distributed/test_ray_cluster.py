@@ -1,0 +1,230 @@
+"""Training on a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster, every address 127.0.0.1): two
+workers on two nodes end with torchrun's weights, a lost node costs nothing past the last checkpoint, a SIGTERM to the
+workers saves at one step, and a run resumed at another size sees every sample exactly once.
+
+Each Ray job is its driver as the training task runs it (a bounded subprocess); a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from support.checkpoints import copy_run_up_to, full_model_state
+from support.ray_cluster import plan_ray_job, rank_logs, run_ray_job, start_cluster
+from support.recipes import TINY_OVERRIDES
+from support.torchrun import torchrun_worker
+
+from wmtp_core.data.sequences import epoch_batches
+from wmtp_core.layout import RunLayout
+from wmtp_core.recipes import load_recipe
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+LONG = ["train.max_steps=60", "train.save_every=6", "train.keep_last=20", "train.eval_every=1000"]
+"""Long enough that a node can be removed while it trains (a tiny step takes tens of ms)."""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = start_cluster(worker_nodes=2)
+    yield cluster
+    cluster.shutdown()
+
+
+def recipe_on(cluster, *extra: str):
+    return load_recipe(
+        None,
+        [
+            *TINY_OVERRIDES,
+            "devices.strategy=ddp",
+            "devices.timeout_s=60",
+            "tracking.enabled=false",
+            "devices.launcher=ray",
+            f"ray.address={cluster.address}",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def torchrun_weights(tmp_path_factory):
+    """The LONG run under torchrun with 2 processes, uninterrupted: its final weights."""
+    run_dir = tmp_path_factory.mktemp("torchrun")
+    recipe = load_recipe(
+        None, [*TINY_OVERRIDES, *LONG, "devices.strategy=ddp", "devices.nproc_per_node=2", "tracking.enabled=false"]
+    )
+    _, outcome = torchrun_worker(recipe, run_dir, timeout=300)
+    return full_model_state(Path(outcome["result"]["latest_checkpoint"]))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_two_workers_on_two_nodes_end_with_the_torchrun_weights(cluster, tmp_path, torchrun_weights):
+    assert {node.node_ip_address for node in cluster.list_all_nodes()} == {"127.0.0.1"}
+    outcome, _ = run_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path)
+    assert outcome["ok"], outcome
+    assert_same_weights(full_model_state(Path(outcome["result"]["latest_checkpoint"])), torchrun_weights)
+    headers = [log.read_text().splitlines()[0] for log in rank_logs(tmp_path)]
+    assert len({header.split(" on Ray node ")[1].split()[0] for header in headers}) == 2, headers  # one per node
+
+
+def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkpoint(
+    cluster, tmp_path, torchrun_weights
+):
+    driver = subprocess.Popen(
+        plan_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
+        rank_1 = next(log for log in rank_logs(tmp_path) if log.name == "rank_1.log")
+        node_id = rank_1.read_text().split(" on Ray node ")[1].split()[0]
+        lost = next(node for node in cluster.list_all_nodes() if node.node_id == node_id)
+        cluster.remove_node(lost)  # its raylet and every process on it die at once
+        cluster.add_node(num_cpus=1)  # the replacement the restarted worker group lands on
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    outcome = json.loads((tmp_path / "ray_result.json").read_text())
+    assert outcome["ok"], outcome
+    assert outcome["result"]["resumed_from_step"] >= 6  # the restart resumed, not started over
+    assert {log.parent.name for log in rank_logs(tmp_path)} >= {"attempt_1", "attempt_2"}
+    assert_same_weights(full_model_state(Path(outcome["result"]["latest_checkpoint"])), torchrun_weights)
+
+
+def test_sigterm_to_the_workers_saves_at_one_step_and_stops(cluster, tmp_path):
+    driver = subprocess.Popen(
+        plan_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
+        for pid in training_processes(tmp_path):
+            os.kill(pid, signal.SIGTERM)  # what a preempted node's processes get
+        output, _ = driver.communicate(timeout=240)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    outcome = json.loads((tmp_path / "ray_result.json").read_text())
+    assert outcome["error_type"] == "TrainingInterrupted", outcome
+    saved = sorted(RunLayout(tmp_path).checkpoints.glob("step_*"))[-1]
+    assert 6 < int(saved.name.split("_")[1]) < 60  # the stop checkpoint, past the last interval save
+    assert {log.parent.name for log in rank_logs(tmp_path)} == {"attempt_1"}  # a stop is not a failure to restart
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "layout"),
+    [(2, 1, ["devices.strategy=ddp"]), (1, 2, ["devices.strategy=fsdp", "checkpoint.format=sharded"])],
+    ids=["full-2-to-1", "sharded-1-to-2"],
+)
+def test_a_resume_at_another_size_trains_on_every_sample_once_on_the_same_losses(
+    cluster, tmp_path, before, after, layout
+):
+    common = ["train.max_steps=6", "train.save_every=3", "train.eval_every=1000", "data.ledger=true", *layout]
+
+    def size(workers: int) -> list[str]:  # the same global batch on any size: 2 micro-batches per step
+        return [f"ray.workers={workers}", f"train.grad_accumulation_steps={2 // workers}"]
+
+    straight, straight_reports = run_ray_job(recipe_on(cluster, *common, *size(before)), tmp_path / "straight")
+    assert straight["ok"], straight
+    interrupted = tmp_path / "resumed"  # the straight run as if it had stopped after its step-3 checkpoint
+    copy_run_up_to(tmp_path / "straight", interrupted, step=3)
+    trained_before = [entry for entry in ledger_entries(tmp_path / "straight") if entry["position"] < 3 * 2]
+    resumed, reports = run_ray_job(
+        recipe_on(cluster, *common, *size(after)), interrupted, resume=interrupted / "checkpoints" / "step_00000003"
+    )
+    assert resumed["ok"] and resumed["result"]["resumed_from_step"] == 3, resumed
+
+    taken = trained_before + ledger_entries(interrupted)
+    positions = sorted((entry["epoch"], entry["position"]) for entry in taken)
+    assert positions == sorted(set(positions)), "a micro-batch was trained on twice"
+    assert positions == [(0, position) for position in range(6 * 2)], "micro-batches were skipped"
+    order = data_order(interrupted, epoch=0)
+    assert all(entry["ids"] == order[entry["position"]] for entry in taken)
+    assert losses_of(reports) == pytest.approx({s: losses_of(straight_reports)[s] for s in (4, 5, 6)}, rel=1e-5)
+
+
+def ledger_entries(run_dir: Path) -> list[dict]:
+    """Every micro-batch the run's ranks trained on (data.ledger), from every rank's ledger."""
+    ledgers = (run_dir / "data_ledger").glob("rank*.jsonl")
+    return [json.loads(line) for ledger in ledgers for line in ledger.read_text().splitlines()]
+
+
+def losses_of(reports: list[dict]) -> dict[int, float]:
+    return {report["step"]: report["metrics"]["loss"] for report in reports if "loss" in report["metrics"]}
+
+
+def data_order(run_dir: Path, *, epoch: int) -> list[list[int]]:
+    """The sample ids of every micro-batch of the run's epoch, as the data order defines them."""
+    from wmtp_core.data.records import load_records, split_records
+    from wmtp_core.run.plan import read_plan
+
+    recipe = read_plan(run_dir).recipe
+    records = load_records(read_plan(run_dir).data_file)
+    train, _ = split_records(records, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
+    return epoch_batches(len(train), batch_size=recipe.data.batch_size, seed=recipe.seed, epoch=epoch)
+
+
+def training_processes(run_dir: Path) -> list[int]:
+    """The pids of the run's training processes (each Ray worker's child running wmtp_core.training.worker)."""
+    plan = str(RunLayout(run_dir).plan)
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"wmtp_core.training.worker" in argv and plan.encode() in argv:
+            pids.append(int(cmdline.parent.name))
+    assert pids, "no training process found"
+    return pids
+
+
+def wait_for(condition, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_more_workers_than_the_cluster_holds_fail_in_seconds_saying_so(cluster, tmp_path):
+    started = time.monotonic()
+    out = subprocess.run(
+        plan_ray_job(recipe_on(cluster, "ray.workers=3"), tmp_path), capture_output=True, text=True, timeout=120
+    )
+    outcome = json.loads((tmp_path / "ray_result.json").read_text())
+    assert out.returncode == 1 and outcome["error_type"] == "ClusterError"
+    assert "ray.workers=3" in outcome["message"] and "room for 2" in outcome["message"]
+    assert time.monotonic() - started < 60
+    assert not RunLayout(tmp_path).checkpoints.exists()
+
+
+def test_a_node_that_does_not_see_the_run_directory_is_named(cluster, tmp_path):
+    import ray
+
+    from wmtp_core.runtime.ray_cluster import ClusterError, check_every_node_sees, write_visibility_marker
+
+    write_visibility_marker(tmp_path / "job")
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        with pytest.raises(ClusterError, match="not visible from Ray node") as refused:
+            check_every_node_sees(tmp_path, tmp_path / "job", token="another file system's token")
+        assert str(tmp_path) in str(refused.value) and "127.0.0.1" in str(refused.value)
+        check_every_node_sees(tmp_path, tmp_path / "job", token=(tmp_path / "job" / "driver.token").read_text())
+    finally:
+        ray.shutdown()

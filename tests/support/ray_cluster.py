@@ -1,0 +1,51 @@
+"""A real two-node Ray cluster on this machine, every address on loopback, and Ray jobs run on it as the training task
+runs them (the driver, wmtp_core.launch.ray_job, as a bounded subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from wmtp_core.launch.torchrun import worker_command
+from wmtp_core.run.plan import plan_run, write_plan
+from wmtp_core.training.worker import METRICS_PREFIX
+
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Makes Ray advertise 127.0.0.1 for every node (without it, Ray advertises the machine's interface address)."""
+
+
+def start_cluster(worker_nodes: int = 2):
+    """A head node with no CPUs (it holds Ray's own actors, never a training worker) and worker_nodes nodes of one CPU
+    each, so two training workers land on two nodes."""
+    os.environ.update(LOOPBACK_ONLY)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(worker_nodes):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def plan_ray_job(recipe, run_dir: Path, *, resume: str | Path | None = None) -> list[str]:
+    """Plan recipe's run in run_dir and return the driver's command line (the one the training task runs)."""
+    planned = plan_run(recipe, resume=resume, directory=run_dir)
+    return worker_command(planned.plan, write_plan(planned), result_file=planned.plan.layout.ray_result)
+
+
+def run_ray_job(recipe, run_dir: Path, *, resume=None, timeout: int = 300) -> tuple[dict, list[dict]]:
+    """Run recipe's Ray job to its end; return its outcome and rank 0's metric reports, asserting the driver ended."""
+    out = subprocess.run(plan_ray_job(recipe, run_dir, resume=resume), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads((run_dir / "ray_result.json").read_text()), metric_reports(out.stdout)
+
+
+def metric_reports(stdout: str) -> list[dict]:
+    return [json.loads(line[len(METRICS_PREFIX) :]) for line in stdout.splitlines() if line.startswith(METRICS_PREFIX)]
+
+
+def rank_logs(run_dir: Path) -> list[Path]:
+    """Every rank's log of every job and attempt, oldest job first."""
+    return sorted((run_dir / "logs" / "ray").glob("*/attempt_*/rank_*.log"))
