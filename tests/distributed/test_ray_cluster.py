@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.checkpoints import copy_run_up_to, full_model_state
-from support.ray_cluster import plan_ray_job, rank_logs, run_ray_job, start_cluster
+from support.ray_cluster import lose_the_node_of, plan_ray_job, rank_logs, run_ray_job, wait_for
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
 
@@ -30,11 +30,9 @@ LONG = ["train.max_steps=60", "train.save_every=6", "train.keep_last=20", "train
 """Long enough that a node can be removed while it trains (a tiny step takes tens of ms)."""
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(worker_nodes=2)
-    yield cluster
-    cluster.shutdown()
+@pytest.fixture
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 def recipe_on(cluster, *extra: str):
@@ -89,11 +87,7 @@ def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkp
     )
     try:
         wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
-        rank_1 = next(log for log in rank_logs(tmp_path) if log.name == "rank_1.log")
-        node_id = rank_1.read_text().split(" on Ray node ")[1].split()[0]
-        lost = next(node for node in cluster.list_all_nodes() if node.node_id == node_id)
-        cluster.remove_node(lost)  # its raylet and every process on it die at once
-        cluster.add_node(num_cpus=1)  # the replacement the restarted worker group lands on
+        lose_the_node_of(cluster, tmp_path, rank=1)
         output, _ = driver.communicate(timeout=300)
     finally:
         driver.kill()
@@ -193,13 +187,6 @@ def training_processes(run_dir: Path) -> list[int]:
             pids.append(int(cmdline.parent.name))
     assert pids, "no training process found"
     return pids
-
-
-def wait_for(condition, *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_more_workers_than_the_cluster_holds_fail_in_seconds_saying_so(cluster, tmp_path):

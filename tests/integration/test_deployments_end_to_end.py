@@ -11,6 +11,7 @@ import time
 import pytest
 from support import ROOT
 from support.cli import WMTP, wmtp_environment
+from support.prefect import deployment_named, finished_run
 
 from benchmarks.servers import PrefectServer, stop_process_group
 
@@ -56,29 +57,6 @@ def client(prefect_server):
         yield client
 
 
-def _deployment(client, name: str, timeout_s: float = 120):
-    from prefect.exceptions import ObjectNotFound
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-def _finished(client, flow_run_id, timeout_s: float = 150):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return run
-        time.sleep(1)
-    raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout_s} s (state {run.state_name})")
-
-
 def _artifacts(client, flow_run_id) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -112,8 +90,10 @@ def _log_line_where(client, flow_run_id, wanted, timeout_s: float = 30) -> tuple
 def test_served_training_and_scheduled_resume_through_a_real_prefect_server(served_home, client, tiny_recipe):
     recipe = tiny_recipe.model_copy(update={"run": tiny_recipe.run.model_copy(update={"name": RUN})})
     parameters = {"recipe": recipe.model_dump(mode="json"), "phases": {"checkpoint": True, "mps": False, "api": True}}
-    train = client.create_flow_run_from_deployment(_deployment(client, "wmtp-train/manual").id, parameters=parameters)
-    trained = _finished(client, train.id)
+    train = client.create_flow_run_from_deployment(
+        deployment_named(client, "wmtp-train/manual").id, parameters=parameters
+    )
+    trained = finished_run(client, train.id)
     assert trained.state.is_completed(), trained.state.message
     assert trained.parameters == parameters
 
@@ -139,7 +119,7 @@ def test_served_training_and_scheduled_resume_through_a_real_prefect_server(serv
         lambda line: line[:2] == ("wmtp_core.training.loop", 20) and line[2].startswith("step 4/4 loss"),
     )
 
-    resume = _deployment(client, "wmtp-resume/scheduled")
+    resume = deployment_named(client, "wmtp-resume/scheduled")
     [schedule] = resume.schedules
     assert (schedule.schedule.cron, schedule.active, schedule.parameters) == ("0 */6 * * *", True, {"run_name": RUN})
     assert resume.global_concurrency_limit.limit == 1
@@ -147,7 +127,7 @@ def test_served_training_and_scheduled_resume_through_a_real_prefect_server(serv
 
     more = {"run_name": RUN, "target_steps": 6}
     runs = [client.create_flow_run_from_deployment(resume.id, parameters=more) for _ in range(2)]
-    finished = sorted((_finished(client, run.id) for run in runs), key=lambda run: run.state_name)
+    finished = sorted((finished_run(client, run.id) for run in runs), key=lambda run: run.state_name)
     assert [run.state_name for run in finished] == ["Cancelled", "Completed"]  # the second while the first was active
     assert "concurrency limit" in finished[0].state.message
     summary = json.loads((served_home / "runs" / RUN / "summary.json").read_text())

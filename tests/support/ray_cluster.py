@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from wmtp_core.launch.torchrun import worker_command
@@ -49,3 +50,19 @@ def metric_reports(stdout: str) -> list[dict]:
 def rank_logs(run_dir: Path) -> list[Path]:
     """Every rank's log of every job and attempt, oldest job first."""
     return sorted((run_dir / "logs" / "ray").glob("*/attempt_*/rank_*.log"))
+
+
+def lose_the_node_of(cluster, run_dir: Path, *, rank: int) -> None:
+    """Remove the node that runs rank's worker (its raylet and every process on it die at once, as when a machine is
+    lost), then add a replacement of one CPU for the restarted worker group."""
+    log = next(log for log in rank_logs(run_dir) if log.name == f"rank_{rank}.log")
+    node_id = log.read_text().split(" on Ray node ")[1].split()[0]
+    cluster.remove_node(next(node for node in cluster.list_all_nodes() if node.node_id == node_id))
+    cluster.add_node(num_cpus=1)
+
+
+def wait_for(condition, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -1,0 +1,80 @@
+"""The Prefect path onto a Ray cluster: `wmtp train --set devices.launcher=ray` with RAY_ADDRESS, where the training
+task's Prefect retry resumes a job that lost a node past ray.max_failures, and the `wmtp-train/manual` deployment
+run from the UI form's parameters (the recipe naming the cluster)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+from support import ROOT
+from support.cli import WMTP, wmtp_environment
+from support.prefect import deployment_named, finished_run
+from support.ray_cluster import lose_the_node_of, rank_logs, wait_for
+from support.recipes import TINY_OVERRIDES
+
+from benchmarks.servers import stop_process_group
+from wmtp_core.layout import RunLayout
+from wmtp_core.recipes import load_recipe
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ON_RAY = ["devices.launcher=ray", "devices.strategy=ddp", "ray.workers=2", "devices.timeout_s=60"]
+
+
+def test_a_prefect_retry_resumes_a_ray_job_that_lost_a_node_past_its_allowed_failures(
+    ray_cluster, tmp_path, prefect_api_url
+):
+    home = tmp_path / "home"
+    env = wmtp_environment(home, api_url=prefect_api_url) | {"RAY_ADDRESS": ray_cluster.address}
+    steps = ["train.max_steps=60", "train.save_every=6", "train.eval_every=1000", "ray.max_failures=0"]
+    settings = [arg for key in [*TINY_OVERRIDES, *ON_RAY, *steps, "run.name=lost"] for arg in ("--set", key)]
+    train = subprocess.Popen(
+        [WMTP, "train", *settings, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        run_dir = home / "runs" / "lost"
+        wait_for(lambda: RunLayout(run_dir).checkpoint(6).is_dir(), timeout=300)
+        lose_the_node_of(ray_cluster, run_dir, rank=1)
+        stdout, stderr = train.communicate(timeout=400)
+    finally:
+        train.kill()
+    assert train.returncode == 0, stderr[-4000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert (summary["status"], summary["steps"]) == ("completed", 60)
+    assert summary["resumed_from_step"] >= 6  # the retry resumed from the newest checkpoint, not from step 0
+    jobs = {log.parent.parent.name for log in rank_logs(run_dir)}
+    assert len(jobs) == 2, jobs  # two Ray jobs: the first failed (no restart allowed), the task's retry ran the second
+
+
+def test_the_train_deployment_runs_on_the_ray_cluster_from_the_ui_forms_parameters(
+    ray_cluster, tmp_path, prefect_api_url
+):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path / "home"
+    env = wmtp_environment(home, api_url=prefect_api_url) | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serving = subprocess.Popen(
+        [WMTP, "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=(tmp_path / "serve.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    recipe = load_recipe(None, [*TINY_OVERRIDES, *ON_RAY, f"ray.address={ray_cluster.address}", "run.name=served"])
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as client:
+            deployment = deployment_named(client, "wmtp-train/manual")
+            run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={"recipe": recipe.model_dump(mode="json")}
+            )
+            finished = finished_run(client, run.id, timeout_s=300)
+    finally:
+        stop_process_group(serving, signal.SIGTERM, grace_s=10)
+    assert finished.state.is_completed(), finished.state.message
+    headers = [log.read_text().splitlines()[0] for log in rank_logs(home / "runs" / "served")]
+    assert len(headers) == 2 and len({header.split(" on Ray node ")[1].split()[0] for header in headers}) == 2
+    assert RunLayout(home / "runs" / "served").checkpoint(4).is_dir()
