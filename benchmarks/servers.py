@@ -1,5 +1,6 @@
-"""Real servers (`mlflow server`, `prefect server start`) on a free loopback port, stopped by their owner; used by
-benchmarks/tracking_overhead.py and the tests that talk to a real server."""
+"""Real servers (`mlflow server`, `prefect server start`) on a free loopback port, stopped by their owner, and a real
+Ray cluster on this machine; used by benchmarks (tracking_overhead.py, ray_launcher.py) and the tests that talk to a
+real server or cluster."""
 
 from __future__ import annotations
 
@@ -121,3 +122,21 @@ def wait_for_http(url: str, process: subprocess.Popen, *, timeout_s: float, log:
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"nothing answered on {url} within {timeout_s} s; see {log}")
+
+
+RAY_LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Makes Ray advertise 127.0.0.1 for every node (without it, Ray advertises the machine's interface address)."""
+
+
+def start_ray_cluster(worker_nodes: int = 2):
+    """A Ray cluster on this machine (ray.cluster_utils.Cluster), every address 127.0.0.1: a head with no CPUs (it
+    holds Ray's own actors, never a training worker) and worker_nodes nodes of one CPU each, so two training workers
+    land on two nodes. The caller shuts it down."""
+    os.environ.update(RAY_LOOPBACK_ONLY)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(worker_nodes):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return cluster

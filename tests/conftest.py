@@ -58,9 +58,9 @@ def prefect_api_url() -> str:
 def ray_cluster():
     """A real Ray cluster on this machine, every address 127.0.0.1: a head with no CPUs and two one-CPU worker nodes
     (a test that removes a node adds a replacement). Started once, on first use (about 10-20 s)."""
-    from support.ray_cluster import start_cluster
+    from benchmarks.servers import start_ray_cluster
 
-    cluster = start_cluster(worker_nodes=2)
+    cluster = start_ray_cluster(worker_nodes=2)
     yield cluster
     cluster.shutdown()
 

@@ -99,7 +99,10 @@ def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkp
     assert_same_weights(full_model_state(Path(outcome["result"]["latest_checkpoint"])), torchrun_weights)
 
 
-def test_sigterm_to_the_workers_saves_at_one_step_and_stops(cluster, tmp_path):
+@pytest.mark.parametrize("receiver", ["ranks", "driver"])
+def test_sigterm_saves_at_one_step_and_stops_without_a_restart(cluster, tmp_path, receiver):
+    """ranks: what a preempted node's processes get; driver: a Prefect cancellation or a Slurm allocation's end,
+    passed on to every rank through the job directory."""
     driver = subprocess.Popen(
         plan_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path),
         stdout=subprocess.PIPE,
@@ -108,8 +111,8 @@ def test_sigterm_to_the_workers_saves_at_one_step_and_stops(cluster, tmp_path):
     )
     try:
         wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
-        for pid in training_processes(tmp_path):
-            os.kill(pid, signal.SIGTERM)  # what a preempted node's processes get
+        for pid in training_processes(tmp_path) if receiver == "ranks" else [driver.pid]:
+            os.kill(pid, signal.SIGTERM)
         output, _ = driver.communicate(timeout=240)
     finally:
         driver.kill()

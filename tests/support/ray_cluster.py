@@ -4,7 +4,6 @@ runs them (the driver, wmtp_core.launch.ray_job, as a bounded subprocess)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,22 +11,6 @@ from pathlib import Path
 from wmtp_core.launch.torchrun import worker_command
 from wmtp_core.run.plan import plan_run, write_plan
 from wmtp_core.training.worker import METRICS_PREFIX
-
-LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-"""Makes Ray advertise 127.0.0.1 for every node (without it, Ray advertises the machine's interface address)."""
-
-
-def start_cluster(worker_nodes: int = 2):
-    """A head node with no CPUs (it holds Ray's own actors, never a training worker) and worker_nodes nodes of one CPU
-    each, so two training workers land on two nodes."""
-    os.environ.update(LOOPBACK_ONLY)
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    for _ in range(worker_nodes):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    return cluster
 
 
 def plan_ray_job(recipe, run_dir: Path, *, resume: str | Path | None = None) -> list[str]:
