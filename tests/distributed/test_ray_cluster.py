@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,15 @@ from support.checkpoints import copy_run_up_to, full_model_state
 from support.ray_cluster import lose_the_node_of, plan_ray_job, rank_logs, run_ray_job, wait_for
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
+from support.training import plan_and_train
 
 from wmtp_core.data.sequences import epoch_batches
+from wmtp_core.launch.torchrun import worker_command
 from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
+from wmtp_core.run.plan import plan_run, write_plan
+from wmtp_core.runtime.devices import probe_environment
+from wmtp_core.runtime.ray_cluster import ClusterError
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 LONG = ["train.max_steps=60", "train.save_every=6", "train.keep_last=20", "train.eval_every=1000"]
@@ -132,20 +138,15 @@ def test_sigterm_saves_at_one_step_and_stops_without_a_restart(cluster, tmp_path
 def test_a_resume_at_another_size_trains_on_every_sample_once_on_the_same_losses(
     cluster, tmp_path, before, after, layout
 ):
+    """2 Ray workers and 1 process (in this one: a 1-worker Ray job runs the same single rank, slower), each
+    micro-batch's sample ids counted from the data ledger."""
     common = ["train.max_steps=6", "train.save_every=3", "train.eval_every=1000", "data.ledger=true", *layout]
-
-    def size(workers: int) -> list[str]:  # the same global batch on any size: 2 micro-batches per step
-        return [f"ray.workers={workers}", f"train.grad_accumulation_steps={2 // workers}"]
-
-    straight, straight_reports = run_ray_job(recipe_on(cluster, *common, *size(before)), tmp_path / "straight")
-    assert straight["ok"], straight
+    straight, straight_reports = train_on(before, cluster, tmp_path / "straight", common)
     interrupted = tmp_path / "resumed"  # the straight run as if it had stopped after its step-3 checkpoint
     copy_run_up_to(tmp_path / "straight", interrupted, step=3)
     trained_before = [entry for entry in ledger_entries(tmp_path / "straight") if entry["position"] < 3 * 2]
-    resumed, reports = run_ray_job(
-        recipe_on(cluster, *common, *size(after)), interrupted, resume=interrupted / "checkpoints" / "step_00000003"
-    )
-    assert resumed["ok"] and resumed["result"]["resumed_from_step"] == 3, resumed
+    resumed, reports = train_on(after, cluster, interrupted, common, resume=interrupted / "checkpoints/step_00000003")
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6, resumed
 
     taken = trained_before + ledger_entries(interrupted)
     positions = sorted((entry["epoch"], entry["position"]) for entry in taken)
@@ -154,6 +155,24 @@ def test_a_resume_at_another_size_trains_on_every_sample_once_on_the_same_losses
     order = data_order(interrupted, epoch=0)
     assert all(entry["ids"] == order[entry["position"]] for entry in taken)
     assert losses_of(reports) == pytest.approx({s: losses_of(straight_reports)[s] for s in (4, 5, 6)}, rel=1e-5)
+
+
+def train_on(workers: int, cluster, run_dir: Path, overrides: list[str], *, resume=None) -> tuple[dict, list[dict]]:
+    """Train with workers Ray workers, or in this process for 1, at the same global batch (2 micro-batches a step);
+    return the TrainResult as a dict and rank 0's metric reports."""
+    sized = [*overrides, f"train.grad_accumulation_steps={2 // workers}"]
+    if workers > 1:
+        outcome, reports = run_ray_job(recipe_on(cluster, *sized, f"ray.workers={workers}"), run_dir, resume=resume)
+        assert outcome["ok"], outcome
+        return outcome["result"], reports
+    reports = []
+    result = plan_and_train(
+        load_recipe(None, [*TINY_OVERRIDES, *sized, "tracking.enabled=false"]),
+        run_dir,
+        resume_from=resume,
+        on_metrics=lambda step, metrics: reports.append({"step": step, "metrics": metrics}),
+    )
+    return asdict(result), reports
 
 
 def ledger_entries(run_dir: Path) -> list[dict]:
@@ -192,13 +211,23 @@ def training_processes(run_dir: Path) -> list[int]:
     return pids
 
 
-def test_more_workers_than_the_cluster_holds_fail_in_seconds_saying_so(cluster, tmp_path):
+def test_more_workers_than_the_cluster_holds_are_refused_in_seconds_with_nothing_written(cluster, tmp_path):
     started = time.monotonic()
-    out = subprocess.run(
-        plan_ray_job(recipe_on(cluster, "ray.workers=3"), tmp_path), capture_output=True, text=True, timeout=120
-    )
+    with pytest.raises(ClusterError, match=r"ray.workers=3 .* 127.0.0.1: 1 CPU.*room for 2"):
+        plan_ray_job(recipe_on(cluster, "ray.workers=3"), tmp_path / "run")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_job_whose_cluster_shrank_after_planning_fails_in_seconds_saying_so(cluster, tmp_path):
+    """The driver checks again: a plan made for a bigger cluster (here, planned with this machine's probe), or a
+    retry after a node was lost for good, ends at once instead of waiting for resources that never come."""
+    planned = plan_run(recipe_on(cluster, "ray.workers=3"), directory=tmp_path, probe=probe_environment())
+    command = worker_command(planned.plan, write_plan(planned), result_file=planned.plan.layout.ray_result)
+    started = time.monotonic()
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     outcome = json.loads((tmp_path / "ray_result.json").read_text())
-    assert out.returncode == 1 and outcome["error_type"] == "ClusterError"
+    assert out.returncode == 1 and outcome["error_type"] == "ClusterError", out.stdout[-2000:]
     assert "ray.workers=3" in outcome["message"] and "room for 2" in outcome["message"]
     assert time.monotonic() - started < 60
     assert not RunLayout(tmp_path).checkpoints.exists()
@@ -207,7 +236,7 @@ def test_more_workers_than_the_cluster_holds_fail_in_seconds_saying_so(cluster, 
 def test_a_node_that_does_not_see_the_run_directory_is_named(cluster, tmp_path):
     import ray
 
-    from wmtp_core.runtime.ray_cluster import ClusterError, check_every_node_sees, write_visibility_marker
+    from wmtp_core.runtime.ray_cluster import check_every_node_sees, write_visibility_marker
 
     write_visibility_marker(tmp_path / "job")
     ray.init(address=cluster.address, log_to_driver=False)

@@ -23,7 +23,6 @@ from wmtp_core.layout import RunLayout, run_dir
 from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.run.start import At, StartPoint, choose_checkpoint
 from wmtp_core.runtime.device_plan import DevicePlan, EnvironmentProbe
-from wmtp_core.runtime.ray_cluster import check_reachable, cluster_address
 
 
 class RunPlan(BaseModel):
@@ -85,17 +84,16 @@ def plan_run(
     """Decide everything about a flow run of recipe; nothing is written (write_plan does that).
 
     resume: None for a new run, else where it continues (wmtp_core.run.start.choose_checkpoint's rules).
-    directory: the run directory; default $WMTP_HOME/runs/<run.name>. probe: the machine (default: probe this one).
-    Raises RecipeError/ValueError (ClusterError: an unreachable Ray address), DataError, CheckpointError,
+    directory: the run directory; default $WMTP_HOME/runs/<run.name>. probe: the machine (default: probe this one,
+    or for devices.launcher=ray one of the cluster's, after checking the cluster can hold the workers).
+    Raises RecipeError/ValueError (ClusterError: a Ray cluster unreachable or too small), DataError, CheckpointError,
     FileNotFoundError or FileExistsError, each saying what to change, before anything is written.
     """
     recipe = with_run_name(recipe, recipe.run.name or generate_run_name(recipe))
     layout = RunLayout(directory or run_dir(recipe.run.name))
     start = choose_checkpoint(layout, resume, continuing=True)
     data_text = _checked_data(recipe)
-    if recipe.devices.launcher == "ray" and (address := cluster_address(recipe.ray)) is not None:
-        check_reachable(address)  # in seconds, naming it (Ray's own connect retries for a minute)
-    probe = probe or _probe_this_machine()
+    probe = probe or _probe_where_it_trains(recipe)
     recipe, gates, devices = plan_devices(recipe, probe)
     plan = RunPlan(
         recipe=recipe,
@@ -198,7 +196,12 @@ def _launcher(recipe: Recipe) -> Literal["in-process", "torchrun", "ray"]:
     return "torchrun" if recipe.devices.nproc_per_node * recipe.devices.nnodes > 1 else "in-process"
 
 
-def _probe_this_machine() -> EnvironmentProbe:
+def _probe_where_it_trains(recipe: Recipe) -> EnvironmentProbe:
+    """This machine, or for a Ray run a machine of the cluster's workers, its capacity checked first."""
+    if recipe.devices.launcher == "ray":
+        from wmtp_core.runtime.ray_cluster import cluster_address, survey_cluster
+
+        return survey_cluster(recipe.ray, cluster_address(recipe.ray))
     from wmtp_core.runtime.devices import probe_environment  # torch loads here
 
     return probe_environment()

@@ -5,12 +5,14 @@ before anything trains (Ray itself would retry a dead address for a minute and w
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from pathlib import Path
 
 from wmtp_core.config import RayConfig
+from wmtp_core.runtime.device_plan import EnvironmentProbe
 
 REACH_TIMEOUT_S = 5.0
 
@@ -64,6 +66,51 @@ def _workers_fitting(resources: dict, settings: RayConfig) -> int:
 def _resources_text(node: dict) -> str:
     resources = node["Resources"]
     return f"{node['NodeManagerAddress']}: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
+
+
+PROBE_TIMEOUT_S = 120.0
+
+
+def survey_cluster(settings: RayConfig, address: str | None) -> EnvironmentProbe:
+    """What the run's workers will train on, checked before anything is written: with an address, the cluster must
+    answer (check_reachable) and hold the workers (check_capacity); without one (a Ray instance started here for
+    the run), this machine must. The probe is of a worker's machine: with ray.gpus_per_worker, a task with one
+    worker's resources probes a node that has them (the planning machine, a Kubernetes head or a login node, often
+    has no GPU); without, Ray hides every GPU from the workers, so the workers train on CPU."""
+    from wmtp_core.runtime.devices import probe_environment
+
+    if address is None:
+        here = probe_environment()
+        gpus = here.cuda_device_count
+        check_capacity(settings, [_node("this machine", cpus=here.cpu_count, gpus=gpus)])
+        return here if settings.gpus_per_worker else _without_gpus(here)
+    check_reachable(address)
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        check_capacity(settings, ray.nodes())
+        if not settings.gpus_per_worker:
+            return _without_gpus(probe_environment())
+        probe = ray.remote(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker)(probe_environment)
+        try:
+            return ray.get(probe.remote(), timeout=PROBE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(
+                f"no Ray node at {address} could start a worker of {settings.cpus_per_worker:g} CPU and "
+                f"{settings.gpus_per_worker:g} GPU within {PROBE_TIMEOUT_S:.0f} s (busy with other jobs?)"
+            ) from None
+    finally:
+        ray.shutdown()
+
+
+def _node(address: str, *, cpus: float, gpus: float) -> dict:
+    return {"NodeManagerAddress": address, "Alive": True, "Resources": {"CPU": cpus, "GPU": gpus}}
+
+
+def _without_gpus(probe: EnvironmentProbe) -> EnvironmentProbe:
+    hidden = {"cuda_available": False, "cuda_device_count": 0, "cuda_device_name": None, "cuda_bf16_supported": False}
+    return probe.model_copy(update=hidden)
 
 
 def write_visibility_marker(job_dir: Path) -> str:
