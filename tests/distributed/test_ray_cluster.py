@@ -105,10 +105,9 @@ def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkp
     assert_same_weights(full_model_state(Path(outcome["result"]["latest_checkpoint"])), torchrun_weights)
 
 
-@pytest.mark.parametrize("receiver", ["ranks", "driver"])
-def test_sigterm_saves_at_one_step_and_stops_without_a_restart(cluster, tmp_path, receiver):
-    """ranks: what a preempted node's processes get; driver: a Prefect cancellation or a Slurm allocation's end,
-    passed on to every rank through the job directory."""
+def test_sigterm_to_the_ranks_saves_at_one_step_and_stops_without_a_restart(cluster, tmp_path):
+    """What a preempted node's processes get. (A SIGTERM to the driver reaches the ranks through the job directory:
+    tests/unit/test_ray_stop.py.)"""
     driver = subprocess.Popen(
         plan_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path),
         stdout=subprocess.PIPE,
@@ -117,7 +116,7 @@ def test_sigterm_saves_at_one_step_and_stops_without_a_restart(cluster, tmp_path
     )
     try:
         wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
-        for pid in training_processes(tmp_path) if receiver == "ranks" else [driver.pid]:
+        for pid in training_processes(tmp_path):
             os.kill(pid, signal.SIGTERM)
         output, _ = driver.communicate(timeout=240)
     finally:

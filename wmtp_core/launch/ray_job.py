@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         _write_failure(args.result, error)
         print(f"error: {error}", flush=True)
         return 1
-    with _following(job_dir), _stop_signals_to(job_dir / STOP_FILE):
+    with _following(job_dir), stop_signals_to(job_dir / STOP_FILE):
         try:
             _trainer(plan, args, job_dir, token).fit()
         except Exception as error:  # Ray Train's TrainingFailedError, past ray.max_failures restarts
@@ -153,13 +153,13 @@ def _attempt_number(log: Path) -> int:
     return int(log.parent.name.removeprefix("attempt_"))
 
 
-class _stop_signals_to:
+class stop_signals_to:
     """SIGTERM and Ctrl-C write the signal's name to the stop file; every rank passes it to its training process."""
 
     def __init__(self, stop_file: Path):
         self.stop_file, self.previous = stop_file, {}
 
-    def __enter__(self) -> _stop_signals_to:
+    def __enter__(self) -> stop_signals_to:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.previous[signum] = signal.signal(signum, self._request_stop)
         return self

@@ -63,7 +63,7 @@ def run_rank(config: dict) -> None:
     rank_result_file(result_file, rank).unlink(missing_ok=True)  # an earlier attempt's outcome is not this one's
     command = [sys.executable, *worker_arguments(plan_file, result_file=result_file, manifest_extra=config["extra"])]
     node = ray.get_runtime_context().get_node_id()
-    status = _run_until_exit(
+    status = run_until_exit(
         command,
         env,
         log_file,
@@ -98,7 +98,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run_until_exit(command: list[str], env: dict, log_file: Path, *, stop_file: Path, header: str) -> int:
+def run_until_exit(command: list[str], env: dict, log_file: Path, *, stop_file: Path, header: str) -> int:
     """Run the training process with its output in log_file (after a header line saying where it runs); pass the
     driver's stop request on as a signal."""
     with log_file.open("w") as log:
