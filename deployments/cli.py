@@ -205,12 +205,12 @@ def verify(
 
 @app.command()
 def probe(recipe: Path | None = RecipeOption, overrides: list[str] = SetOption) -> None:
-    """Show what this machine offers and the device plan the recipe would get."""
-    from wmtp_core.run.plan import plan_devices
-    from wmtp_core.runtime.devices import probe_environment
+    """Show what the machine the run would train on offers (this one, or with devices.launcher=ray one of the Ray
+    cluster's workers) and the device plan the recipe would get."""
+    from wmtp_core.run.plan import plan_devices, probe_where_it_trains
 
     loaded = invalid_input_guard(lambda: load_recipe(recipe, overrides))
-    found = probe_environment()
+    found = invalid_input_guard(lambda: probe_where_it_trains(loaded))
     _, _, devices = invalid_input_guard(lambda: plan_devices(loaded, found))
     print(json.dumps({"environment": found.to_dict(), "device_plan": devices.model_dump()}, indent=2))
 

@@ -42,7 +42,7 @@ def wmtp_resume(
     recipe = load_recipe(layout.recipe, overrides)
     budget_s = budget_minutes * 60 if budget_minutes else None
     planning = make_run_plan(
-        recipe, resume="latest", probe=probe_environment(), time_budget_s=budget_s, return_state=True
+        recipe, resume="latest", probe=probe_environment(recipe), time_budget_s=budget_s, return_state=True
     )
     if planning.is_failed():
         return Failed(

@@ -71,7 +71,7 @@ def wmtp_train(
         recipe = recipe.model_copy(update={"phases": phases})
     if evaluate is not None:
         recipe = recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(update={"enabled": evaluate})})
-    return execute_plan(make_run_plan(recipe, resume=resume, probe=probe_environment()))
+    return execute_plan(make_run_plan(recipe, resume=resume, probe=probe_environment(recipe)))
 
 
 def execute_plan(plan_file: str) -> dict | State:

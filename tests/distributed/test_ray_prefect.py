@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,7 @@ def test_a_prefect_retry_resumes_a_ray_job_that_lost_a_node_past_its_allowed_fai
     ray_cluster, tmp_path, prefect_api_url
 ):
     home = tmp_path / "home"
-    env = wmtp_environment(home, api_url=prefect_api_url) | {"RAY_ADDRESS": ray_cluster.address}
+    env = wmtp_environment(home, api_url=prefect_api_url) | {"RAY_ADDRESS": ray_cluster.address} | RAY_LOOPBACK_ONLY
     steps = ["train.max_steps=60", "train.save_every=6", "train.eval_every=1000", "ray.max_failures=0"]
     settings = [arg for key in [*TINY_OVERRIDES, *ON_RAY, *steps, "run.name=lost"] for arg in ("--set", key)]
     train = subprocess.Popen(
@@ -62,6 +65,7 @@ def test_the_one_machine_steps_of_the_docs_run_the_train_deployment_from_the_for
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     port, home = free_port(), tmp_path / "home"
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     head = subprocess.Popen(
         [
             RAY,
@@ -72,7 +76,7 @@ def test_the_one_machine_steps_of_the_docs_run_the_train_deployment_from_the_for
             "--num-cpus=2",
             "--include-dashboard=false",
             "--node-ip-address=127.0.0.1",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={ray_temp}",
             "--disable-usage-stats",
         ],
         env=os.environ | RAY_LOOPBACK_ONLY,
@@ -80,7 +84,9 @@ def test_the_one_machine_steps_of_the_docs_run_the_train_deployment_from_the_for
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    env = wmtp_environment(home, api_url=prefect_api_url) | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    # Every Ray process on loopback, the driver too: without it Ray looks for this machine's node on its interface
+    # address, which the head on 127.0.0.1 is not.
+    env = wmtp_environment(home, api_url=prefect_api_url) | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"} | RAY_LOOPBACK_ONLY
     serving = subprocess.Popen(
         [WMTP, "serve"],
         cwd=ROOT,
@@ -91,6 +97,7 @@ def test_the_one_machine_steps_of_the_docs_run_the_train_deployment_from_the_for
     )
     recipe = load_recipe(None, [*TINY_OVERRIDES, *ON_RAY, f"ray.address=127.0.0.1:{port}", "run.name=served"])
     try:
+        wait_for(lambda: answers(port), timeout=120)
         with temporary_settings({PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as client:
             deployment = deployment_named(client, "wmtp-train/manual")
             run = client.create_flow_run_from_deployment(
@@ -100,6 +107,15 @@ def test_the_one_machine_steps_of_the_docs_run_the_train_deployment_from_the_for
     finally:
         stop_process_group(serving, signal.SIGTERM, grace_s=10)
         stop_process_group(head, signal.SIGKILL, grace_s=0)
+        shutil.rmtree(ray_temp, ignore_errors=True)
     assert finished.state.is_completed(), finished.state.message
     assert len(rank_logs(home / "runs" / "served")) == 2
     assert RunLayout(home / "runs" / "served").checkpoint(4).is_dir()
+
+
+def answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -93,7 +93,7 @@ def plan_run(
     layout = RunLayout(directory or run_dir(recipe.run.name))
     start = choose_checkpoint(layout, resume, continuing=True)
     data_text = _checked_data(recipe)
-    probe = probe or _probe_where_it_trains(recipe)
+    probe = probe or probe_where_it_trains(recipe)
     recipe, gates, devices = plan_devices(recipe, probe)
     plan = RunPlan(
         recipe=recipe,
@@ -196,8 +196,10 @@ def _launcher(recipe: Recipe) -> Literal["in-process", "torchrun", "ray"]:
     return "torchrun" if recipe.devices.nproc_per_node * recipe.devices.nnodes > 1 else "in-process"
 
 
-def _probe_where_it_trains(recipe: Recipe) -> EnvironmentProbe:
-    """This machine, or for a Ray run a machine of the cluster's workers, its capacity checked first."""
+def probe_where_it_trains(recipe: Recipe) -> EnvironmentProbe:
+    """What torch sees where recipe's run trains: this machine, or for devices.launcher=ray a machine of the
+    cluster's workers (wmtp_core.runtime.ray_cluster.survey_cluster: the cluster reached and its capacity checked
+    first; ClusterError otherwise). Loads torch."""
     if recipe.devices.launcher == "ray":
         from wmtp_core.runtime.ray_cluster import cluster_address, survey_cluster
 
