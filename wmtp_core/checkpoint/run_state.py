@@ -24,6 +24,7 @@ from wmtp_core.checkpoint.state_dicts import (
     StateDictAPI,
     gather_sharded_state,
     restore_sharded_state,
+    zero_adam_state,
 )
 from wmtp_core.checkpoint.storage import (
     STATE_FILE,
@@ -222,6 +223,7 @@ def restore_run_checkpoint(
     """
     manifest, model_state = _checked_on_rank0(pieces, path, ctx=ctx, verified=verified)
     train_state = load_train_state(path / STATE_FILE)
+    zero_adam_state(pieces.optimizer)  # before torch's state-dict API would make it by a zero-gradient step
     if manifest.get("format", "full") == "sharded":
         template = gather_sharded_state(pieces.model, pieces.optimizer)
         load_sharded(path, template)

@@ -75,6 +75,27 @@ def gather_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return {"model": model_state, "optimizer": optim_state}
 
 
+def zero_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh Adam or AdamW its per-parameter state (zeros), as its first step would, without that step.
+
+    torch's state-dict API gives an optimizer without state one by taking a step with a zero gradient for every
+    parameter: on every rank a gradient-sized shard (a third of the rank's training state) allocated just before a
+    restore overwrites the state anyway. Other optimizers are left to torch."""
+    if optimizer.state or not isinstance(optimizer, torch.optim.Adam):
+        return
+    for group in optimizer.param_groups:
+        step_dtype = (
+            torch.float64 if torch.get_default_dtype() == torch.float64 and not group["fused"] else torch.float32
+        )
+        on_device = group["capturable"] or group["fused"]
+        moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        for param in (p for p in group["params"] if p.requires_grad):
+            state = optimizer.state[param]
+            state["step"] = torch.zeros((), dtype=step_dtype, device=param.device if on_device else "cpu")
+            for name in moments:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def restore_sharded_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaded: dict[str, StateDict]
 ) -> None:
