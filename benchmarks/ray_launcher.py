@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ from wmtp_core.recipes import TINY_MODEL, load_recipe
 from wmtp_core.run.plan import plan_run, write_plan
 from wmtp_core.training.worker import METRICS_PREFIX
 
+TORCHRUN_TEE = re.compile(r"^\[default\d+\]:")  # what torchrun puts before each line it tees to the console
 MODEL = ["model.d_model=128", "model.num_layers=4", "model.num_heads=4", "model.max_seq_len=128"]
 """Bigger than the tests' tiny model, so that a step is compute, not overhead (on 2 CPU cores)."""
 
@@ -52,6 +54,7 @@ def one_job(recipe, run_dir: Path) -> dict[str, float]:
     first_step = None
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
+        line = TORCHRUN_TEE.sub("", line, count=1)
         if first_step is None and line.startswith(METRICS_PREFIX) and '"loss"' in line:
             first_step = time.monotonic() - started
     process.wait(timeout=600)
