@@ -31,7 +31,7 @@ from wmtp_core.run.plan import plan_run, write_plan
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.runtime.ray_cluster import ClusterError
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
 LONG = ["train.max_steps=60", "train.save_every=6", "train.keep_last=20", "train.eval_every=1000"]
 """Long enough that a node can be removed while it trains (a tiny step takes tens of ms)."""
 
