@@ -54,17 +54,6 @@ def prefect_api_url() -> str:
         yield PREFECT_API_URL.value()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A real Ray cluster on this machine, every address 127.0.0.1: a head with no CPUs and two one-CPU worker nodes
-    (a test that removes a node adds a replacement). Started once, on first use (about 10-20 s)."""
-    from benchmarks.servers import start_ray_cluster
-
-    cluster = start_ray_cluster(worker_nodes=2)
-    yield cluster
-    cluster.shutdown()
-
-
 @pytest.fixture
 def run_wmtp():
     """Run the real `wmtp` console script with --json and return its summary (asserting exit 0).

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.checkpoints import copy_run_up_to, full_model_state
-from support.ray_cluster import lose_the_node_of, plan_ray_job, rank_logs, run_ray_job, wait_for
+from support.ray_cluster import lose_the_node_of, plan_ray_job, rank_logs, run_ray_job, start_ray_job, wait_for
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
 from support.training import plan_and_train
@@ -31,7 +31,7 @@ from wmtp_core.run.plan import plan_run, write_plan
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.runtime.ray_cluster import ClusterError
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 LONG = ["train.max_steps=60", "train.save_every=6", "train.keep_last=20", "train.eval_every=1000"]
 """Long enough that a node can be removed while it trains (a tiny step takes tens of ms)."""
 
@@ -85,12 +85,7 @@ def test_two_workers_on_two_nodes_end_with_the_torchrun_weights(cluster, tmp_pat
 def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkpoint(
     cluster, tmp_path, torchrun_weights
 ):
-    driver = subprocess.Popen(
-        plan_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    driver = start_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path)
     try:
         wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
         lose_the_node_of(cluster, tmp_path, rank=1)
@@ -108,12 +103,7 @@ def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkp
 def test_sigterm_to_the_ranks_saves_at_one_step_and_stops_without_a_restart(cluster, tmp_path):
     """What a preempted node's processes get. (A SIGTERM to the driver reaches the ranks through the job directory:
     tests/unit/test_ray_stop.py.)"""
-    driver = subprocess.Popen(
-        plan_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    driver = start_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path)
     try:
         wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
         for pid in training_processes(tmp_path):

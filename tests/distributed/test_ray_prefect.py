@@ -25,7 +25,7 @@ from benchmarks.servers import RAY_LOOPBACK_ONLY, free_port, stop_process_group
 from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 RAY = str(Path(sys.executable).parent / "ray")
 ON_RAY = ["devices.launcher=ray", "devices.strategy=ddp", "ray.workers=2", "devices.timeout_s=60"]
 

@@ -19,6 +19,12 @@ def plan_ray_job(recipe, run_dir: Path, *, resume: str | Path | None = None) -> 
     return worker_command(planned.plan, write_plan(planned), result_file=planned.plan.layout.ray_result)
 
 
+def start_ray_job(recipe, run_dir: Path) -> subprocess.Popen:
+    """Plan recipe's run in run_dir and start its driver, its output piped (text)."""
+    command = plan_ray_job(recipe, run_dir)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def run_ray_job(recipe, run_dir: Path, *, resume=None, timeout: int = 300) -> tuple[dict, list[dict]]:
     """Run recipe's Ray job to its end; return its outcome and rank 0's metric reports, asserting the driver ended."""
     out = subprocess.run(plan_ray_job(recipe, run_dir, resume=resume), capture_output=True, text=True, timeout=timeout)

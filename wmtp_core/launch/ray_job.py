@@ -37,18 +37,20 @@ from wmtp_core.runtime.ray_cluster import (
     cluster_address,
     write_visibility_marker,
 )
+from wmtp_core.training.worker import job_arguments, parse_job_arguments
 
 FOLLOW_S = 0.2
 
 
 def ray_job_arguments(plan_file: Path, *, result_file: Path, manifest_extra: dict | None = None) -> list[str]:
     """`-m wmtp_core.launch.ray_job ...`: what follows `python` to train plan_file on Ray."""
-    arguments = ["-m", __name__, "--plan", str(plan_file), "--result", str(result_file)]
-    return arguments + ["--manifest-extra", json.dumps(manifest_extra or {})]
+    return job_arguments(__name__, plan_file, result_file=result_file, manifest_extra=manifest_extra)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse_job_arguments(
+        argv, description="Train a WMTP run plan with Ray Train workers on a Ray cluster.", result_required=True
+    )
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = read_plan(args.plan)
     job_dir = plan.layout.ray_logs / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.getpid()}"
@@ -176,14 +178,6 @@ class stop_signals_to:
 def _write_failure(result_file: Path, error: BaseException) -> None:
     message = " ".join(str(error).split())[:2000]
     result_file.write_text(json.dumps({"ok": False, "error_type": type(error).__name__, "message": message}))
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a WMTP run plan with Ray Train workers on a Ray cluster.")
-    parser.add_argument("--plan", type=Path, required=True, help="the run plan (run_dir/plan.json) to execute")
-    parser.add_argument("--result", type=Path, required=True, help="where the job's outcome is written as JSON")
-    parser.add_argument("--manifest-extra", default="{}", help="JSON object added to every checkpoint manifest")
-    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ INPUT_ERROR_TYPES = frozenset(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse_job_arguments(
+        argv, description="One WMTP training process (alone or one rank under torchrun).", result_required=False
+    )
     # Imported here, not at the top: a spawned DataLoader worker re-imports this module (its parent's __main__),
     # and these (torch.distributed.tensor, sympy, ...) would cost every such worker about 3 s of CPU at start.
     from wmtp_core.run.plan import read_plan
@@ -70,8 +72,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def worker_arguments(plan_file: Path, *, result_file: Path, manifest_extra: dict | None = None) -> list[str]:
     """`-m wmtp_core.training.worker ...`: what follows `python` (or torchrun) to train the run plan_file plans."""
-    arguments = ["-m", __name__, "--plan", str(plan_file), "--result", str(result_file)]
+    return job_arguments(__name__, plan_file, result_file=result_file, manifest_extra=manifest_extra)
+
+
+def job_arguments(module: str, plan_file: Path, *, result_file: Path, manifest_extra: dict | None) -> list[str]:
+    """`-m MODULE --plan ... --result ... --manifest-extra ...`: the command line of a process that executes a run
+    plan (this worker, or a Ray job's driver), as parse_job_arguments reads it."""
+    arguments = ["-m", module, "--plan", str(plan_file), "--result", str(result_file)]
     return arguments + ["--manifest-extra", json.dumps(manifest_extra or {})]
+
+
+def parse_job_arguments(argv: list[str] | None, *, description: str, result_required: bool) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--plan", type=Path, required=True, help="the run plan (run_dir/plan.json) to execute")
+    parser.add_argument("--result", type=Path, required=result_required, help="where the outcome is written as JSON")
+    parser.add_argument("--manifest-extra", default="{}", help="JSON object added to every checkpoint manifest")
+    return parser.parse_args(argv)
 
 
 def rank_result_file(result_file: Path, rank: int) -> Path:
@@ -97,14 +113,6 @@ def _configure_logging(rank: int, *, prefix: str) -> None:
     logging.basicConfig(
         stream=sys.stdout, level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s", force=True
     )
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="One WMTP training process (alone or one rank under torchrun).")
-    parser.add_argument("--plan", type=Path, required=True, help="the run plan (run_dir/plan.json) to execute")
-    parser.add_argument("--result", type=Path, default=None, help="where rank 0 writes the outcome as JSON")
-    parser.add_argument("--manifest-extra", default="{}", help="JSON object added to every checkpoint manifest")
-    return parser.parse_args(argv)
 
 
 def exit_without_interpreter_teardown(status: int) -> None:
