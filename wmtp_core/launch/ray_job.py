@@ -31,10 +31,9 @@ from wmtp_core.launch.ray_ranks import STOP_FILE, run_rank
 from wmtp_core.run.plan import RunPlan, read_plan
 from wmtp_core.runtime.ray_cluster import (
     ClusterError,
-    check_capacity,
     check_every_node_sees,
-    check_reachable,
     cluster_address,
+    connected_to_cluster,
     write_visibility_marker,
 )
 from wmtp_core.training.worker import job_arguments, parse_job_arguments
@@ -54,12 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = read_plan(args.plan)
     job_dir = plan.layout.ray_logs / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.getpid()}"
+    address = cluster_address(plan.recipe.ray)
     try:
-        token = _connect_and_check(plan, job_dir)
+        # Workers' lines are followed from their log files, not forwarded by Ray (which prefixes and deduplicates
+        # them): connected_to_cluster turns log_to_driver off.
+        with connected_to_cluster(plan.recipe.ray, address) as nodes:
+            live = sum(node["Alive"] for node in nodes)
+            print(f"Ray cluster {address or '(started here)'}: {live} live node(s)", flush=True)
+            token = write_visibility_marker(job_dir)
+            check_every_node_sees(plan.run_dir, job_dir, token)
+            return _train(plan, args, job_dir, token)
     except ClusterError as error:
         _write_failure(args.result, error)
         print(f"error: {error}", flush=True)
         return 1
+
+
+def _train(plan: RunPlan, args: argparse.Namespace, job_dir: Path, token: str) -> int:
     with _following(job_dir), stop_signals_to(job_dir / STOP_FILE):
         try:
             _trainer(plan, args, job_dir, token).fit()
@@ -68,23 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the Ray job failed after {plan.recipe.ray.max_failures} restarts: {error}", flush=True)
             return 1
     return 0
-
-
-def _connect_and_check(plan: RunPlan, job_dir: Path) -> str:
-    import ray
-
-    settings, address = plan.recipe.ray, cluster_address(plan.recipe.ray)
-    if address is not None:
-        check_reachable(address)
-    # Workers' lines are followed from their log files, not forwarded by Ray (which prefixes and deduplicates them).
-    local = {} if address is not None else {"include_dashboard": False}  # Ray refuses it for an existing cluster
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
-    nodes = ray.nodes()
-    print(f"Ray cluster {address or '(started here)'}: {sum(node['Alive'] for node in nodes)} live node(s)", flush=True)
-    check_capacity(settings, nodes)
-    token = write_visibility_marker(job_dir)
-    check_every_node_sees(plan.run_dir, job_dir, token)
-    return token
 
 
 def _trainer(plan: RunPlan, args: argparse.Namespace, job_dir: Path, token: str):

@@ -5,10 +5,12 @@ before anything trains (Ray itself would retry a dead address for a minute and w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from wmtp_core.config import RayConfig
@@ -84,12 +86,9 @@ def survey_cluster(settings: RayConfig, address: str | None) -> EnvironmentProbe
         gpus = here.cuda_device_count
         check_capacity(settings, [_node("this machine", cpus=here.cpu_count, gpus=gpus)])
         return here if settings.gpus_per_worker else _without_gpus(here)
-    check_reachable(address)
-    import ray
+    with connected_to_cluster(settings, address):
+        import ray
 
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        check_capacity(settings, ray.nodes())
         if not settings.gpus_per_worker:
             return _without_gpus(probe_environment())
         probe = ray.remote(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker)(probe_environment)
@@ -100,6 +99,23 @@ def survey_cluster(settings: RayConfig, address: str | None) -> EnvironmentProbe
                 f"no Ray node at {address} could start a worker of {settings.cpus_per_worker:g} CPU and "
                 f"{settings.gpus_per_worker:g} GPU within {PROBE_TIMEOUT_S:.0f} s (busy with other jobs?)"
             ) from None
+
+
+@contextlib.contextmanager
+def connected_to_cluster(settings: RayConfig, address: str | None) -> Iterator[list[dict]]:
+    """This process connected to the cluster at address (None: a Ray instance started here for the run), after
+    checking that it answers; yields its nodes (ray.nodes()) once they are found able to hold the workers
+    (ClusterError otherwise), and disconnects on leaving. The planner and the job's driver both connect here."""
+    if address is not None:
+        check_reachable(address)  # before Ray loads: a wrong address costs seconds, not Ray's minute of retries
+    import ray
+
+    local = {} if address is not None else {"include_dashboard": False}  # Ray refuses it for an existing cluster
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
+    try:
+        nodes = ray.nodes()
+        check_capacity(settings, nodes)
+        yield nodes
     finally:
         ray.shutdown()
 
