@@ -132,7 +132,9 @@ def start_ray_cluster(worker_nodes: int = 2):
     """A Ray cluster on this machine (ray.cluster_utils.Cluster), every address 127.0.0.1: a head with no CPUs (it
     holds Ray's own actors, never a training worker) and worker_nodes nodes of one CPU each, so two training workers
     land on two nodes. The caller shuts it down."""
-    os.environ.update(RAY_LOOPBACK_ONLY)
+    from wmtp_core.runtime.ray_cluster import RAY_USES_THIS_ENVIRONMENT
+
+    os.environ.update(RAY_LOOPBACK_ONLY | RAY_USES_THIS_ENVIRONMENT)  # before Ray loads in this process
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

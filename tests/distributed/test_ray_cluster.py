@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT
 from support.checkpoints import copy_run_up_to, full_model_state
 from support.ray_cluster import lose_the_node_of, plan_ray_job, rank_logs, run_ray_job, start_ray_job, wait_for
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
 from support.training import plan_and_train
 
+from benchmarks.servers import RAY_LOOPBACK_ONLY
 from wmtp_core.data.sequences import epoch_batches
 from wmtp_core.launch.torchrun import worker_command
 from wmtp_core.layout import RunLayout
@@ -236,3 +240,36 @@ def test_a_node_that_does_not_see_the_run_directory_is_named(cluster, tmp_path):
         check_every_node_sees(tmp_path, tmp_path / "job", token=(tmp_path / "job" / "driver.token").read_text())
     finally:
         ray.shutdown()
+
+
+WORKER_WHEREABOUTS = """
+import json, os, sys
+from wmtp_core.config import RayConfig
+from wmtp_core.runtime.ray_cluster import connected_to_cluster
+
+with connected_to_cluster(RayConfig(workers=1), sys.argv[1]):
+    import ray
+
+    where = ray.get(ray.remote(num_cpus=1)(lambda: {"cwd": os.getcwd(), "python": sys.executable}).remote())
+print(json.dumps(where))
+"""
+
+
+def test_a_driver_started_under_uv_run_gives_its_workers_the_installed_environment_not_a_copy(cluster):
+    """`uv run wmtp train` starts the driver under `uv run`; Ray's uv hook would then copy the current directory,
+    virtual environment and all, to every node and start each worker through `uv run` in that copy."""
+    uv = shutil.which("uv")
+    assert uv, "uv is on PATH wherever `uv run pytest` runs"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
+    out = subprocess.run(
+        [uv, "run", "--no-sync", "python", "-c", WORKER_WHEREABOUTS, cluster.address],
+        env=env | RAY_LOOPBACK_ONLY,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    where = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "runtime_resources" not in where["cwd"], where
+    assert Path(where["python"]).resolve() == Path(sys.executable).resolve(), where

@@ -43,8 +43,8 @@ def rank_logs(run_dir: Path) -> list[Path]:
 
 def lose_the_node_of(cluster, run_dir: Path, *, rank: int) -> None:
     """Remove the node that runs rank's worker (its raylet and every process on it die at once, as when a machine is
-    lost), then add a replacement of one CPU for the restarted worker group."""
-    log = next(log for log in rank_logs(run_dir) if log.name == f"rank_{rank}.log")
+    lost), then add a replacement of one CPU for the restarted worker group. The rank's newest log names the node."""
+    log = [log for log in rank_logs(run_dir) if log.name == f"rank_{rank}.log"][-1]
     node_id = log.read_text().split(" on Ray node ")[1].split()[0]
     cluster.remove_node(next(node for node in cluster.list_all_nodes() if node.node_id == node_id))
     cluster.add_node(num_cpus=1)

@@ -18,6 +18,12 @@ from wmtp_core.runtime.device_plan import EnvironmentProbe
 
 REACH_TIMEOUT_S = 5.0
 
+RAY_USES_THIS_ENVIRONMENT = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+"""Set before Ray is imported. Every node runs the environment installed on it (docs/ray.md); without this, a driver
+started under `uv run` (as `uv run wmtp train` starts it) has Ray copy the current directory, virtual environment and
+all, into each node's session directory and start every worker through `uv run` there: gigabytes per node, and a
+first job whose ranks time out at the rendezvous while a node is still copying."""
+
 
 class ClusterError(ValueError):
     """The Ray cluster cannot run this job as asked; the message names the address, resource or directory."""
@@ -108,6 +114,8 @@ def connected_to_cluster(settings: RayConfig, address: str | None) -> Iterator[l
     (ClusterError otherwise), and disconnects on leaving. The planner and the job's driver both connect here."""
     if address is not None:
         check_reachable(address)  # before Ray loads: a wrong address costs seconds, not Ray's minute of retries
+    for name, value in RAY_USES_THIS_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)  # a user who sets it has chosen
     import ray
 
     local = {} if address is not None else {"include_dashboard": False}  # Ray refuses it for an existing cluster
