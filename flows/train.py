@@ -45,7 +45,6 @@ def wmtp_train(
     recipe: Recipe = Recipe(),
     phases: PhaseGates | None = None,
     resume: ResumeFrom | None = None,
-    evaluate: bool | None = None,
     plan_file: str | None = None,
 ) -> dict | State:
     """Train a WMTP model, checkpointing as it goes, and upload the checkpoints and a summary to MLflow.
@@ -55,22 +54,18 @@ def wmtp_train(
         phases: Fix-plan gates for this run; when set they replace recipe.phases.
         resume: Empty for a new run; else where run recipe.run.name continues: `latest` (its newest valid
             checkpoint), one of its steps, or a checkpoint directory (of any run) to start it from.
-        evaluate: Evaluate the final checkpoint after training (recipe.evaluation says how); empty follows
-            recipe.evaluation.enabled.
         plan_file: A run plan already made (the `wmtp` CLI makes one before it starts this flow): executed as it
             is, and the parameters above must then be left at their defaults. Empty plans the run here.
     """
     if plan_file is not None:
-        if (recipe, phases, resume, evaluate) != (Recipe(), None, None, None):
+        if (recipe, phases, resume) != (Recipe(), None, None):
             raise ValueError(
-                "plan_file holds the recipe, gates and start point: leave recipe, phases, resume and "
-                "evaluate at their defaults, or leave plan_file empty"
+                "plan_file holds the recipe, gates and start point: leave recipe, phases and resume at their "
+                "defaults, or leave plan_file empty"
             )
         return execute_plan(plan_file)
     if phases is not None:
         recipe = recipe.model_copy(update={"phases": phases})
-    if evaluate is not None:
-        recipe = recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(update={"enabled": evaluate})})
     return execute_plan(make_run_plan(recipe, resume=resume, probe=probe_environment(recipe)))
 
 

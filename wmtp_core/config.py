@@ -267,22 +267,29 @@ class PhaseGates(_Section):
 
 
 class Recipe(_Section):
+    """A whole run. The sections a person sets most come first (the UI form shows them in this order): the
+    algorithm and steps, the model size, the gates, the run's name; the rest follow."""
+
+    train: TrainConfig = TrainConfig()
+    """Optimisation, schedule, checkpoint and eval cadence."""
+    model: ModelConfig = ModelConfig()
+    """Model size and MTP horizon."""
+    phases: PhaseGates = PhaseGates()
+    """Fix-plan gates: on is the fixed path, off the legacy one."""
     run: RunConfig = RunConfig()
     """Run identity."""
     seed: int = Field(default=1337, ge=0)
     """Seed for model init, data order and every RNG the run uses."""
-    model: ModelConfig = ModelConfig()
-    """Model size and MTP horizon."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """What training bought: pass@k on code, per-head accuracy, speculative decoding speed."""
     data: DataConfig = DataConfig()
     """Training data and loading."""
-    train: TrainConfig = TrainConfig()
-    """Optimisation, schedule, checkpoint and eval cadence."""
     loss: LossConfig = LossConfig()
     """Weighted MTP loss settings."""
-    rho1: Rho1Config = Rho1Config()
-    """rho1-wmtp settings (used when train.algorithm is rho1-wmtp)."""
     critic: CriticConfig = CriticConfig()
     """critic-wmtp settings (used when train.algorithm is critic-wmtp)."""
+    rho1: Rho1Config = Rho1Config()
+    """rho1-wmtp settings (used when train.algorithm is rho1-wmtp)."""
     devices: DevicesConfig = DevicesConfig()
     """Device and precision."""
     ray: RayConfig = RayConfig()
@@ -291,10 +298,6 @@ class Recipe(_Section):
     """Checkpoint format and write mode (cadence and retention are train.save_every and train.keep_last)."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking."""
-    evaluation: EvaluationConfig = EvaluationConfig()
-    """What training bought: pass@k on code, per-head accuracy, speculative decoding speed."""
-    phases: PhaseGates = PhaseGates()
-    """Fix-plan gates: on is the fixed path, off the legacy one."""
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Recipe:

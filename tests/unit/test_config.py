@@ -93,7 +93,7 @@ def test_unknown_key_error_names_the_key_and_the_section_keys():
 
 
 def test_unknown_top_level_key_lists_the_sections():
-    with pytest.raises(RecipeError, match="foo.*run, seed, model, data, train"):
+    with pytest.raises(RecipeError, match="foo.*train, model, phases, run, seed"):
         load_recipe(None, ["foo=1"])
 
 
@@ -131,7 +131,7 @@ def test_every_problem_is_listed_at_once():
     problems = str(caught.value).split("; ")
     assert len(problems) == 3
     assert "unknown recipe key 'train.lrr'" in problems[0]  # override keys first, then fields in recipe order
-    assert problems[1].startswith("model.horizon") and problems[2].startswith("train.lr")
+    assert problems[1].startswith("train.lr") and problems[2].startswith("model.horizon")
 
 
 def test_heads_not_dividing_width_error_names_both_fields():

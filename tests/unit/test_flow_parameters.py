@@ -10,13 +10,22 @@ def _schema(entrypoint: str = "flows/train.py:wmtp_train") -> dict:
     return parameter_schema_from_entrypoint(entrypoint).model_dump()
 
 
-def test_recipe_phases_resume_evaluate_and_plan_file_are_typed_parameters_with_descriptions():
+def test_recipe_phases_resume_and_plan_file_are_typed_parameters_with_descriptions():
     schema = _schema()
     props = schema["properties"]
-    assert list(props) == ["recipe", "phases", "resume", "evaluate", "plan_file"]
+    assert list(props) == ["recipe", "phases", "resume", "plan_file"]  # evaluating is recipe.evaluation.enabled
     assert props["recipe"]["$ref"] == "#/definitions/Recipe"
     assert {"$ref": "#/definitions/PhaseGates"} in props["phases"]["anyOf"]
     assert all(props[name].get("description") for name in props)
+
+
+def test_the_recipe_form_opens_on_the_algorithm_and_steps_the_model_size_and_the_gates():
+    definitions = _schema()["definitions"]
+    assert list(definitions["Recipe"]["properties"])[:4] == ["train", "model", "phases", "run"]
+    assert list(definitions["TrainConfig"]["properties"])[:2] == ["algorithm", "max_steps"]
+    size = ["horizon", "num_layers", "d_model", "num_heads"]
+    model_fields = list(definitions["ModelConfig"]["properties"])
+    assert model_fields.index("horizon") < 4 and all(name in model_fields[:6] for name in size)
 
 
 def test_the_evaluate_form_takes_a_run_a_step_and_the_evaluation_settings():
