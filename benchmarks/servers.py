@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
+from deployments.server_processes import free_port, start_in_own_session, stop_process_group, wait_for_http
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "stop_process_group", "wait_for_http"]  # shared with the tests that import them from here
 
 
 class LoopbackServer:
@@ -32,10 +26,7 @@ class LoopbackServer:
     ) -> None:
         """Start command and wait until health_url answers; a server that never does is stopped before raising."""
         log = self.root / "server.log"
-        # Its own session, so stop() can end the server and its worker processes together.
-        self.process = subprocess.Popen(
-            command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.process = start_in_own_session(command, log=log, env=env)
         try:
             wait_for_http(health_url, self.process, timeout_s=timeout_s, log=log)
         except RuntimeError:
@@ -96,32 +87,6 @@ class PrefectServer(LoopbackServer):
         )
         command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         self.launch(command, health_url=f"{self.api_url}/health", timeout_s=timeout_s, env=env)
-
-
-def stop_process_group(process: subprocess.Popen | None, first: signal.Signals, *, grace_s: float) -> None:
-    """Send `first` to the process's group (started with start_new_session=True), then SIGKILL after grace_s."""
-    if process is None or process.poll() is not None:
-        return
-    os.killpg(process.pid, first)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=15)
-
-
-def wait_for_http(url: str, process: subprocess.Popen, *, timeout_s: float, log: Path) -> None:
-    """Poll url until it answers; raise when the process exits or the time is up (the log says why)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"nothing answered on {url} within {timeout_s} s; see {log}")
 
 
 RAY_LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

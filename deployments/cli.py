@@ -86,7 +86,18 @@ def train(
         print(recipe_to_yaml(invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))), end="")
         return
     loaded = invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))
-    run_flow(invalid_input_guard(lambda: planned_or_refused(loaded, resume=None)), resume=False, as_json=as_json)
+    planned = invalid_input_guard(lambda: planned_or_refused(loaded, resume=None))
+    run_flow(planned, resume=False, as_json=as_json)  # exits unless the run completed
+    print(next_steps(planned.plan.recipe.run.name), file=sys.stderr)
+
+
+def next_steps(run: str) -> str:
+    """What a newcomer does after a first run: score it, try it, compare it with the next."""
+    return (
+        f"next: uv run wmtp evaluate {run}    (pass@k on code, per-head accuracy, decoding speed)\n"
+        f'      uv run wmtp generate {run} --prompt "def add(a, b):"\n'
+        "      uv run wmtp ui    (MLflow lists every run: select two or more, then Compare)"
+    )
 
 
 @app.command()
@@ -131,17 +142,18 @@ def upload(run: str = RunArgument) -> None:
 
     summary = read_summary(layout)
     run_id = json.loads(layout.tracking.read_text())["mlflow_run_id"]
+    succeeded = summary is not None and summary.status == "completed"
+    finished = summary is None or summary.status != "stopped"  # a stopped run is resumed into the same MLflow run
     with byte_progress_bars() as on_progress:
-        uploaded = upload_run(
-            run_id,
-            directory,
-            succeeded=summary is not None and summary.status == "completed",
-            finished=summary is None or summary.status != "stopped",
-            on_progress=on_progress,
-        )
+        uploaded = upload_run(run_id, directory, succeeded=succeeded, finished=finished, on_progress=on_progress)
     if summary is not None:
         summary.model_copy(update={"uploads": "done", "uploads_reason": None}).write()
-    print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}")
+    closing = (
+        f"closed it as {'FINISHED' if succeeded else 'FAILED'}"
+        if finished
+        else f"left it open: run {run} stopped before its last step, `wmtp resume {run}` continues it"
+    )
+    print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}; {closing}")
 
 
 @app.command("convert-meta")

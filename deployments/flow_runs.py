@@ -94,7 +94,7 @@ def wait_for_server(server_ready: Callable[[], None]) -> None:
     except Exception as error:
         print(
             f"error: Prefect's temporary server did not start ({error}); set PREFECT_API_URL to use a running "
-            "server instead (`uv run prefect server start`)",
+            "server instead (e.g. the one `uv run wmtp ui` starts: PREFECT_API_URL=http://127.0.0.1:4200/api)",
             file=sys.stderr,
         )
         raise typer.Exit(FAILURE) from None

@@ -79,12 +79,10 @@ def configured_api_url() -> str | None:
 
 
 def watch_live_hint(flow_run_id: str | None) -> str:
-    """Where to watch this flow run in the Prefect UI, or how to get a UI when the run had a temporary server."""
+    """Where to see this flow run in the Prefect UI: the configured server's page for it, or `wmtp ui`, which opens
+    one on the temporary server's database (a run made while it is open shows there as it goes)."""
     from prefect.settings import PREFECT_UI_URL
 
     if configured_api_url() is None:
-        return (
-            "Prefect UI: this run used a temporary server (now stopped, no UI); to watch runs live, start "
-            "`uv run prefect server start` and `uv run prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
-        )
+        return "Prefect UI: `uv run wmtp ui` (every run so far, and MLflow's UI)"
     return f"Prefect UI: {PREFECT_UI_URL.value()}/flow-runs/flow-run/{flow_run_id}"

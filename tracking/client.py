@@ -61,6 +61,10 @@ def client() -> MlflowClient:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     # Large files go in parts where the server's store supports it (S3, GCS, Azure); others fall back to one PUT.
     os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "true")
+    # Our own bars show transfers (deployments/progress_bars.py): MLflow's tqdm bar, and its notices as it creates
+    # a new store's tables, are noise on the CLI's stderr. Its warnings still show.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri())
 
 
