@@ -1,4 +1,4 @@
-"""The `wmtp` command: train, resume, checkpoints, upload, convert-meta, verify, probe, serve, evaluate, generate.
+"""The `wmtp` command: train, resume, checkpoints, upload, convert-meta, verify, probe, serve, evaluate, generate, ui.
 Input is validated before anything is written.
 
 Exit codes: 0 success, 2 invalid input (the message names the field or file), 130 stopped by Ctrl-C (after saving a
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from deployments import cli_evaluation
+from deployments import cli_evaluation, ui
 from deployments.checkpoint_commands import convert_checkpoint, print_checkpoints
 from deployments.cli_options import (
     FAILURE,
@@ -253,8 +253,8 @@ def serve(
     default_prefect_environment()
     if configured_api_url() is None:
         print(
-            "error: wmtp serve needs a Prefect server: start one with `uv run prefect server start` and run "
-            "`uv run prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` (or set PREFECT_API_URL)",
+            "error: wmtp serve needs a Prefect server: start one (`uv run wmtp ui` does) and name its API for this "
+            "command: PREFECT_API_URL=http://127.0.0.1:4200/api uv run wmtp serve",
             file=sys.stderr,
         )
         raise typer.Exit(INVALID_INPUT)
@@ -272,6 +272,7 @@ def serve(
 
 app.command()(cli_evaluation.evaluate)
 app.command()(cli_evaluation.generate)
+app.command()(ui.ui)
 
 
 def planned_or_refused(recipe: Recipe, *, resume: str | None) -> PlannedRun:
