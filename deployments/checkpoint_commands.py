@@ -23,10 +23,13 @@ def print_checkpoints(directory: Path, *, as_json: bool) -> None:
         rows = [{"step": i.step, "path": str(i.path), "valid": i.valid, "problem": i.problem} for i in infos]
         print(json.dumps(rows))
         return
-    for info in infos:
-        print(f"{info.step:>10}  {'valid  ' if info.valid else 'INVALID'}  {info.path}  {info.problem or ''}")
     if not infos:
         print(f"run {directory.name} has no checkpoints yet")
+        return
+    print(f"{'step':>10}  {'status':<7}  path" + ("  problem" if any(not i.valid for i in infos) else ""))
+    for info in infos:
+        problem = f"  {info.problem}" if info.problem else ""
+        print(f"{info.step:>10}  {'valid' if info.valid else 'INVALID':<7}  {info.path}{problem}")
 
 
 def convert_checkpoint(directory: Path, step: int) -> None:

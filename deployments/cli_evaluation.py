@@ -26,6 +26,8 @@ from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe
 
 StepOption = typer.Option(None, "--step", help="The checkpoint's step; default the run's newest valid checkpoint.")
+# The built-in model is a few layers trained for minutes on a small set: it checks the pipeline, it cannot write code.
+BUILTIN_ZERO_NOTE = "(expected from the built-in tiny model; a pretrained trunk, model.source=hf, gives real figures)"
 
 
 def evaluate(
@@ -59,7 +61,7 @@ def evaluate(
     from deployments.flow_runs import run_evaluation_flow
 
     report = run_evaluation_flow(run, step=step, evaluation=recipe.evaluation)
-    print_report(report, as_json=as_json)
+    print_report(report, as_json=as_json, builtin_model=recipe.model.source == "builtin")
 
 
 def generate(
@@ -103,7 +105,7 @@ def generate(
 
 
 def _score_file(completions: Path, recipe: Recipe, *, as_json: bool) -> None:
-    from deployments.progress_bars import byte_progress_bars
+    from deployments.progress_bars import count_progress_bars
     from wmtp_core.evaluation.problems import load_problems
     from wmtp_core.evaluation.sandbox import SandboxLimits
     from wmtp_core.evaluation.scoring import read_completions, score_completions
@@ -113,7 +115,7 @@ def _score_file(completions: Path, recipe: Recipe, *, as_json: bool) -> None:
         lambda: load_problems(evaluation.benchmark, eval_fraction=recipe.data.eval_fraction, seed=recipe.seed)
     )
     samples = invalid_input_guard(lambda: read_completions(completions))
-    with byte_progress_bars() as on_progress:
+    with count_progress_bars() as on_progress:
         scores = invalid_input_guard(
             lambda: score_completions(
                 problems,
@@ -130,13 +132,17 @@ def _score_file(completions: Path, recipe: Recipe, *, as_json: bool) -> None:
         print(json.dumps({"benchmark": evaluation.benchmark, "pass_at_k": pass_at_k, "problems": len(scores.counts)}))
 
 
-def print_report(report: dict, *, as_json: bool) -> None:
-    """The figures for people (stdout, or stderr under --json), then the report as one JSON line under --json."""
+def print_report(report: dict, *, as_json: bool, builtin_model: bool = False) -> None:
+    """The figures for people (stdout, or stderr under --json), then the report as one JSON line under --json;
+    builtin_model: the run trains the built-in model, whose pass@k of 0 is said to be expected."""
     lines = [
         f"step {report['step']} on {report['benchmark']}: {report['problems']} problems, {report['samples']} "
         f"completion(s) each, decoded with {report['heads']} head(s)"
     ]
-    lines += [f"  pass@{k}  {value:.4f}" for k, value in report["pass_at_k"].items()]
+    lines += [
+        f"  pass@{k}  {value:.4f}" + (f"  {BUILTIN_ZERO_NOTE}" if builtin_model and value == 0 else "")
+        for k, value in report["pass_at_k"].items()
+    ]
     lines += [
         f"  head {h['head']}: top-1 accuracy {h['top1_accuracy']:.3f}, cross-entropy {h['cross_entropy']:.3f}"
         for h in report["per_head"]

