@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 from prefect.tasks import exponential_backoff
 
 from tracking import client as tracking
@@ -28,8 +29,10 @@ def open_tracking_run(plan_file: str, *, flow_run_id: str | None) -> str | None:
     if not recipe.tracking.enabled:
         return None
     tags = {"prefect.flow_run_id": flow_run_id} if flow_run_id else {}
-    if flow_run_id and flow_run.ui_url:
-        tags["prefect.flow_run_url"] = flow_run.ui_url  # the MLflow run links back to the Prefect run
+    # The MLflow run links back to the Prefect run where Prefect has a UI: without one, flow_run.ui_url is
+    # "None/flow-runs/...".
+    if flow_run_id and PREFECT_UI_URL.value():
+        tags["prefect.flow_run_url"] = flow_run.ui_url
     run_id = tracking.open_tracking_run(recipe, run_plan.run_dir, run_name=recipe.run.name, extra_tags=tags)
     tracking.log_environment_tags(run_id, run_plan.probe.to_dict())
     get_run_logger().info("MLflow run %s at %s", run_id, tracking.tracking_uri())

@@ -38,6 +38,11 @@ PENDING_UPLOADS_FILE = "pending_uploads.json"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _METRICS_TIMEOUT_S = 10  # one log-batch request of at most 1000 points; uploads keep MLflow's own timeout
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses GenAI (traces). mlflow
+# exports no constant for either; these are the values its UI defines (ExperimentKind in mlflow/server/js).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+_EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
 
 
 def tracking_uri() -> str:
@@ -246,26 +251,50 @@ def upload_final_model(
     run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: DescribedProgress | None = None
 ) -> bool:
     """Log the newest checkpoint's model as `final_model/` (wmtp_core.checkpoint.final_model: safetensors and a
-    config, no pickle; an hf trunk as save_pretrained writes it), unless it is there already for that
-    step. A resume that trains on replaces it. Load it with
-    `wmtp_core.checkpoint.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))`.
-    The newest checkpoint is hashed only when verdicts has none for it.
+    config, no pickle; an hf trunk as save_pretrained writes it), which is also an MLflow Model
+    (tracking.mlflow_model: `mlflow.pyfunc.load_model("runs:/ID/final_model")` generates text), unless it is
+    there already for that step. A resume that trains on replaces it. Load it with
+    `wmtp_core.checkpoint.final_model.load_final_model(mlflow.artifacts.download_artifacts(...))` or MLflow's
+    loaders. The newest checkpoint is hashed only when verdicts has none for it.
     """
     # torch loads here, not when a flow module is imported
+    from tracking.mlflow_model import add_mlflow_model
     from wmtp_core.checkpoint.final_model import write_final_model
 
     mlflow = client()
-    latest = choose_checkpoint(RunLayout(run_dir), "latest", continuing=False, fresh_if_none=True, verdicts=verdicts)
+    latest = _newest_checkpoint(run_dir, verdicts)
     if latest.fresh or _final_model_step(mlflow, run_id) == latest.step:
         return False
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "final_model"
         model_dir.mkdir()
         write_final_model(latest.checkpoint, model_dir, verified=True)
+        add_mlflow_model(model_dir)
         # The config, which names the step, goes last: an upload cut short is redone by the next attempt.
         uploads = _folder_files(model_dir, "final_model", last=FINAL_MODEL_CONFIG)
         _send_files(mlflow, run_id, uploads, description="uploading the final model", on_progress=on_progress)
     return True
+
+
+def _newest_checkpoint(run_dir: Path, verdicts: Verdicts | None):
+    """The run's newest valid checkpoint (fresh when it has none), hashed only when verdicts has no verdict."""
+    return choose_checkpoint(RunLayout(run_dir), "latest", continuing=False, fresh_if_none=True, verdicts=verdicts)
+
+
+def register_final_model(run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None) -> str | None:
+    """Register the run's final model as a version of the registered model the newest checkpoint's recipe names
+    (tracking.register_model), unless a version of this run holds that step already; returns the version, None
+    when the recipe names no model or the run has no checkpoint."""
+    from tracking.mlflow_model import register_version
+    from wmtp_core.checkpoint.storage import read_checkpoint_manifest  # torch loads here
+
+    latest = _newest_checkpoint(run_dir, verdicts)
+    if latest.fresh:
+        return None
+    name = read_checkpoint_manifest(latest.checkpoint, verified=True)["recipe"]["tracking"].get("register_model")
+    if name is None:
+        return None
+    return register_version(client(), name, run_id=run_id, step=latest.step)
 
 
 def _final_model_step(mlflow: MlflowClient, run_id: str) -> int | None:
@@ -286,7 +315,8 @@ def upload_run(
     verdicts: Verdicts | None = None,
     on_progress: DescribedProgress | None = None,
 ) -> list[str]:
-    """Everything not yet in the MLflow run: checkpoints, pending metrics, summary.json; then end the run.
+    """Everything not yet in the MLflow run: checkpoints, the final model (registered where the recipe names a
+    registered model), pending metrics, summary.json; then end the run.
 
     Idempotent, so a retry, the next flow run or `wmtp upload` can repeat it; clears the pending marker.
     finished=False (a run stopped by its time budget, which a later resume continues) leaves the MLflow run open.
@@ -296,6 +326,7 @@ def upload_run(
     uploaded = upload_checkpoints(run_id, run_dir, verdicts=verdicts, on_progress=on_progress)
     if succeeded:
         upload_final_model(run_id, run_dir, verdicts=verdicts, on_progress=on_progress)
+        register_final_model(run_id, run_dir, verdicts=verdicts)
     sent = upload_pending_metrics(run_id, run_dir)
     if RunLayout(run_dir).summary.is_file():
         client().log_artifact(run_id, str(RunLayout(run_dir).summary))
@@ -324,10 +355,14 @@ def run_link(run_dir: Path) -> str | None:
 
 
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:
+    """The experiment's id, created if new; either way marked as model training (one a user marked otherwise
+    keeps their kind)."""
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if tracking_uri().startswith("sqlite:"):
-        artifact_location = (wmtp_home() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        artifact_location = None
+        if tracking_uri().startswith("sqlite:"):
+            artifact_location = (wmtp_home() / "mlartifacts").as_uri()
+        return mlflow.create_experiment(name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id

@@ -234,6 +234,8 @@ class TrackingConfig(_Section):
     """MLflow experiment that holds the run."""
     enabled: bool = True
     """Log params, metrics and checkpoints to MLflow."""
+    register_model: str | None = None
+    """Register each final model in MLflow's Model Registry under this name (a version per step); null: don't."""
 
 
 class EvaluationConfig(_Section):

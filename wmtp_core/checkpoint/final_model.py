@@ -9,6 +9,9 @@ pickle, written from the run's newest checkpoint of either format and either mod
 
 A sharded checkpoint has neither file: its model shards (not the optimizer's) are gathered into a scratch file mapped
 into memory and written from there, so no copy of the weights is held in memory.
+
+tracking.mlflow_model adds MLflow's files beside these (MLmodel, data/, the environment files); they read nothing
+of them.
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def load_final_model(directory: Path) -> torch.nn.Module:
     if model_cfg.source == "hf":
         return load_hf_mtp_model(str(directory), horizon=model_cfg.horizon, max_seq_len=model_cfg.max_seq_len).eval()
     return _builtin_model(model_cfg, load_file(directory / MODEL_FILE))
+
+
+def load_final_model_tokenizer(directory: Path) -> Tokenizer:
+    """The tokenizer of a directory written by write_final_model: the trunk's for an hf model, else bytes."""
+    config = json.loads((Path(directory) / FINAL_MODEL_CONFIG).read_text())
+    return _final_model_tokenizer(Path(directory), ModelConfig(**config["model"]))
 
 
 def load_checkpoint_model(checkpoint: Path, *, verified: bool = False) -> tuple[torch.nn.Module, Tokenizer]:
