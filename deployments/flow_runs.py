@@ -33,13 +33,15 @@ def run_flow(planned: PlannedRun, *, resume: bool, as_json: bool) -> None:
     wait_for_server(server_ready)
     from prefect import tags
 
+    before = _summary_stamp(run_plan.layout)
     try:
         with tags("wmtp-cli", "resume" if resume else "train"):  # CLI runs are told apart from served ones in the UI
             state = wmtp_train(plan_file=str(plan_file), return_state=True)
     except KeyboardInterrupt:
         _report_abort(run_plan.recipe.run.name)
         raise typer.Exit(INTERRUPTED) from None
-    summary = read_summary(run_plan.layout)
+    # a summary.json this flow run did not write (its write failed: a full disk) is an earlier run's
+    summary = read_summary(run_plan.layout) if _summary_stamp(run_plan.layout) != before else None
     if summary is None:
         print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
         raise typer.Exit(FAILURE)
@@ -49,6 +51,14 @@ def run_flow(planned: PlannedRun, *, resume: bool, as_json: bool) -> None:
         raise typer.Exit(INTERRUPTED)
     if summary.status != "completed":
         raise typer.Exit(FAILURE)
+
+
+def _summary_stamp(layout: RunLayout) -> tuple[int, int] | None:
+    """Tells one summary.json from the next: each is a new file renamed into place (write_atomically)."""
+    if not layout.summary.is_file():
+        return None
+    stat = layout.summary.stat()
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _report_abort(run_name: str) -> None:

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from wmtp_core.launch.verification import TARGETS, verify_stage
 from wmtp_core.layout import wmtp_home
+from wmtp_core.runtime.atomic_files import write_atomically
 
 COLUMNS = (
     "stage",
@@ -38,7 +39,7 @@ def write_report(rows: list[dict], *, passed: bool) -> str:
     report = {"stages": rows, "passed": passed, "targets": TARGETS}
     path = wmtp_home() / "reports" / f"fixplan-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    write_atomically(path, json.dumps(report, indent=2))
     create_table_artifact(
         [{name: row[name] for name in COLUMNS} for row in rows],
         key="wmtp-fixplan",

@@ -14,6 +14,7 @@ from prefect.runtime import task_run
 from tasks.reporting import TrainingProgress
 from tracking.client import metrics_sink
 from wmtp_core.checkpoint.manifest import CheckpointError
+from wmtp_core.checkpoint.save_dirs import remove_save_debris
 from wmtp_core.config import RecipeError
 from wmtp_core.launch.torchrun import WorkerInterrupted, run_job, worker_command
 from wmtp_core.recipes import recipe_to_yaml
@@ -93,6 +94,7 @@ def train_planned(plan_file: Path, *, mlflow_run_id: str | None) -> dict:
         logging.getLogger(name).setLevel(logging.INFO)
     run_plan = read_plan(plan_file)
     with run_lock(run_plan.run_dir):
+        remove_save_debris(run_plan.run_dir)  # killed saves' directories: no writer of this run is alive now
         if task_run.run_count > 1:
             run_plan = restarted(run_plan)
             save_plan(run_plan)

@@ -8,6 +8,7 @@ the full format, every rank writes its shards of the sharded one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from wmtp_core.checkpoint.hashed_files import torch_save_hashed
 from wmtp_core.checkpoint.manifest import CheckpointError, CheckpointInfo, prune_checkpoints
+from wmtp_core.checkpoint.save_dirs import removed_on_failure, staging_dir, state_bytes
 from wmtp_core.checkpoint.staging import live_storages
 from wmtp_core.checkpoint.state_dicts import (
     StateDictAPI,
@@ -36,7 +38,6 @@ from wmtp_core.checkpoint.storage import (
     publish_checkpoint,
     read_checkpoint_manifest,
     save_checkpoint,
-    staging_dir,
     write_sharded,
 )
 from wmtp_core.checkpoint.writer import CheckpointWriter
@@ -178,9 +179,14 @@ def _submit_sharded(
     shards = gather_sharded_state(pieces.model, pieces.optimizer)
     group = background_group(ctx, timeout_s=timeout_s) if writer.background else None
 
+    needed = state_bytes(shards) * ctx.world_size + state_bytes(train_state)  # every rank's shards, about
+    # rank 0 made the staging directory: it removes it if the save fails
+    owned = removed_on_failure(staging, step=step, needed_bytes=needed) if ctx.is_main else contextlib.nullcontext()
+
     def write() -> Path:
-        write_sharded(staging, shards, process_group=group)
-        return _publish_sharded(staging, run_dir, step, train_state, manifest, ctx=ctx, group=group)
+        with owned:
+            write_sharded(staging, shards, process_group=group)
+            return _publish_sharded(staging, run_dir, step, train_state, manifest, ctx=ctx, group=group)
 
     writer.submit(write, settle, snapshot=shards, live=_live(pieces, writer))
 

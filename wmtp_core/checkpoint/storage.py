@@ -35,6 +35,7 @@ from wmtp_core.checkpoint.manifest import (
     describe_files,
     verify_checkpoint,
 )
+from wmtp_core.checkpoint.save_dirs import removed_on_failure, staging_dir, state_bytes
 from wmtp_core.layout import step_dir_name
 
 MODEL_FILE, STATE_FILE, SHARDED_DIR = "model.safetensors", "train_state.pt", "sharded"
@@ -60,30 +61,23 @@ def save_checkpoint(
     either writing thread, follows the bytes written.
     """
     staging = staging_dir(run_dir, step, owner=str(os.getpid()))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
-        model_file = pool.submit(
-            save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False, on_bytes=on_bytes
+    with removed_on_failure(staging, step=step, needed_bytes=state_bytes(model_state, train_state)):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
+            model_file = pool.submit(
+                save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False, on_bytes=on_bytes
+            )
+            train_state_entry = torch_save_hashed(train_state, staging / STATE_FILE, on_bytes=on_bytes)
+            described = {STATE_FILE: train_state_entry, MODEL_FILE: model_file.result()}
+        if export is not None:
+            export(staging, model_state)
+        return publish_checkpoint(
+            staging,
+            run_dir,
+            step=step,
+            manifest_extra={"format": "full", **manifest_extra},
+            described=described,
+            durable=durable,
         )
-        train_state_entry = torch_save_hashed(train_state, staging / STATE_FILE, on_bytes=on_bytes)
-        described = {STATE_FILE: train_state_entry, MODEL_FILE: model_file.result()}
-    if export is not None:
-        export(staging, model_state)
-    return publish_checkpoint(
-        staging,
-        run_dir,
-        step=step,
-        manifest_extra={"format": "full", **manifest_extra},
-        described=described,
-        durable=durable,
-    )
-
-
-def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
-    """An empty directory to build a checkpoint in; every rank of a job passes the same owner to share it."""
-    staging = checkpoints_dir(run_dir) / f".tmp-{step_dir_name(step)}-{owner}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
 
 
 def write_sharded(staging: Path, shards: dict, *, process_group: dist.ProcessGroup | None = None) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from wmtp_core.launch.ray_ranks import STOP_FILE, run_rank
 from wmtp_core.run.plan import RunPlan, read_plan
+from wmtp_core.runtime.atomic_files import write_atomically
 from wmtp_core.runtime.ray_cluster import (
     ClusterError,
     check_every_node_sees,
@@ -170,7 +171,7 @@ class stop_signals_to:
 
 def _write_failure(result_file: Path, error: BaseException) -> None:
     message = " ".join(str(error).split())[:2000]
-    result_file.write_text(json.dumps({"ok": False, "error_type": type(error).__name__, "message": message}))
+    write_atomically(result_file, json.dumps({"ok": False, "error_type": type(error).__name__, "message": message}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ probe the machine, unless it is given a probe).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +21,7 @@ from wmtp_core.fixplan.gates import ResolvedGates, device_policies, resolve_gate
 from wmtp_core.layout import RunLayout, run_dir
 from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.run.start import At, StartPoint, choose_checkpoint
+from wmtp_core.runtime.atomic_files import write_atomically
 from wmtp_core.runtime.device_plan import DevicePlan, EnvironmentProbe
 
 
@@ -126,7 +126,7 @@ def write_plan(planned: PlannedRun) -> Path:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.recipe.write_text(recipe_to_yaml(plan.recipe))
     if planned.data_text is not None:
-        _write_atomically(layout.data, planned.data_text)
+        write_atomically(layout.data, planned.data_text)
     return save_plan(plan)
 
 
@@ -135,7 +135,7 @@ def save_plan(plan: RunPlan) -> Path:
     if plan.reference_run is not None:
         save_plan(plan.reference_run)
     plan.layout.root.mkdir(parents=True, exist_ok=True)
-    _write_atomically(plan.layout.plan, plan.model_dump_json(indent=2))
+    write_atomically(plan.layout.plan, plan.model_dump_json(indent=2))
     return plan.layout.plan
 
 
@@ -207,9 +207,3 @@ def probe_where_it_trains(recipe: Recipe) -> EnvironmentProbe:
     from wmtp_core.runtime.devices import probe_environment  # torch loads here
 
     return probe_environment()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from wmtp_core.config import PhaseGates
 from wmtp_core.layout import RunLayout
+from wmtp_core.runtime.atomic_files import write_atomically
 
 
 class EvaluationOutcome(BaseModel):
@@ -73,7 +74,7 @@ class RunSummary(BaseModel):
 
     def write(self) -> Path:
         path = RunLayout(Path(self.run_dir)).summary
-        path.write_text(self.model_dump_json(indent=2))
+        write_atomically(path, self.model_dump_json(indent=2))
         return path
 
 

@@ -22,6 +22,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from wmtp_core.runtime.atomic_files import write_atomically
+
 METRICS_PREFIX = "WMTP_METRICS "
 EXIT_FAILED, EXIT_TERMINATED = 1, 143
 INPUT_ERROR_TYPES = frozenset(
@@ -31,11 +33,13 @@ INPUT_ERROR_TYPES = frozenset(
         "DataError",
         "CheckpointError",
         "CheckpointSaveError",
+        "OutOfSpaceError",
         "FileNotFoundError",
         "ClusterError",
     }
 )
-"""Outcomes' error types that say the input is wrong: a launcher does not run the job again for them."""
+"""Outcomes' error types that say the input is wrong, or that the job would fail again the same way (a full disk): a
+launcher does not run the job again for them."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = _failure(error)
     finally:
         if args.result and (ctx.is_main or not outcome["ok"]):
-            rank_result_file(args.result, ctx.rank).write_text(json.dumps(outcome))
+            write_atomically(rank_result_file(args.result, ctx.rank), json.dumps(outcome))
         shutdown_distributed()
     if launched_by_torchrun() and run_plan.gates.explicit_cleanup:
         exit_without_interpreter_teardown(status)
