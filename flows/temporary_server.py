@@ -8,6 +8,7 @@ The flow run then finds the same server already answering: Prefect keeps one tem
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -23,8 +24,10 @@ def start_temporary_server() -> Callable[[], None]:
 
     if configured_api_url() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
-    import prefect.main  # noqa: F401  (sets up Prefect's logging, so its "Starting temporary server" line shows)
-    from prefect.server.api.server import SubprocessASGIServer
+    import prefect.main  # noqa: F401  (sets up Prefect's logging, so the server's start line shows)
+    from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
+
+    subprocess_server_logger.addFilter(_our_words_for_the_server)
 
     server = SubprocessASGIServer()  # the instance the flow run's client asks for, so it will not start a second
     failures: list[BaseException] = []
@@ -46,6 +49,18 @@ def start_temporary_server() -> Callable[[], None]:
             raise failures[0]
 
     return wait
+
+
+def _our_words_for_the_server(record: logging.LogRecord) -> bool:
+    """Prefect announces its temporary server with a link to its self-hosting guide, and its stop too; say instead
+    what the user can do with it (the server's own logger: nothing else Prefect logs passes through here)."""
+    message = record.getMessage()
+    if message.startswith("Stopping temporary server"):
+        return False
+    if message.startswith("Starting temporary server on "):
+        address = message.removeprefix("Starting temporary server on ").split()[0]
+        record.msg, record.args = f"temporary Prefect server on {address} for this run (`wmtp ui` shows every run)", ()
+    return True
 
 
 def default_prefect_environment() -> None:

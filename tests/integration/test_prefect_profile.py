@@ -55,7 +55,7 @@ def test_train_runs_its_named_and_tagged_flow_on_the_server_of_the_active_profil
     overrides = [f"--set={o}" for o in [*TINY_OVERRIDES, "run.name=profiled", "tracking.enabled=false"]]
     out = subprocess.run([WMTP, "train", *overrides], env=profile_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Starting temporary server" not in out.stderr
+    assert "temporary Prefect server" not in out.stderr
     runs = _post(f"{prefect_server.api_url}/flow_runs/filter", {})
     assert [(run["name"], sorted(run["tags"]), run["state_type"]) for run in runs] == [
         ("train-profiled", ["train", "wmtp-cli"], "COMPLETED")  # named after its work, tagged as a CLI run
