@@ -54,7 +54,7 @@ def ui_command() -> str:
     """How to open the MLflow UI on the store this process uses."""
     uri = tracking_uri()
     if uri.startswith("sqlite:"):
-        return f"uv run mlflow ui --backend-store-uri {uri} --port 5000"
+        return "uv run wmtp ui"  # the MLflow UI on the embedded store, and the Prefect UI beside it
     return f"open {uri}"
 
 
@@ -351,7 +351,7 @@ def run_link(run_dir: Path) -> str | None:
     uri, run_id, experiment_id = info["tracking_uri"], info["mlflow_run_id"], info.get("experiment_id", "0")
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id} (after: {ui_command()})"
+    return f"#/experiments/{experiment_id}/runs/{run_id} in the MLflow UI that `uv run wmtp ui` opens"
 
 
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:
