@@ -43,6 +43,8 @@ class UiServer:
     name: str
     url: str
     health_url: str
+    page: str
+    """What a person opens: url, or a page of it."""
     process: subprocess.Popen
     log: Path
 
@@ -102,7 +104,7 @@ def _start_prefect(port: int) -> UiServer:
     # The UI calls the API at 4200 unless told where its own server listens.
     env = {**os.environ, "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     command = [_script("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return _start("Prefect", command, env=env, url=url, health_url=f"{url}/api/health")
+    return _start("Prefect", command, env=env, url=url, health_url=f"{url}/api/health", page=f"{url}/runs")
 
 
 def _start_mlflow(port: int, store: str) -> UiServer:
@@ -112,7 +114,10 @@ def _start_mlflow(port: int, store: str) -> UiServer:
     command += ["--backend-store-uri", store, "--artifacts-destination", str(wmtp_home() / "mlartifacts")]
     # MLflow 3's job runner (GenAI jobs) would take both cores for a minute after the start; the UI needs none of it.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return _start("MLflow", command, env=env, url=url, health_url=f"{url}/health")
+    from tracking.client import TRAINING_VIEW
+
+    page = f"{url}/#/experiments?{TRAINING_VIEW}"  # the training runs, not MLflow 3's GenAI pages
+    return _start("MLflow", command, env=env, url=url, health_url=f"{url}/health", page=page)
 
 
 def _script(name: str) -> str:
@@ -120,10 +125,10 @@ def _script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _start(name: str, command: list[str], *, env: dict[str, str], url: str, health_url: str) -> UiServer:
+def _start(name: str, command: list[str], *, env: dict[str, str], url: str, health_url: str, page: str) -> UiServer:
     log = wmtp_home() / "ui" / f"{name.lower()}.log"
     process = processes.start_in_own_session(command, log=log, env=env)
-    return UiServer(name=name, url=url, health_url=health_url, process=process, log=log)
+    return UiServer(name=name, url=url, health_url=health_url, page=page, process=process, log=log)
 
 
 def serve_until_stopped(planned: list[Callable[[], UiServer]]) -> None:
@@ -140,7 +145,7 @@ def serve_until_stopped(planned: list[Callable[[], UiServer]]) -> None:
         print(f"starting {_names(servers)} (up to a minute; logs in {servers[0].log.parent})", file=sys.stderr)
         for server in servers:
             _wait_until_up(server)
-            print(f"{server.name} UI: {server.url}", flush=True)
+            print(f"{server.name} UI: {server.page}", flush=True)
         print("Ctrl-C stops them.", file=sys.stderr)
         _watch(servers)
     except (KeyboardInterrupt, _Stopped):

@@ -50,6 +50,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{wmtp_home() / 'mlflow.db'}"
 
 
+TRAINING_VIEW = "workflowType=machine_learning"
+"""A query on an MLflow UI address that opens it on training runs: MLflow 3.x's UI shows its GenAI pages (traces)
+until a person switches to "Model training", whatever the experiment's mlflow.experimentKind tag says."""
+
+
 def ui_command() -> str:
     """How to open the MLflow UI on the store this process uses."""
     uri = tracking_uri()
@@ -350,8 +355,8 @@ def run_link(run_dir: Path) -> str | None:
     info = json.loads(recorded.read_text())
     uri, run_id, experiment_id = info["tracking_uri"], info["mlflow_run_id"], info.get("experiment_id", "0")
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"#/experiments/{experiment_id}/runs/{run_id} in the MLflow UI that `uv run wmtp ui` opens"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW} in the MLflow UI that `uv run wmtp ui` opens"
 
 
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:

@@ -23,7 +23,7 @@ from support.recipes import TINY_OVERRIDES
 from deployments.server_processes import free_port
 from deployments.ui import choose_port
 
-URL_LINE = re.compile(r"^(Prefect|MLflow) UI: (http://127\.0\.0\.1:\d+)$")
+URL_LINE = re.compile(r"^(Prefect|MLflow) UI: (http://127\.0\.0\.1:\d+)(\S*)$")
 
 
 @pytest.mark.slow
@@ -111,6 +111,8 @@ def _printed_urls(ui: subprocess.Popen, *, timeout_s: float) -> dict[str, str]:
             raise AssertionError(f"wmtp ui printed {urls} within {timeout_s} s") from None
         if match := URL_LINE.match(line.strip()):
             urls[match[1]] = match[2]
+            if match[1] == "MLflow":  # a page that opens on the training runs, not MLflow 3's GenAI pages
+                assert match[3] == "/#/experiments?workflowType=machine_learning", line
     return urls
 
 
