@@ -356,7 +356,8 @@ def run_link(run_dir: Path) -> str | None:
     uri, run_id, experiment_id = info["tracking_uri"], info["mlflow_run_id"], info.get("experiment_id", "0")
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
-    return f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW} in the MLflow UI that `uv run wmtp ui` opens"
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+    return f"http://127.0.0.1:5000/{page} (with `uv run wmtp ui` open; its port if 5000 was taken)"
 
 
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:
