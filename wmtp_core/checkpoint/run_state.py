@@ -179,9 +179,11 @@ def _submit_sharded(
     shards = gather_sharded_state(pieces.model, pieces.optimizer)
     group = background_group(ctx, timeout_s=timeout_s) if writer.background else None
 
-    needed = state_bytes(shards) * ctx.world_size + state_bytes(train_state)  # every rank's shards, about
+    def needed() -> int:
+        return state_bytes(shards) * ctx.world_size + state_bytes(train_state)  # every rank's shards, about
+
     # rank 0 made the staging directory: it removes it if the save fails
-    owned = removed_on_failure(staging, step=step, needed_bytes=needed) if ctx.is_main else contextlib.nullcontext()
+    owned = removed_on_failure(staging, step=step, needed=needed) if ctx.is_main else contextlib.nullcontext()
 
     def write() -> Path:
         with owned:

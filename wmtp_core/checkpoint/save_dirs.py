@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from wmtp_core.checkpoint.manifest import CheckpointError, checkpoints_dir
@@ -39,14 +39,16 @@ def staging_dir(run_dir: Path, step: int, *, owner: str) -> Path:
 
 
 @contextlib.contextmanager
-def removed_on_failure(staging: Path, *, step: int, needed_bytes: int) -> Iterator[Path]:
+def removed_on_failure(staging: Path, *, step: int, needed: Callable[[], int]) -> Iterator[Path]:
     """staging for the block; if the block fails, staging is removed (space back, nothing left behind) and a
-    failure for want of space is raised as OutOfSpaceError."""
+    failure for want of space is raised as OutOfSpaceError. needed() gives the checkpoint's size in bytes: asked
+    only on failure, so a save that succeeds does not walk its state for it."""
     try:
         yield staging
     except BaseException as error:
         free = shutil.disk_usage(staging.parent).free  # before the removal gives the partial files' space back
         shutil.rmtree(staging, ignore_errors=True)  # ignore_errors: it may be partly gone, or never renamed to
+        needed_bytes = needed()
         if _for_want_of_space(error, free=free, needed_bytes=needed_bytes):
             raise OutOfSpaceError(
                 f"no space left for the checkpoint of step {step} in {staging.parent}: it needs about "

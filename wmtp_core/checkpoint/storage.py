@@ -61,7 +61,7 @@ def save_checkpoint(
     either writing thread, follows the bytes written.
     """
     staging = staging_dir(run_dir, step, owner=str(os.getpid()))
-    with removed_on_failure(staging, step=step, needed_bytes=state_bytes(model_state, train_state)):
+    with removed_on_failure(staging, step=step, needed=lambda: state_bytes(model_state, train_state)):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-model-file") as pool:
             model_file = pool.submit(
                 save_safetensors_hashed, model_state, staging / MODEL_FILE, pipelined=False, on_bytes=on_bytes
