@@ -6,13 +6,15 @@ This module imports no torch, so flows can use it as a Prefect parameter type an
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+RUN_NAME_PATTERN = rf"^{_RUN_NAME}$"
 
 
 class RecipeError(ValueError):
@@ -28,6 +30,11 @@ class RunConfig(_Section):
     """Run name: the directory under $WMTP_HOME/runs and the MLflow run name; null generates one."""
     tags: list[str] = []
     """Free-form tags recorded on the MLflow run."""
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_says_what_to_change(cls, value: object) -> object:
+        return check_run_name(value) if isinstance(value, str) else value  # before the pattern's terse message
 
 
 class ModelConfig(_Section):
@@ -332,7 +339,13 @@ def _check_ray_devices(devices: DevicesConfig, ray: RayConfig) -> None:
 
 def check_run_name(name: str) -> str:
     """Return name if it is a safe directory name, else raise RecipeError saying what is allowed."""
-    if not re.match(RUN_NAME_PATTERN, name):
+    control = [c for c in name if unicodedata.category(c) == "Cc"]
+    if control:
+        raise RecipeError(
+            f"run name {name!r} holds the control character {control[0]!r} (a pasted newline or tab?): remove it"
+        )
+    # fullmatch: re.match with the pattern's `$` would accept a trailing newline
+    if not re.fullmatch(_RUN_NAME, name):
         raise RecipeError(
             f"run name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting "
             f"with a letter or digit"

@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo): DDP and FSDP2 train, save full and sharded checkpoints, and resume on two
-processes or on one with the same loss trajectory and weights as an uninterrupted run.
+processes or on one with the same loss trajectory, weights and tokens_seen (all ranks' tokens) as an uninterrupted
+run.
 
 The global batch is the same everywhere: 2 processes x 1 micro-batch, or 1 process x 2 accumulated micro-batches.
 Every torchrun call is bounded by a subprocess timeout, so a hang fails the test instead of stalling CI.
@@ -58,6 +59,12 @@ def torchrun_reports(recipe, run_dir: Path, *, resume: str | None = None) -> tup
 
 def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
     return full_model_state(run_dir / "checkpoints" / f"step_{step:08d}")
+
+
+def tokens_seen(run_dir: Path, step: int = 6) -> int:
+    """The tokens_seen a checkpoint saved (train_state.pt's progress)."""
+    state_file = run_dir / "checkpoints" / f"step_{step:08d}" / "train_state.pt"
+    return torch.load(state_file, weights_only=True)["progress"]["tokens_seen"]
 
 
 # Measured here (torch 2.15, CPU gloo): FSDP1's FSDP.optim_state_dict with use_orig_params=True returns each
@@ -135,6 +142,7 @@ def test_resume_on_one_process_matches_the_uninterrupted_run(straight_runs, layo
         on_metrics=lambda step, metrics: losses.update({step: metrics["loss"]}) if "loss" in metrics else None,
     )
     assert result.resumed_from_step == 4 and result.steps == 6
+    assert tokens_seen(tmp_path) == tokens_seen(straight_dir)  # a count of all ranks' tokens goes on at 1 process
     assert losses == pytest.approx({s: straight_losses[s] for s in (5, 6)}, rel=1e-5)
     assert_same_weights(final_weights(straight_dir), final_weights(tmp_path))
 

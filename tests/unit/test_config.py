@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from wmtp_core.config import Recipe, RecipeError, check_run_name, with_run_name
+from wmtp_core.config import Recipe, RecipeError, RunConfig, check_run_name, with_run_name
 from wmtp_core.recipes import flatten_recipe, load_recipe, recipe_to_yaml
 
 PUBLIC_KEYS = [
@@ -172,6 +172,14 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
 def test_check_run_name_rejects_path_escapes_and_odd_names(name):
     with pytest.raises(RecipeError):
         check_run_name(name)
+
+
+@pytest.mark.parametrize("name", ["run1\n", "run1\r\n", "run\t1", "\x1brun1", "run1\x7f", "run1\x00"])
+def test_run_name_with_a_control_character_is_refused_with_what_to_remove(name):
+    with pytest.raises(RecipeError, match="control character .* remove it"):
+        check_run_name(name)
+    with pytest.raises(ValidationError, match="control character .* remove it"):
+        RunConfig(name=name)
 
 
 @pytest.mark.parametrize("name", ["run1", "baseline-mtp-20250101-120000", "a.b_c-d", "x" * 64])

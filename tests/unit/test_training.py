@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoi
 from wmtp_core.config import PhaseGates
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train_step
-from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts, train_state_from
 
 
 def _plan(recipe):
@@ -81,6 +82,15 @@ def test_non_finite_loss_skips_the_update_and_counts_it(tiny_recipe):
     after = dict(parts.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) or torch.isnan(before[n]).any() for n in before)
     assert not parts.optimizer.state  # AdamW never stepped
+
+
+def test_a_checkpoint_that_counted_rank_0s_tokens_resumes_with_the_count_of_all_ranks():
+    legacy = {
+        key: value for key, value in asdict(TrainState(step=4, tokens_seen=3000)).items() if key != "tokens_global"
+    }
+    assert train_state_from(legacy, saved_world_size=2).tokens_seen == 6000  # rank 0's count x 2 processes
+    current = asdict(TrainState(step=4, tokens_seen=6000))
+    assert train_state_from(current, saved_world_size=2).tokens_seen == 6000  # already all ranks'
 
 
 def test_metrics_reach_the_callback(tiny_recipe, tmp_path):

@@ -185,6 +185,15 @@ def max_over_ranks(value: int, ctx: DistContext) -> int:
     return int(tensor.item())
 
 
+def sum_over_ranks(count: torch.Tensor, ctx: DistContext) -> int:
+    """An integer count (a 0-d tensor) summed over every rank, exactly (int64), on every rank."""
+    if not ctx.active:
+        return int(count)
+    total = count.reshape(1).to(device=ctx.device, dtype=torch.int64, copy=True)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total.item())
+
+
 def barrier(ctx: DistContext, group: dist.ProcessGroup | None = None) -> None:
     if ctx.active:
         dist.barrier(group=group)

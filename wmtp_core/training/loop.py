@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from wmtp_core.algorithms.losses import uniform_weights, valid_mask, weighted_mtp_loss
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, head_losses
+from wmtp_core.checkpoint.manifest import read_manifest
 from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint, save_run_checkpoint
 from wmtp_core.checkpoint.writer import CheckpointWriter
 from wmtp_core.config import Recipe
@@ -33,11 +34,12 @@ from wmtp_core.runtime.distributed import (
     check_strategy,
     max_over_ranks,
     reshard_after_forward_only,
+    sum_over_ranks,
 )
 from wmtp_core.runtime.resources import training_resources
 from wmtp_core.runtime.stopping import STOP_REASONS, StopRequest, TrainingInterrupted
 from wmtp_core.training.critic_stage1 import pretrain_value_head
-from wmtp_core.training.parts import RunParts, TrainState, batch_stream, build_run_parts
+from wmtp_core.training.parts import RunParts, TrainState, batch_stream, build_run_parts, train_state_from
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -94,7 +96,7 @@ def train(
         restored = restore_run_checkpoint(
             parts.pieces(), start.checkpoint, ctx=ctx, state_dicts=gates.state_dicts, verified=True
         )
-        state = TrainState(**restored)
+        state = train_state_from(restored, saved_world_size=read_manifest(start.checkpoint)["world_size"])
     resumed_from = state.step if not start.fresh else None
     report = (on_metrics or (lambda step, metrics: None)) if ctx.is_main else (lambda step, metrics: None)
     writer = CheckpointWriter(background=recipe.checkpoint.async_save)
@@ -138,7 +140,7 @@ def train(
         initial_eval_loss=state.initial_eval_loss,
         final_eval_loss=evaluate(parts, plan),
         latest_checkpoint=str(latest),
-        tokens_per_s=(state.tokens_seen - start_tokens) * ctx.world_size / max(elapsed, 1e-9),
+        tokens_per_s=(state.tokens_seen - start_tokens) / max(elapsed, 1e-9),
         skipped_steps=state.skipped_steps,
         resumed_from_step=resumed_from,
         stop_reason=stop_reason,
@@ -193,8 +195,7 @@ def run_steps(
         step = state.step
         if step % train_cfg.log_every == 0:
             now = time.perf_counter()
-            tokens = (state.tokens_seen - window_tokens) * parts.ctx.world_size
-            metrics["tokens_per_s"] = tokens / max(now - window_start, 1e-9)
+            metrics["tokens_per_s"] = (state.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
             window_start, window_tokens = now, state.tokens_seen
             if parts.ctx.is_main:
                 log_progress(step, metrics, recipe)
@@ -217,6 +218,7 @@ def train_step(
     parts.model.train()
     accumulation = recipe.train.grad_accumulation_steps
     totals: dict[str, torch.Tensor] = {}
+    num_tokens = torch.zeros((), dtype=torch.int64, device=plan.device)
     for _ in range(accumulation):
         batch = next(batches)
         mb = MicroBatch.from_batch(batch, device=plan.device, pad_id=parts.pad_id)
@@ -224,10 +226,11 @@ def train_step(
         parts.scaler.scale(loss / accumulation).backward()
         for name, value in {"loss": loss.detach(), **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value.float() / accumulation
-        state.tokens_seen += int(mb.valid_BT.sum())
+        num_tokens += mb.valid_BT.count_nonzero()
     # One host sync for every metric; the loss is needed on the host anyway to decide whether to update. Under
     # torchrun the metrics are averaged over ranks first, so every rank takes the same skip decision.
     values = dict(zip(totals, all_reduce_mean(torch.stack(list(totals.values())), parts.ctx).tolist()))
+    state.tokens_seen += sum_over_ranks(num_tokens, parts.ctx)
     grad_norm = apply_update(parts, recipe=recipe, loss_ok=math.isfinite(values["loss"]))
     if grad_norm is None:
         state.skipped_steps += 1
