@@ -12,10 +12,11 @@ from support.recipes import with_sections
 from support.training import device_plan, plan_and_train
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint, list_checkpoints
+from wmtp_core.checkpoint.run_state import progress_counting_every_rank
 from wmtp_core.config import PhaseGates
 from wmtp_core.runtime.devices import probe_environment
 from wmtp_core.training.loop import train_step
-from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts, train_state_from
+from wmtp_core.training.parts import TrainState, batch_stream, build_run_parts
 
 
 def _plan(recipe):
@@ -88,9 +89,9 @@ def test_a_checkpoint_that_counted_rank_0s_tokens_resumes_with_the_count_of_all_
     legacy = {
         key: value for key, value in asdict(TrainState(step=4, tokens_seen=3000)).items() if key != "tokens_global"
     }
-    assert train_state_from(legacy, saved_world_size=2).tokens_seen == 6000  # rank 0's count x 2 processes
+    assert TrainState(**progress_counting_every_rank(legacy, saved_world_size=2)).tokens_seen == 6000  # x 2 ranks
     current = asdict(TrainState(step=4, tokens_seen=6000))
-    assert train_state_from(current, saved_world_size=2).tokens_seen == 6000  # already all ranks'
+    assert progress_counting_every_rank(current, saved_world_size=2)["tokens_seen"] == 6000  # already all ranks'
 
 
 def test_metrics_reach_the_callback(tiny_recipe, tmp_path):

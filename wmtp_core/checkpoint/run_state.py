@@ -249,7 +249,7 @@ def restore_run_checkpoint(
     if train_state["scaler"]:
         pieces.scaler.load_state_dict(train_state["scaler"])
     restore_rng(_rng_for_rank(train_state["rng_per_rank"], ctx, saved_world=manifest["world_size"]))
-    progress = train_state["progress"]
+    progress = progress_counting_every_rank(train_state["progress"], saved_world_size=manifest["world_size"])
     log.info(
         "resumed from %s at step %d (saved by %d processes, now %d)",
         path,
@@ -258,6 +258,15 @@ def restore_run_checkpoint(
         ctx.world_size,
     )
     return progress
+
+
+def progress_counting_every_rank(progress: dict, *, saved_world_size: int) -> dict:
+    """A checkpoint's progress with tokens_seen counting every rank's tokens. One written before that count was
+    global holds rank 0's count (and no tokens_global): scaled by the number of processes that saved it, exact on
+    one process and an estimate on more (each rank trains on about as many tokens)."""
+    if progress.get("tokens_global", False):
+        return progress
+    return {**progress, "tokens_seen": progress["tokens_seen"] * saved_world_size, "tokens_global": True}
 
 
 def _checked_on_rank0(pieces: RunPieces, path: Path, *, ctx: DistContext, verified: bool) -> tuple[dict, dict]:

@@ -20,7 +20,6 @@ from torch.distributed.tensor import DTensor
 
 from wmtp_core.algorithms.losses import uniform_weights, valid_mask, weighted_mtp_loss
 from wmtp_core.algorithms.objective import MicroBatch, algorithm_loss, head_losses
-from wmtp_core.checkpoint.manifest import read_manifest
 from wmtp_core.checkpoint.run_state import SaveSettings, restore_run_checkpoint, save_run_checkpoint
 from wmtp_core.checkpoint.writer import CheckpointWriter
 from wmtp_core.config import Recipe
@@ -39,7 +38,7 @@ from wmtp_core.runtime.distributed import (
 from wmtp_core.runtime.resources import training_resources
 from wmtp_core.runtime.stopping import STOP_REASONS, StopRequest, TrainingInterrupted
 from wmtp_core.training.critic_stage1 import pretrain_value_head
-from wmtp_core.training.parts import RunParts, TrainState, batch_stream, build_run_parts, train_state_from
+from wmtp_core.training.parts import RunParts, TrainState, batch_stream, build_run_parts
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -96,7 +95,7 @@ def train(
         restored = restore_run_checkpoint(
             parts.pieces(), start.checkpoint, ctx=ctx, state_dicts=gates.state_dicts, verified=True
         )
-        state = train_state_from(restored, saved_world_size=read_manifest(start.checkpoint)["world_size"])
+        state = TrainState(**restored)
     resumed_from = state.step if not start.fresh else None
     report = (on_metrics or (lambda step, metrics: None)) if ctx.is_main else (lambda step, metrics: None)
     writer = CheckpointWriter(background=recipe.checkpoint.async_save)

@@ -44,15 +44,6 @@ class TrainState:
     """tokens_seen counts every rank's tokens; absent from checkpoints that counted rank 0's only."""
 
 
-def train_state_from(progress: dict, *, saved_world_size: int) -> TrainState:
-    """The TrainState a checkpoint saved. A checkpoint written before tokens_seen was a global count holds rank 0's
-    count (and no tokens_global): it is scaled by the number of processes that saved it, exact on one process and
-    an estimate on more (each rank trains on about as many tokens)."""
-    if not progress.get("tokens_global", False):
-        progress = {**progress, "tokens_seen": progress["tokens_seen"] * saved_world_size, "tokens_global": True}
-    return TrainState(**progress)
-
-
 @dataclass
 class RunParts:
     """Everything a training run holds in memory; built once per run, never passed between Prefect tasks."""
