@@ -4,7 +4,9 @@ what it reports."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -14,13 +16,32 @@ from flows.temporary_server import default_prefect_environment, start_temporary_
 from wmtp_core.config import EvaluationConfig
 from wmtp_core.layout import RunLayout
 from wmtp_core.run.summary import RunSummary, read_summary
+from wmtp_core.runtime.run_lock import RunLockedError, run_lock
 
 if TYPE_CHECKING:
     from wmtp_core.run.plan import PlannedRun
 
 
 def run_flow(planned: PlannedRun, *, resume: bool, as_json: bool) -> None:
-    """Write the plan, run wmtp-train on it and print its summary; exit 1 on failure (130 after Ctrl-C)."""
+    """Write the plan, run wmtp-train on it and print its summary; exit 1 on failure (130 after Ctrl-C), and at once,
+    with nothing of the run touched, while another process trains the run."""
+    with held_or_refused(planned.plan.run_dir):  # before the plan is written; the flow's own hold nests in it
+        _run_train_flow(planned, resume=resume, as_json=as_json)
+
+
+@contextmanager
+def held_or_refused(run_dir: Path) -> Iterator[None]:
+    """The run's lock held for the block; held by another process: its name on one error line, exit 1."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(run_lock(run_dir))
+        except RunLockedError as refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            raise typer.Exit(FAILURE) from None
+        yield
+
+
+def _run_train_flow(planned: PlannedRun, *, resume: bool, as_json: bool) -> None:
     default_prefect_environment()  # before prefect is first imported: it reads its settings then
     server_ready = start_temporary_server()
     from flows.train import wmtp_train

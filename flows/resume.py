@@ -1,7 +1,8 @@
 """Flow `wmtp-resume`: continue a run from its newest valid checkpoint (what the scheduled deployment runs).
 
 A run already at its target finishes at once (Completed, with a message); a run without a checkpoint fails with
-one that says so. Otherwise it trains and uploads exactly as `wmtp-train` does, optionally within a time budget.
+one that says so, and so does a run another process is training (left untouched: flows.train.holding_the_run).
+Otherwise it trains and uploads exactly as `wmtp-train` does, optionally within a time budget.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 
 from flows.parameters import BudgetMinutes, RunName, TargetSteps
-from flows.train import execute_plan, one_line
+from flows.train import execute_plan, holding_the_run, one_line
 from tasks.environment import probe_environment
 from tasks.run_setup import make_run_plan
 from wmtp_core.layout import RunLayout
@@ -38,6 +39,12 @@ def wmtp_resume(
             message=f"run {run_name!r} has no valid checkpoint to resume from (no such run in "
             f"{layout.root.parent}); start it with wmtp-train"
         )
+    return holding_the_run(layout.root, lambda: resume_run(layout, target_steps, budget_minutes))
+
+
+def resume_run(layout: RunLayout, target_steps: int | None, budget_minutes: float | None) -> dict | State:
+    """Plan the resume (the run's recipe, target_steps and budget applied) and execute it, unless it is complete."""
+    run_name = layout.name
     overrides = [f"train.max_steps={target_steps}"] if target_steps is not None else []
     recipe = load_recipe(layout.recipe, overrides)
     budget_s = budget_minutes * 60 if budget_minutes else None

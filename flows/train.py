@@ -4,6 +4,8 @@ summarise."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -19,10 +21,12 @@ from tasks.training import train_model, train_reference
 from tasks.upload import open_tracking_run, record_pending_uploads, upload_artifacts
 from tracking.client import run_link
 from wmtp_core.checkpoint.manifest import Verdicts
-from wmtp_core.config import PhaseGates, Recipe
+from wmtp_core.config import PhaseGates, Recipe, generate_run_name, with_run_name
+from wmtp_core.layout import run_dir
 from wmtp_core.run.plan import RunPlan, read_plan
 from wmtp_core.run.start import choose_checkpoint
 from wmtp_core.run.summary import EvaluationOutcome, RunSummary
+from wmtp_core.runtime.run_lock import RunLockedError, run_lock
 
 
 def train_flow_run_name() -> str:
@@ -63,10 +67,28 @@ def wmtp_train(
                 "plan_file holds the recipe, gates and start point: leave recipe, phases and resume at their "
                 "defaults, or leave plan_file empty"
             )
-        return execute_plan(plan_file)
+        return holding_the_run(read_plan(Path(plan_file)).run_dir, lambda: execute_plan(plan_file))
     if phases is not None:
         recipe = recipe.model_copy(update={"phases": phases})
-    return execute_plan(make_run_plan(recipe, resume=resume, probe=probe_environment(recipe)))
+    recipe = with_run_name(recipe, recipe.run.name or generate_run_name(recipe))  # named first: the lock is the run's
+    return holding_the_run(
+        run_dir(recipe.run.name),
+        lambda: execute_plan(make_run_plan(recipe, resume=resume, probe=probe_environment(recipe))),
+    )
+
+
+def holding_the_run(directory: Path, body: Callable[[], dict | State]) -> dict | State:
+    """body while this process holds the run's lock, taken before anything of the run is written (the CLI takes it
+    before it writes the plan; this hold then nests in its own). While another process trains the run, the flow run
+    fails at once with the holder named, and that run is left exactly as it was: no plan, recipe, summary, tracking
+    file, MLflow run status or log of it is touched."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(run_lock(directory))
+        except RunLockedError as refusal:
+            get_run_logger().error("%s", refusal)
+            return Failed(message=str(refusal))
+        return body()
 
 
 def execute_plan(plan_file: str) -> dict | State:

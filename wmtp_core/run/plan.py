@@ -124,7 +124,7 @@ def write_plan(planned: PlannedRun) -> Path:
     """Create the run directory and write the recipe, the data copy and the plan (last); returns the plan's path."""
     plan, layout = planned.plan, planned.plan.layout
     layout.root.mkdir(parents=True, exist_ok=True)
-    layout.recipe.write_text(recipe_to_yaml(plan.recipe))
+    write_atomically(layout.recipe, recipe_to_yaml(plan.recipe))
     if planned.data_text is not None:
         write_atomically(layout.data, planned.data_text)
     return save_plan(plan)

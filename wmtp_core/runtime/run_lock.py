@@ -5,6 +5,9 @@ left by a crashed pod or a restarted container never blocks a resume, and there 
 file is never unlinked (a process that opened it before the unlink would lock an orphan inode while a newcomer
 locks a fresh file); its content only names the holder (host, pid, since) for the refusal message.
 
+The holder is a process: nested holds in it (the CLI around its flow run, the flow around its training task) share
+its one hold, which ends with the outermost. So whoever is refused is refused before it touches anything of the run.
+
 Network file systems: Linux emulates flock on NFS with POSIX byte-range locks held by the NFS server, so the
 lock excludes trainers on every client that mounts the run directory. When a client dies, an NFSv4 server
 keeps its locks until the client's lease expires (90 s by default), so a resume started within that time is
@@ -19,6 +22,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,17 +35,33 @@ class RunLockedError(RuntimeError):
     """Another live process is training this run."""
 
 
+_held: dict[str, list[int]] = {}
+"""The run locks this process holds: lock file path -> [descriptor, nesting depth]."""
+_held_guard = threading.Lock()
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run's lock for the duration of the block (released on any exit, and by the kernel on death)."""
-    fd = _acquire(RunLayout(run_dir).lock)
+    """Hold the run's lock for the duration of the block (released on any exit, and by the kernel on death); a hold
+    nested in this process's own shares it. Raises RunLockedError, naming the holder, when another process holds it."""
+    key = os.path.realpath(RunLayout(run_dir).lock)
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            _held[key] = [_acquire(Path(key)), 1]
     try:
         yield
     finally:
-        os.close(fd)  # closing the last descriptor releases the flock
+        with _held_guard:
+            _held[key][1] -= 1
+            if not _held[key][1]:
+                os.close(_held.pop(key)[0])  # closing the last descriptor releases the flock
 
 
 def _acquire(path: Path) -> int:
+    # Looked up by path, never by opening the file again: on NFS a flock is a POSIX lock, which closing any other
+    # descriptor of the file in this process would release.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:

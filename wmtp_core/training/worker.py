@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.result and (ctx.is_main or not outcome["ok"]):
             write_atomically(rank_result_file(args.result, ctx.rank), json.dumps(outcome))
         shutdown_distributed()
-    if launched_by_torchrun() and run_plan.gates.explicit_cleanup:
+    if launched_by_torchrun():  # on either gate: the legacy path's FSDP1 ranks aborted in teardown too (CI, exit -6)
         exit_without_interpreter_teardown(status)
     return status
 
@@ -120,14 +120,15 @@ def _configure_logging(rank: int, *, prefix: str) -> None:
 
 
 def exit_without_interpreter_teardown(status: int) -> None:
-    """End a torchrun rank (with explicit cleanup) as a normal exit would, minus the interpreter's teardown.
+    """End a torchrun rank as a normal exit would, minus the interpreter's teardown.
 
     Functional collectives (FSDP2's DTensors use them) keep the gloo process group alive after
     destroy_process_group, its threads still running (torch 2.15, CPU). Tearing the interpreter down under those
     threads now and then aborts a rank that has finished ("terminate called without an active exception", exit
-    -6: 1 in 15 runs of one series here, once in CI), and torchrun reports the whole job failed. The exit handlers
-    still run first: multiprocessing's releases the semaphores of any DataLoader queue still alive (without it the
-    resource tracker reports them leaked) and logging's flushes the log.
+    -6: 1 in 15 runs of one series here, once in CI; an FSDP1 rank on the legacy API once in CI too), and torchrun
+    reports the whole job failed. The exit handlers still run first: multiprocessing's releases the semaphores of
+    any DataLoader queue still alive (without it the resource tracker reports them leaked) and logging's flushes
+    the log.
     """
     atexit._run_exitfuncs()  # what sys.exit would run; the teardown that follows it is what os._exit skips
     sys.stdout.flush()
