@@ -133,6 +133,11 @@ class RunLayout:
         return self.root / "torchrun_result.json"
 
     @property
+    def other_nodes(self) -> Path:
+        """A manual multi-node torchrun job's command for the other nodes, shell-quoted (the flow's node writes it)."""
+        return self.root / "other-nodes.sh"
+
+    @property
     def verify_result(self) -> Path:
         """Where the process `wmtp verify` launches for this run writes its outcome."""
         return self.root / "verify_result.json"

@@ -17,13 +17,25 @@ import logging
 import os
 import queue
 import re
+import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wmtp_core.launch.job_signals import forwarded_stop_signals, stop_job
+from wmtp_core.launch.job_signals import forwarded_stop_signals, kill_job, stop_job
+from wmtp_core.launch.other_nodes import Rendezvous, node_count
+from wmtp_core.launch.rank_report import (
+    POLL_S,
+    EndedJob,
+    RankWatch,
+    failed_first,
+    failure_message,
+    silence_message,
+    wait_for_rank_0,
+)
 from wmtp_core.run.plan import RunPlan
 from wmtp_core.training.worker import (
     EXIT_TERMINATED,
@@ -42,7 +54,6 @@ class WorkerInterrupted(RuntimeError):
     """The job was stopped by SIGTERM after saving a checkpoint."""
 
 
-_ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")  # torchrun's "Root Cause" block
 _TEE_PREFIX = re.compile(r"^\[default\d+\]:")  # what torchrun puts before each line it tees to the console
 
 
@@ -98,31 +109,69 @@ def run_job(
     typed error otherwise."""
     for stale in [result_file, *result_file.parent.glob(f"{result_file.stem}.rank*{result_file.suffix}")]:
         stale.unlink(missing_ok=True)
-    log.info("launching: %s", " ".join(command))
-    log_dir = _log_dir(command)
+    log.info("launching: %s", shlex.join(command))
+    nnodes, log_dir, name = node_count(command), _log_dir(command), _job_name(command)
+    rendezvous = Rendezvous.for_job(command, log_dir, silence_timeout_s) if nnodes > 1 else None
+    if rendezvous is not None:
+        log.info("the other %d node(s) run: bash %s", nnodes - 1, shlex.quote(str(rendezvous.script)))
     jobs_before = _job_dirs(log_dir)
     # A session of its own: the terminal's Ctrl-C reaches this process only, which passes it on (job_signals).
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
     )
+    watch = RankWatch(process.pid, log_dir)
+    rendezvous_by = time.monotonic() + rendezvous.wait_s if rendezvous is not None else None
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
     tail: list[str] = []
+    silence: Exception | None = None
     with forwarded_stop_signals(process, log) as signals:
-        while (line := _next_line(lines, process, silence_timeout_s, _job_name(command))) is not None:
-            if line.startswith(METRICS_PREFIX):
-                report = json.loads(line[len(METRICS_PREFIX) :])
-                if on_metrics is not None:
-                    on_metrics(report["step"], report["metrics"])
-                continue
-            log.info("%s", line)
-            if line.strip():
-                tail = (tail + [line])[-60:]
+        try:
+            while (line := _next_line(lines, watch, silence_timeout_s, rendezvous_by)) is not None:
+                if line.startswith(METRICS_PREFIX):
+                    report = json.loads(line[len(METRICS_PREFIX) :])
+                    if on_metrics is not None:
+                        on_metrics(report["step"], report["metrics"])
+                    continue
+                log.info("%s", line)
+                if line.strip():
+                    tail = (tail + [line])[-60:]
+        except _Blocked:  # a rank failed and a stopped one holds torchrun's teardown: its outcome still follows
+            kill_job(process)
+        except _Silent as quiet:
+            silence = _stop_silent(process, quiet, watch, rendezvous, f"{name} printed nothing", silence_timeout_s)
         status = process.wait()
+    if silence is not None:
+        raise silence
     new_jobs = [job for job in _job_dirs(log_dir) if job not in jobs_before]
-    job_dir = new_jobs[-1] if new_jobs else None
-    name = _job_name(command)
-    return _outcome(status, result_file, tail, job_dir=job_dir, interrupted=signals.interrupted, name=name)
+    job = EndedJob(name, new_jobs[-1] if new_jobs else None, watch, tail)
+    return _outcome(status, result_file, job, interrupted=signals.interrupted, nnodes=nnodes)
+
+
+class _Silent(Exception):
+    """The job printed nothing for too long, or (rendezvous) its ranks never started."""
+
+    def __init__(self, *, rendezvous: bool):
+        self.rendezvous = rendezvous
+
+
+class _Blocked(Exception):
+    """A rank ended while another is stopped: torchrun would wait 30 s for the stopped one before it kills it."""
+
+
+def _stop_silent(
+    process: subprocess.Popen, quiet: _Silent, watch: RankWatch, rendezvous: Rendezvous | None, said: str, wait_s: float
+) -> Exception:
+    """Stop a silent job and return the error saying why, read before the stop: stopping changes what ranks show."""
+    if quiet.rendezvous:
+        kill_job(process)  # no rank started: nothing to save
+        return rendezvous.failure()
+    error = TimeoutError(silence_message(said, wait_s, watch))
+    if watch.stopped:  # a stopped rank cannot save, and torchrun would wait 30 s for it after SIGTERM
+        kill_job(process)
+    else:
+        stop_job(process)
+    return error
 
 
 def _job_name(command: list[str]) -> str:
@@ -146,78 +195,54 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _next_line(lines: queue.Queue, process: subprocess.Popen, silence_timeout_s: float, name: str) -> str | None:
-    try:
-        return lines.get(timeout=silence_timeout_s)
-    except queue.Empty:
-        stop_job(process)
-        raise TimeoutError(
-            f"{name} printed nothing for {silence_timeout_s:.0f} s (devices.timeout_s): stopped it; "
-            "a rank is probably stuck; resume continues from the newest checkpoint"
-        ) from None
+def _next_line(lines: queue.Queue, watch: RankWatch, silence_s: float, rendezvous_by: float | None) -> str | None:
+    """The job's next line; while none comes, look at the ranks (started at all? one stopped while another ended?)."""
+    deadline = time.monotonic() + silence_s
+    while True:
+        watch.poll()
+        now = time.monotonic()
+        if rendezvous_by is not None and now >= rendezvous_by and not watch.started:
+            raise _Silent(rendezvous=True)
+        if now >= deadline:
+            raise _Silent(rendezvous=False)
+        if watch.teardown_blocked:
+            raise _Blocked
+        try:
+            return lines.get(timeout=min(POLL_S, deadline - now))
+        except queue.Empty:
+            continue
 
 
-def _outcome(
-    status: int,
-    result_file: Path,
-    tail: list[str],
-    *,
-    job_dir: Path | None = None,
-    interrupted: bool = False,
-    name: str = "torchrun",
-) -> dict:
-    outcome = json.loads(result_file.read_text()) if result_file.is_file() else {"ok": False}
+def _outcome(status: int, result_file: Path, job: EndedJob, *, interrupted: bool, nnodes: int) -> dict:
+    if nnodes > 1:
+        wait_for_rank_0(job.watch, result_file)
+    outcome = _read_outcome(result_file)
     # After Ctrl-C torchrun exits non-zero (it re-raises the signal) though every rank saved and returned.
     if outcome.get("ok") and (status == 0 or interrupted):
         return outcome["result"]
     if interrupted:  # Ctrl-C before the ranks could stop cleanly (e.g. still starting): not a failure to retry
         raise WorkerInterrupted(
-            f"stopped by Ctrl-C ({name} exited {status}); resume continues from the newest checkpoint"
+            f"stopped by Ctrl-C ({job.name} exited {status}); resume continues from the newest checkpoint"
         )
-    failed_rank, failed_local_rank = _root_cause_rank(tail)
-    if failed_rank not in (None, 0):
-        outcome = _rank_outcome(result_file, failed_rank) or outcome
+    rank, _ = failed_first(job)
+    if rank not in (None, 0):  # that rank's own outcome, or none: never rank 0's error in its name
+        outcome = _read_outcome(rank_result_file(result_file, rank))
     error_type, message = outcome.get("error_type"), outcome.get("message")
     if status == EXIT_TERMINATED or error_type == "TrainingInterrupted":
-        raise WorkerInterrupted(message or f"{name} exited {status} after SIGTERM")
+        raise WorkerInterrupted(message or f"{job.name} exited {status} after SIGTERM")
     if error_type in INPUT_ERROR_TYPES:
         raise WorkerInputError(f"{error_type}: {message}")
-    who = f"rank {failed_rank} failed first, " if failed_rank is not None else ""
-    cause = f"{error_type}: {message}" if error_type else "died without reporting an error (killed?)"
-    own_log = _rank_log_tail(job_dir, failed_local_rank)
-    last = "\n".join(own_log or _before_torchrun_summary(tail)[-12:])
-    logs = f" (every rank's output: {job_dir})" if job_dir else ""
-    raise RuntimeError(f"{name} exited with status {status}: {who}{cause}{logs}; last lines:\n{last}")
+    raise RuntimeError(failure_message(status, job, outcome))
 
 
-def _rank_log_tail(job_dir: Path | None, local_rank: int | None, lines: int = 12) -> list[str]:
-    """The last lines a rank wrote (stderr, where tracebacks go, else stdout) in its newest attempt's log."""
-    if job_dir is None or local_rank is None:
-        return []
-    attempts = sorted(job_dir.glob("attempt_*"), key=lambda p: int(p.name.split("_")[1]))
-    for stream in ("stderr.log", "stdout.log"):
-        path = attempts[-1] / str(local_rank) / stream if attempts else None
-        if path is not None and path.is_file():
-            text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-            if text:
-                return text[-lines:]
-    return []
-
-
-def _rank_outcome(result_file: Path, rank: int) -> dict | None:
-    path = rank_result_file(result_file, rank)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _root_cause_rank(tail: list[str]) -> tuple[int | None, int | None]:
-    """The rank (and its local rank) torchrun names as the first observed failure, if it printed its summary."""
-    ranks = [(int(m.group(1)), int(m.group(2))) for line in tail if (m := _ROOT_CAUSE_RANK.match(line))]
-    return ranks[-1] if ranks else (None, None)
-
-
-def _before_torchrun_summary(tail: list[str]) -> list[str]:
-    """The job's own last lines: torchrun's closing ChildFailedError report (and its banner) cut off."""
-    for index, line in enumerate(tail):
-        if "ChildFailedError" in line or "elastic.multiprocessing.errors" in line:
-            return tail[:index] or tail
-    return tail
+def _read_outcome(path: Path) -> dict:
+    """A rank's outcome file, {"ok": False} when it wrote none; one that does not parse is named, not a traceback."""
+    if not path.is_file():
+        return {"ok": False}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise RuntimeError(
+            f"the job's outcome {path} does not parse ({error}): something other than this job's rank wrote it "
+            "(another job of the same run on another node?); run one job per run, then resume"
+        ) from None

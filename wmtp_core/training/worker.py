@@ -7,7 +7,8 @@ checkpoint is chosen here; each rank only finds its own device index.
 Rank 0 prints progress lines and one `WMTP_METRICS {json}` line per report on stdout (the Prefect task that
 launched torchrun turns them into the run log and MLflow metrics) and writes the outcome to --result:
 {"ok": true, "result": TrainResult} or {"ok": false, "error_type": ..., "message": ...}; another rank that fails
-writes its own to <result>.rank<N>.json, so the launcher can name the rank that failed first.
+writes its own to <result>.rank<N>.json. Under torchrun every rank also keeps a record of itself with a heartbeat
+(wmtp_core.runtime.rank_status), so the launcher can name the rank that died or stopped first.
 Exit status: 0 done, 1 failed, 143 stopped by SIGTERM after saving a checkpoint.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from wmtp_core.runtime.atomic_files import write_atomically
+from wmtp_core.runtime.rank_status import end_rank_record, start_rank_record
 
 METRICS_PREFIX = "WMTP_METRICS "
 EXIT_FAILED, EXIT_TERMINATED = 1, 143
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_job_arguments(
         argv, description="One WMTP training process (alone or one rank under torchrun).", result_required=False
     )
+    # First, before the slow imports: a rank killed or stopped from here on is still named, with its own log.
+    record = start_rank_record()
+    if record is not None:
+        print(f"[rank {os.environ['RANK']}] started: pid {os.getpid()}, record {record}", flush=True)
     # Imported here, not at the top: a spawned DataLoader worker re-imports this module (its parent's __main__),
     # and these (torch.distributed.tensor, sympy, ...) would cost every such worker about 3 s of CPU at start.
     from wmtp_core.run.plan import read_plan
@@ -66,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).exception("rank %d failed", ctx.rank)
         outcome = _failure(error)
     finally:
+        # Global rank 0 alone writes the job's outcome (another rank, only its failure, beside it), then ends its
+        # record: a launcher on another node waits for that end before it reads the outcome.
         if args.result and (ctx.is_main or not outcome["ok"]):
             write_atomically(rank_result_file(args.result, ctx.rank), json.dumps(outcome))
+        end_rank_record(record, outcome)
         shutdown_distributed()
     if launched_by_torchrun():  # on either gate: the legacy path's FSDP1 ranks aborted in teardown too (CI, exit -6)
         exit_without_interpreter_teardown(status)
