@@ -3,9 +3,10 @@ driver of a Ray job (wmtp_core.launch.ray_job), which prints rank 0's lines and 
 
 torchrun runs `wmtp_core.training.worker` on every rank. Every rank's stdout and stderr are kept in the run
 directory (logs/torchrun/<job>/attempt_<n>/<local rank>/); rank 0's are also streamed here line by line: progress
-lines go to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. A failed job names the rank that
-failed first, with the last lines of that rank's own log. The job is bounded by its own silence
-timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM and Ctrl-C to this process are passed
+lines go to the Prefect run log, `WMTP_METRICS` lines to the metrics callback. A failed or silent job names the
+rank that died or stopped first, with the last lines of that rank's own log (wmtp_core.launch.rank_report); a
+multi-node job writes the other nodes' command first (wmtp_core.launch.other_nodes). The job is bounded by its own
+silence timeout (Prefect's task timeout cannot interrupt a child process); SIGTERM and Ctrl-C to this process are passed
 on (wmtp_core.launch.job_signals), so the ranks save a checkpoint before exiting; when any rank dies, torchrun stops
 the others and exits non-zero.
 """
