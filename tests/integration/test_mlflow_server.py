@@ -1,4 +1,9 @@
-"""Tracking against a real `mlflow server` on loopback: what a run logs, and Phase 3's behaviour when it goes down."""
+"""Tracking against a real `mlflow server` on loopback: what a run logs, and Phase 3's behaviour when it goes down.
+
+The outages are cut between the run and the server (support.fault_proxy): to the run the server is gone (connections
+refused, requests in flight reset), and it is back the moment the test says so, where a restarted server would take
+about 16 s, which the run had to outlast.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,14 @@ import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 from support.cli import WMTP, wmtp_environment
+from support.fault_proxy import FaultProxy
 
 from wmtp_core.checkpoint.final_model import load_final_model
 from wmtp_core.config import Recipe
 
-# The default-size model (about 0.2 s a step on two cores): training goes on for about 20 s after the server stops at
-# step 6, longer than a restart takes (about 10 s); if the restart comes later, the run ends owing uploads.
-OUTAGE_TRAIN = dict(max_steps=120, log_every=2, save_every=60, eval_every=60, warmup_steps=10)
+# The default-size model (about 0.2 s a step on two cores): training goes on for about 10 s after the cut at step 6,
+# longer than the first failed send takes (metrics are sent every 5 s); a run that ends cut off owes its uploads.
+OUTAGE_TRAIN = dict(max_steps=60, log_every=2, save_every=20, eval_every=30, warmup_steps=5)
 
 pytestmark = pytest.mark.slow
 
@@ -73,16 +79,24 @@ def test_flow_run_logs_params_metric_histories_and_artifacts(
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in trained.items())
 
 
-def _outage_run_logging(tmp_path, name: str, *, phases_api: str, api_url: str, server) -> tuple:
-    """`wmtp train` of an OUTAGE_TRAIN run in the background, once MLflow has its step-6 loss:
-    (process, run_dir, mlflow_run_id)."""
+@pytest.fixture
+def cuttable(mlflow_server):
+    """The module's MLflow server behind a FaultProxy: runs log through it, the test cuts and restores it."""
+    proxy = FaultProxy(mlflow_server.port)
+    yield proxy
+    proxy.close()
+
+
+def _outage_run_logging(tmp_path, name: str, *, phases_api: str, api_url: str, server, proxy) -> tuple:
+    """`wmtp train` of an OUTAGE_TRAIN run in the background, logging through proxy, once MLflow has its step-6
+    loss: (process, run_dir, mlflow_run_id)."""
     recipe = _recipe_file(tmp_path, Recipe(), **OUTAGE_TRAIN)
     run_dir = tmp_path / "home" / "runs" / name
-    process = _start_training(tmp_path, recipe, name=name, api_url=api_url, server=server, phases_api=phases_api)
+    process = _start_training(tmp_path, recipe, name=name, api_url=api_url, uri=proxy.uri, phases_api=phases_api)
     return process, run_dir, _wait_for_logged_step(server, run_dir, 6, process)
 
 
-def _start_training(tmp_path, recipe, *, name, api_url, server, phases_api):
+def _start_training(tmp_path, recipe, *, name, api_url, uri, phases_api):
     args = [
         WMTP,
         "train",
@@ -94,7 +108,7 @@ def _start_training(tmp_path, recipe, *, name, api_url, server, phases_api):
         f"phases.api={phases_api}",
         "--json",
     ]
-    env = _async_logging(wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=server.uri))
+    env = _async_logging(wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=uri))
     log = (tmp_path / f"{name}.stderr").open("w")
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
 
@@ -104,8 +118,8 @@ def _async_logging(env: dict[str, str]) -> dict[str, str]:
     return {**env, "MLFLOW_ENABLE_ASYNC_LOGGING": "true"}
 
 
-def _wmtp(tmp_path, server, *args: str, api_url: str | None = None) -> None:
-    env = _async_logging(wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=server.uri))
+def _wmtp(tmp_path, uri: str, *args: str, api_url: str | None = None) -> None:
+    env = _async_logging(wmtp_environment(tmp_path / "home", api_url=api_url, mlflow_uri=uri))
     subprocess.run([WMTP, *args], env=env, check=True, timeout=300)
 
 
@@ -122,19 +136,18 @@ def _wait_for_logged_step(server, run_dir: Path, step: int, process, timeout_s: 
     raise AssertionError(f"training never logged step {step}")
 
 
-def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, prefect_api_url, mlflow_server):
+def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, prefect_api_url, mlflow_server, cuttable):
     process, run_dir, run_id = _outage_run_logging(
-        tmp_path, "outage", phases_api="true", api_url=prefect_api_url, server=mlflow_server
+        tmp_path, "outage", phases_api="true", api_url=prefect_api_url, server=mlflow_server, proxy=cuttable
     )
-    mlflow_server.stop()
-    time.sleep(3)
-    mlflow_server.start()
+    cuttable.cut()
+    stderr = tmp_path / "outage.stderr"
+    _wait_for(lambda: "metrics not sent" in stderr.read_text(), process, "a failed send")  # the outage hit training
+    cuttable.restore()
     stdout, _ = process.communicate(timeout=600)
     summary = json.loads(stdout.strip().splitlines()[-1])
-    stderr = (tmp_path / "outage.stderr").read_text()
-    assert process.returncode == 0 and summary["status"] == "completed", stderr[-2000:]
-    assert "metrics not sent" in stderr  # the outage really hit training
-    _wmtp(tmp_path, mlflow_server, "upload", "outage")  # what the run still owes, if anything
+    assert process.returncode == 0 and summary["status"] == "completed", stderr.read_text()[-2000:]
+    _wmtp(tmp_path, cuttable.uri, "upload", "outage")  # what the run still owes, if anything
     mlflow = MlflowClient(mlflow_server.uri)
     assert [m.step for m in mlflow.get_metric_history(run_id, "loss")] == list(
         range(2, OUTAGE_TRAIN["max_steps"] + 1, 2)
@@ -143,14 +156,18 @@ def test_server_outage_loses_no_metrics_or_checkpoints_with_phase3(tmp_path, pre
     assert_checkpoints_uploaded_intact(mlflow, run_id, run_dir, tmp_path)
 
 
-def test_server_outage_fails_the_run_on_the_legacy_tracking_path(tmp_path, prefect_api_url, mlflow_server):
+def test_server_outage_fails_the_run_on_the_legacy_tracking_path(tmp_path, prefect_api_url, mlflow_server, cuttable):
     process, _, _ = _outage_run_logging(
-        tmp_path, "legacy", phases_api="false", api_url=prefect_api_url, server=mlflow_server
+        tmp_path, "legacy", phases_api="false", api_url=prefect_api_url, server=mlflow_server, proxy=cuttable
     )
-    mlflow_server.stop()
+    cuttable.cut()
     stdout, _ = process.communicate(timeout=600)
     assert process.returncode == 1
     assert json.loads(stdout.strip().splitlines()[-1])["status"] == "failed"
+
+
+def _saved(run_dir: Path) -> set[Path]:
+    return set((run_dir / "checkpoints").glob("step_*/manifest.json"))
 
 
 def _wait_for(condition, process, what: str, timeout_s: float = 240) -> None:
@@ -162,21 +179,21 @@ def _wait_for(condition, process, what: str, timeout_s: float = 240) -> None:
 
 
 def test_trainer_killed_during_an_outage_then_resumed_and_uploaded_misses_no_step(
-    tmp_path, prefect_api_url, mlflow_server
+    tmp_path, prefect_api_url, mlflow_server, cuttable
 ):
     process, run_dir, run_id = _outage_run_logging(
-        tmp_path, "killed", phases_api="true", api_url=prefect_api_url, server=mlflow_server
+        tmp_path, "killed", phases_api="true", api_url=prefect_api_url, server=mlflow_server, proxy=cuttable
     )
-    mlflow_server.stop()
+    cuttable.cut()
     stderr = tmp_path / "killed.stderr"
     _wait_for(lambda: "metrics not sent" in stderr.read_text(), process, "a failed send")
     # A checkpoint saved during the outage: the steps logged before it are never trained (or logged) again.
-    saved = run_dir / "checkpoints" / "step_00000060" / "manifest.json"
-    _wait_for(saved.is_file, process, "the step-60 checkpoint", timeout_s=600)  # slow when the cores are shared
+    before = _saved(run_dir)
+    _wait_for(lambda: _saved(run_dir) - before, process, "a checkpoint saved in the outage", timeout_s=600)
     process.kill()  # SIGKILL: no close(), no finally
     process.wait()
-    mlflow_server.start()
-    _wmtp(tmp_path, mlflow_server, "resume", "killed", api_url=prefect_api_url)
-    _wmtp(tmp_path, mlflow_server, "upload", "killed")
+    cuttable.restore()
+    _wmtp(tmp_path, cuttable.uri, "resume", "killed", api_url=prefect_api_url)
+    _wmtp(tmp_path, cuttable.uri, "upload", "killed")
     steps = {m.step for m in MlflowClient(mlflow_server.uri).get_metric_history(run_id, "loss")}
     assert sorted(set(range(2, OUTAGE_TRAIN["max_steps"] + 1, 2)) - steps) == []
