@@ -1,6 +1,6 @@
-"""A torchrun job launched by the training task never hangs and never loses work: a dead rank fails the job within
-bounds, SIGTERM and Ctrl-C make every rank stop at the same step with a checkpoint, a second Ctrl-C kills every rank
-at once, and the whole flow runs 2 processes."""
+"""A torchrun job launched by the training task never hangs and never loses work: SIGTERM and Ctrl-C make every rank
+stop at the same step with a checkpoint, a second Ctrl-C kills every rank at once, and the whole flow runs 2
+processes. (A dead or stopped rank: test_rank_failures.py.)"""
 
 from __future__ import annotations
 
@@ -87,20 +87,6 @@ def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread
     thread = threading.Thread(target=wait_then_act, daemon=True)
     thread.start()
     return thread
-
-
-def test_a_dead_rank_fails_the_job_cleanly_without_a_hang(tmp_path):
-    command, result = prepared(tmp_path)
-    when_checkpoint_exists(tmp_path, 20, lambda: os.kill(worker_pids(tmp_path)[1], signal.SIGKILL))
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match="torchrun exited with status") as failed:
-        run_job(command, result_file=result, silence_timeout_s=60, log=logging.getLogger("test"), on_metrics=None)
-    message = str(failed.value)
-    assert "rank 1 failed first" in message  # the rank killed, not the rank that lost its peer after it
-    assert message.split("last lines:\n")[1].strip()  # the job's own last lines, not an empty list
-    assert time.monotonic() - started < 100  # well inside devices.timeout_s plus torchrun's own shutdown grace
-    assert worker_pids(tmp_path) == {}  # no orphaned rank left behind
-    assert latest_valid_checkpoint(tmp_path).step >= 20  # the work saved before the death is intact
 
 
 def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
