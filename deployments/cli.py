@@ -135,25 +135,44 @@ def upload(run: str = RunArgument) -> None:
     """Upload what RUN still owes MLflow (checkpoints, pending metrics, summary) and close its MLflow run."""
     directory = invalid_input_guard(lambda: existing_run_dir(run))
     layout = RunLayout(directory)
-    if not layout.tracking.is_file():
+    from tracking.client import TrackingError, run_link, tracking_address, upload_run
+    from tracking.spool import tracking_spooled
+
+    if not layout.tracking.is_file() and not tracking_spooled(directory):
         print(f"error: run {run!r} has no MLflow run (was tracking.enabled false?)", file=sys.stderr)
         raise typer.Exit(INVALID_INPUT)
-    from tracking.client import tracking_uri, upload_run
-
     summary = read_summary(layout)
-    run_id = json.loads(layout.tracking.read_text())["mlflow_run_id"]
     succeeded = summary is not None and summary.status == "completed"
     finished = summary is None or summary.status != "stopped"  # a stopped run is resumed into the same MLflow run
-    with byte_progress_bars() as on_progress:
-        uploaded = upload_run(run_id, directory, succeeded=succeeded, finished=finished, on_progress=on_progress)
+    try:
+        run_id = _tracking_run_of(directory)
+        with byte_progress_bars() as on_progress:
+            uploaded = upload_run(run_id, directory, succeeded=succeeded, finished=finished, on_progress=on_progress)
+    except TrackingError as error:
+        print(f"error: {error}; the uploads are still owed: run `wmtp upload {run}` again", file=sys.stderr)
+        raise typer.Exit(FAILURE) from None
     if summary is not None:
-        summary.model_copy(update={"uploads": "done", "uploads_reason": None}).write()
+        done = {"uploads": "done", "uploads_reason": None, "mlflow_run_id": run_id, "mlflow_link": run_link(directory)}
+        summary.model_copy(update=done).write()
     closing = (
         f"closed it as {'FINISHED' if succeeded else 'FAILED'}"
         if finished
         else f"left it open: run {run} stopped before its last step, `wmtp resume {run}` continues it"
     )
-    print(f"MLflow run {run_id} at {tracking_uri()}: uploaded {', '.join(uploaded) or 'no new checkpoints'}; {closing}")
+    sent = ", ".join(uploaded) or "no new checkpoints"
+    print(f"MLflow run {run_id} at {tracking_address()}: uploaded {sent}; {closing}")
+
+
+def _tracking_run_of(directory: Path) -> str:
+    """The run's MLflow run: the one recorded, or, for a run whose tracking was spooled, one opened now; a
+    TrackingError that says so when the server cannot be reached."""
+    from tracking.client import TrackingError, open_spooled_run, recorded_run_id, tracking_uri
+    from tracking.spool import unreachable_reason
+
+    unreachable = unreachable_reason(tracking_uri())
+    if unreachable:
+        raise TrackingError(unreachable)
+    return recorded_run_id(directory) or open_spooled_run(directory)
 
 
 @app.command("convert-meta")

@@ -9,6 +9,7 @@ import typer
 
 from wmtp_core.config import RecipeError
 from wmtp_core.layout import run_dir, runs_dir
+from wmtp_core.runtime.redaction import redact_credentials
 
 INVALID_INPUT, FAILURE = 2, 1  # exit codes (and 0 success)
 INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C (128 + SIGINT)
@@ -50,5 +51,5 @@ def invalid_input_guard(build):
     try:
         return build()
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact_credentials(str(error))}", file=sys.stderr)
         raise typer.Exit(INVALID_INPUT) from None

@@ -16,7 +16,9 @@ from flows.temporary_server import default_prefect_environment, start_temporary_
 from wmtp_core.config import EvaluationConfig
 from wmtp_core.layout import RunLayout
 from wmtp_core.run.summary import RunSummary, read_summary
+from wmtp_core.runtime.redaction import redact_credentials
 from wmtp_core.runtime.run_lock import RunLockedError, run_lock
+from wmtp_core.runtime.stopping import EXIT_STATUS
 
 if TYPE_CHECKING:
     from wmtp_core.run.plan import PlannedRun
@@ -64,12 +66,13 @@ def _run_train_flow(planned: PlannedRun, *, resume: bool, as_json: bool) -> None
     # a summary.json this flow run did not write (its write failed: a full disk) is an earlier run's
     summary = read_summary(run_plan.layout) if _summary_stamp(run_plan.layout) != before else None
     if summary is None:
-        print(f"error: flow run ended {state.name} before writing a summary: {state.message}", file=sys.stderr)
+        told = redact_credentials(f"flow run ended {state.name} before writing a summary: {state.message}")
+        print(f"error: {told}", file=sys.stderr)
         raise typer.Exit(FAILURE)
     print_summary(summary, as_json=as_json)
     print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
-    if summary.status == "stopped" and summary.stop_reason == "Ctrl-C":
-        raise typer.Exit(INTERRUPTED)
+    if summary.status == "stopped" and summary.stop_reason in EXIT_STATUS:  # 130 Ctrl-C, 143 SIGTERM
+        raise typer.Exit(EXIT_STATUS[summary.stop_reason])
     if summary.status != "completed":
         raise typer.Exit(FAILURE)
 
@@ -112,7 +115,7 @@ def run_evaluation_flow(run_name: str, *, step: int | None, evaluation: Evaluati
         raise typer.Exit(INTERRUPTED) from None
     report = state.result(raise_on_failure=False)
     if not isinstance(report, dict):
-        print(f"error: wmtp-evaluate ended {state.name}: {state.message}", file=sys.stderr)
+        print(f"error: {redact_credentials(f'wmtp-evaluate ended {state.name}: {state.message}')}", file=sys.stderr)
         raise typer.Exit(FAILURE)
     print(watch_live_hint(str(state.state_details.flow_run_id)), file=sys.stderr)
     return report
@@ -143,13 +146,19 @@ def print_summary(summary: RunSummary, *, as_json: bool) -> None:
             file=sys.stderr,
         )
     elif summary.status != "completed":
-        print(f"error: run {summary.run_name} failed: {summary.reason}", file=sys.stderr)
+        # a reason quotes an error, which may quote any URI of the environment
+        print(f"error: run {summary.run_name} failed: {redact_credentials(str(summary.reason))}", file=sys.stderr)
     else:
         print(
             f"run {summary.run_name} completed {summary.steps} steps: eval loss "
             f"{summary.initial_eval_loss:.4f} -> {summary.final_eval_loss:.4f}\n"
             f"checkpoint: {summary.latest_checkpoint}\nMLflow UI: {ui_command()}",
             file=sys.stderr if as_json else sys.stdout,
+        )
+    if summary.uploads == "pending":
+        print(
+            f"MLflow: uploads pending ({summary.uploads_reason}); send them with: wmtp upload {summary.run_name}",
+            file=sys.stderr,
         )
     if as_json:
         print(summary.model_dump_json(), flush=True)

@@ -24,6 +24,7 @@ from deployments import server_processes as processes
 from deployments.cli_options import FAILURE, invalid_input_guard
 from flows.temporary_server import configured_api_url, default_prefect_environment
 from wmtp_core.layout import wmtp_home
+from wmtp_core.runtime.redaction import without_credentials
 
 DEFAULT_PREFECT_PORT, DEFAULT_MLFLOW_PORT = 4200, 5000  # the ports both projects' docs use
 START_TIMEOUT_S = 300  # a first Prefect start creates its database: over a minute on a busy two-core machine
@@ -67,7 +68,8 @@ def ui(prefect_port: int | None = PrefectPortOption, mlflow_port: int | None = M
         port = invalid_input_guard(lambda: choose_port(prefect_port, DEFAULT_PREFECT_PORT, "--prefect-port"))
         planned.append(partial(_start_prefect, port))
     if _is_tracking_server(tracking_uri()):
-        print(f"MLflow UI: {tracking_uri()}  (your tracking server, from MLFLOW_TRACKING_URI)")
+        # an address for a browser, which asks for the login itself: no credentials printed
+        print(f"MLflow UI: {without_credentials(tracking_uri())}  (your tracking server, from MLFLOW_TRACKING_URI)")
     else:
         port = invalid_input_guard(lambda: choose_port(mlflow_port, DEFAULT_MLFLOW_PORT, "--mlflow-port"))
         planned.append(partial(_start_mlflow, port, tracking_uri()))

@@ -18,8 +18,15 @@ from tasks.environment import probe_environment
 from tasks.reporting import publish_checkpoints, publish_summary
 from tasks.run_setup import make_run_plan
 from tasks.training import train_model, train_reference
-from tasks.upload import open_tracking_run, record_pending_uploads, upload_artifacts
+from tasks.upload import (
+    open_spooled_run,
+    open_tracking_run,
+    record_pending_uploads,
+    spool_tracking,
+    upload_artifacts,
+)
 from tracking.client import run_link
+from tracking.spool import pending_uploads, tracking_spooled
 from wmtp_core.checkpoint.manifest import Verdicts
 from wmtp_core.config import PhaseGates, Recipe, generate_run_name, with_run_name
 from wmtp_core.layout import run_dir
@@ -97,12 +104,14 @@ def execute_plan(plan_file: str) -> dict | State:
     (or what it says): none decides anything about the run again."""
     run_plan = read_plan(Path(plan_file))
     recipe = run_plan.recipe
-    mlflow_run_id = open_tracking_run(plan_file, flow_run_id=flow_run.id)
+    mlflow_run_id = open_or_spool_tracking(run_plan, plan_file)
     training = None
     if run_plan.reference_run is not None:
         training = train_reference(plan_file, return_state=True)
     if training is None or training.is_completed():
         training = train_model(plan_file, mlflow_run_id=mlflow_run_id, return_state=True)
+    if mlflow_run_id is None and tracking_spooled(run_plan.run_dir):
+        mlflow_run_id = caught_up(run_plan)
     verdicts = {**_start_verdict(run_plan), **saved_by(training)}
     summary = build_summary(run_plan, training, mlflow_run_id=mlflow_run_id, verdicts=verdicts)
     if recipe.evaluation.enabled and summary.status == "completed":
@@ -126,6 +135,22 @@ def execute_plan(plan_file: str) -> dict | State:
     if summary.status != "completed":
         return Failed(message=summary.reason)
     return summary.model_dump(mode="json")
+
+
+def open_or_spool_tracking(run_plan: RunPlan, plan_file: str) -> str | None:
+    """The run's MLflow run (None: tracking off or spooled). With phases.api on, a tracking server that is
+    unreachable or failing at the start does not stop the run: its tracking is spooled (tracking.spool)."""
+    opening = open_tracking_run(plan_file, flow_run_id=flow_run.id, return_state=True)
+    if opening.is_completed() or not run_plan.gates.tracking_never_stops_training:
+        return opening.result()  # the legacy path: a tracking error fails the flow run
+    return spool_tracking(plan_file, reason=one_line(opening), flow_run_id=flow_run.id)
+
+
+def caught_up(run_plan: RunPlan) -> str | None:
+    """A spooled run's MLflow run, opened now that training is over if the server is back (the upload then sends
+    everything); None while it is not, or failing: the uploads stay owed."""
+    opening = open_spooled_run(str(run_plan.run_dir), return_state=True)
+    return opening.result() if opening.is_completed() else None
 
 
 def evaluate_after_training(run_plan: RunPlan, checkpoint: str) -> EvaluationOutcome:
@@ -169,7 +194,7 @@ def build_summary(
         "mlflow_run_id": mlflow_run_id,
         "mlflow_link": run_link(run_plan.run_dir) if mlflow_run_id else None,
         "phases": run_plan.recipe.phases,
-        "uploads": "done" if mlflow_run_id else "tracking off",
+        **uploads_owed(run_plan, mlflow_run_id),
     }
     if training.is_completed():
         result = training.result()
@@ -186,6 +211,16 @@ def build_summary(
         latest_checkpoint=None if latest.fresh else str(latest.checkpoint),
         **common,
     )
+
+
+def uploads_owed(run_plan: RunPlan, mlflow_run_id: str | None) -> dict:
+    """The summary's uploads fields before the upload: to do (an MLflow run), pending (tracking spooled, the server
+    still unreachable: `wmtp upload` sends it), or tracking off."""
+    if mlflow_run_id is not None:
+        return {"uploads": "done"}
+    if tracking_spooled(run_plan.run_dir):
+        return {"uploads": "pending", "uploads_reason": pending_uploads(run_plan.run_dir)["reason"]}
+    return {"uploads": "tracking off"}
 
 
 def one_line(state: State) -> str:

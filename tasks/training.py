@@ -101,7 +101,7 @@ def train_planned(plan_file: Path, *, mlflow_run_id: str | None) -> dict:
         if not run_plan.start.fresh:
             logger.info("resuming from %s (step %d)", run_plan.start.checkpoint, run_plan.start.step)
         safe = run_plan.gates.tracking_never_stops_training
-        sink = metrics_sink(mlflow_run_id, run_plan.run_dir, safe=safe) if mlflow_run_id else None
+        sink = metrics_sink(mlflow_run_id, run_plan.run_dir, safe=safe)  # None: no MLflow run, nothing spooled
         recipe = run_plan.recipe
         progress = TrainingProgress(recipe.run.name, max_steps=recipe.train.max_steps, start_step=run_plan.start.step)
         report = progress.reporting_to(sink)  # MLflow metrics, then the Prefect progress artifact

@@ -19,7 +19,9 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.git_utils import get_git_commit
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from tracking.metrics_buffer import BufferedMetrics, Point, read_pending
+from tracking.errors import TrackingError, credentials_redacted
+from tracking.metrics_buffer import BufferedMetrics, Point, SpooledMetrics, read_pending
+from tracking.spool import PENDING_UPLOADS_FILE, pending_uploads, record_pending_uploads, tracking_spooled
 from wmtp_core.checkpoint.manifest import (
     FINAL_MODEL_CONFIG,
     MANIFEST_FILE,
@@ -32,9 +34,11 @@ from wmtp_core.layout import RunLayout, wmtp_home
 from wmtp_core.progress import DescribedProgress
 from wmtp_core.recipes import flatten_recipe
 from wmtp_core.run.start import choose_checkpoint
+from wmtp_core.runtime.atomic_files import write_atomically
+from wmtp_core.runtime.redaction import redact_credentials, without_credentials
 
+__all__ = ["PENDING_UPLOADS_FILE", "TrackingError", "record_pending_uploads"]  # defined beside, named here too
 log = logging.getLogger(__name__)
-PENDING_UPLOADS_FILE = "pending_uploads.json"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _METRICS_TIMEOUT_S = 10  # one log-batch request of at most 1000 points; uploads keep MLflow's own timeout
@@ -46,8 +50,14 @@ _EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else the embedded SQLite store under $WMTP_HOME."""
+    """MLFLOW_TRACKING_URI when set, else the embedded SQLite store under $WMTP_HOME. For MLflow only: what is shown
+    or stored is tracking_address()."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{wmtp_home() / 'mlflow.db'}"
+
+
+def tracking_address() -> str:
+    """The tracking URI as logs, files and messages show it: its password and secret query values as ***."""
+    return redact_credentials(tracking_uri())
 
 
 TRAINING_VIEW = "workflowType=machine_learning"
@@ -60,7 +70,7 @@ def ui_command() -> str:
     uri = tracking_uri()
     if uri.startswith("sqlite:"):
         return "uv run wmtp ui"  # the MLflow UI on the embedded store, and the Prefect UI beside it
-    return f"open {uri}"
+    return f"open {without_credentials(uri)}"
 
 
 def client() -> MlflowClient:
@@ -74,10 +84,14 @@ def client() -> MlflowClient:
     # Our own bars show transfers (deployments/progress_bars.py): MLflow's tqdm bar, and its notices as it creates
     # a new store's tables, are noise on the CLI's stderr. Its warnings still show.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: URL" as a run ends, the tracking URI's password included; our summary gives
+    # the link (run_link) without it.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri())
 
 
+@credentials_redacted
 def open_tracking_run(recipe: Recipe, run_dir: Path, *, run_name: str, extra_tags: dict[str, str]) -> str:
     """The MLflow run id of this WMTP run: the one recorded in run_dir if any (a resume), else a new run."""
     recorded = RunLayout(run_dir).tracking
@@ -90,10 +104,28 @@ def open_tracking_run(recipe: Recipe, run_dir: Path, *, run_name: str, extra_tag
         tags = {"wmtp.run_name": run_name, **{f"tag.{t}": "true" for t in recipe.run.tags}, **extra_tags}
         tags = _context_tags(tags)
         run_id = mlflow.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        recorded.write_text(
-            json.dumps({"mlflow_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri()})
-        )
+        record = {"mlflow_run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_address()}
+        write_atomically(recorded, json.dumps(record))
     log_recipe_params(mlflow, run_id, recipe)
+    return run_id
+
+
+def recorded_run_id(run_dir: Path) -> str | None:
+    """The MLflow run id in the run's tracking.json; None when no MLflow run was opened for it."""
+    recorded = RunLayout(run_dir).tracking
+    return json.loads(recorded.read_text())["mlflow_run_id"] if recorded.is_file() else None
+
+
+@credentials_redacted
+def open_spooled_run(run_dir: Path) -> str:
+    """Open the MLflow run of a run whose tracking was spooled (tracking.spool) as its first flow run would have:
+    the recipe as params, the environment probe and the tags noted when it was spooled."""
+    from wmtp_core.run.plan import read_plan
+
+    run_plan = read_plan(RunLayout(run_dir).plan)
+    recipe, tags = run_plan.recipe, pending_uploads(run_dir).get("spooled_tags", {})
+    run_id = open_tracking_run(recipe, run_dir, run_name=recipe.run.name, extra_tags=tags)
+    log_environment_tags(run_id, run_plan.probe.to_dict())
     return run_id
 
 
@@ -137,8 +169,13 @@ class MetricsSink:
         return 0
 
 
-def metrics_sink(run_id: str, run_dir: Path, *, safe: bool) -> MetricsSink | BufferedMetrics:
-    """The training callback: buffered and failure-proof when safe (phases.api on), else the legacy one."""
+def metrics_sink(
+    run_id: str | None, run_dir: Path, *, safe: bool
+) -> MetricsSink | BufferedMetrics | SpooledMetrics | None:
+    """The training callback: buffered and failure-proof when safe (phases.api on), else the legacy one; without
+    an MLflow run, the pending file when the run's tracking is spooled (tracking.spool), else none."""
+    if run_id is None:
+        return SpooledMetrics(RunLayout(run_dir).pending_metrics) if tracking_spooled(run_dir) else None
     if safe:
         return BufferedMetrics(point_sender(run_id), pending_path=RunLayout(run_dir).pending_metrics)
     return MetricsSink(run_id)
@@ -153,6 +190,7 @@ def point_sender(run_id: str):
         return _rest_point_sender(run_id, uri)
     mlflow = client()
 
+    @credentials_redacted
     def send(points: list[Point]) -> None:
         mlflow.log_batch(run_id, metrics=_metrics(points), synchronous=True)
 
@@ -170,6 +208,7 @@ def _rest_point_sender(run_id: str, uri: str):
     endpoint = "/api/2.0/mlflow/runs/log-batch"
     client()  # the retry default above
 
+    @credentials_redacted
     def send(points: list[Point]) -> None:
         body = message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in _metrics(points)]))
         creds = get_default_host_creds(uri)
@@ -183,6 +222,7 @@ def _metrics(points: list[Point]) -> list[Metric]:
     return [Metric(key, value, stamp, step) for key, value, stamp, step in points]
 
 
+@credentials_redacted
 def upload_pending_metrics(run_id: str, run_dir: Path) -> int:
     """Send the metric points a previous run could not; the pending file is removed once they are all sent."""
     pending_file = RunLayout(run_dir).pending_metrics
@@ -194,12 +234,14 @@ def upload_pending_metrics(run_id: str, run_dir: Path) -> int:
     return len(points)
 
 
+@credentials_redacted
 def log_environment_tags(run_id: str, probe: dict) -> None:
     """The environment probe as `env.*` tags on the run."""
     tags = [RunTag(f"env.{key}", str(value)) for key, value in probe.items()]
     client().log_batch(run_id, tags=tags, synchronous=True)
 
 
+@credentials_redacted
 def upload_checkpoints(
     run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: DescribedProgress | None = None
 ) -> list[str]:
@@ -252,6 +294,7 @@ def _send_files(
             on_progress(description, done, total)
 
 
+@credentials_redacted
 def upload_final_model(
     run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None, on_progress: DescribedProgress | None = None
 ) -> bool:
@@ -286,6 +329,7 @@ def _newest_checkpoint(run_dir: Path, verdicts: Verdicts | None):
     return choose_checkpoint(RunLayout(run_dir), "latest", continuing=False, fresh_if_none=True, verdicts=verdicts)
 
 
+@credentials_redacted
 def register_final_model(run_id: str, run_dir: Path, *, verdicts: Verdicts | None = None) -> str | None:
     """Register the run's final model as a version of the registered model the newest checkpoint's recipe names
     (tracking.register_model), unless a version of this run holds that step already; returns the version, None
@@ -311,6 +355,7 @@ def _final_model_step(mlflow: MlflowClient, run_id: str) -> int | None:
         return json.loads(Path(config).read_text())["step"]
 
 
+@credentials_redacted
 def upload_run(
     run_id: str,
     run_dir: Path,
@@ -342,11 +387,6 @@ def upload_run(
     return uploaded
 
 
-def record_pending_uploads(run_dir: Path, reason: str) -> None:
-    """Note in the run directory that uploads are owed (the next flow run or `wmtp upload` completes them)."""
-    (run_dir / PENDING_UPLOADS_FILE).write_text(json.dumps({"reason": reason, "at": time.time()}))
-
-
 def run_link(run_dir: Path) -> str | None:
     """Where to see the run's MLflow page, from tracking.json (no request to the server, which may be down)."""
     recorded = RunLayout(run_dir).tracking
@@ -355,7 +395,7 @@ def run_link(run_dir: Path) -> str | None:
     info = json.loads(recorded.read_text())
     uri, run_id, experiment_id = info["tracking_uri"], info["mlflow_run_id"], info.get("experiment_id", "0")
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+        return f"{without_credentials(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
     page = f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
     return f"http://127.0.0.1:5000/{page} (with `uv run wmtp ui` open; its port if 5000 was taken)"
 

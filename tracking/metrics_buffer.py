@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from wmtp_core.runtime.redaction import redact_credentials
+
 log = logging.getLogger(__name__)
 Point = tuple[str, float, int, int]  # key, value, timestamp in ms, step
 
@@ -114,7 +116,7 @@ class BufferedMetrics:
                 log.warning(
                     "metrics not sent (%s: %s); buffering and retrying with backoff",
                     type(error).__name__,
-                    str(error).splitlines()[0][:200],
+                    redact_credentials(str(error).splitlines()[0])[:200],
                 )
             self._delay = min(self._delay * 2, self._max_delay)
             return False
@@ -122,6 +124,21 @@ class BufferedMetrics:
             log.warning("tracking server reachable again; sending %d buffered metric points", len(self._points))
         self._delay = self._min_delay
         return True
+
+
+class SpooledMetrics:
+    """The metrics callback of a run whose tracking is spooled (tracking.spool: no MLflow run yet): each report goes
+    to the pending file as it comes, which the catch-up (the next flow run, `wmtp upload`) sends."""
+
+    def __init__(self, pending_path: Path):
+        self._pending_path = pending_path
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        append_pending(self._pending_path, [(key, float(value), now, step) for key, value in metrics.items()])
+
+    def close(self) -> int:
+        return 0
 
 
 def append_pending(path: Path, points: list[Point]) -> None:
