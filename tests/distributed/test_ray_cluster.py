@@ -1,6 +1,7 @@
 """Training on a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster, every address 127.0.0.1): two
-workers on two nodes end with torchrun's weights, a lost node costs nothing past the last checkpoint, a SIGTERM to the
-workers saves at one step, and a run resumed at another size sees every sample exactly once.
+workers on two nodes, one of them lost midway, end with torchrun's weights (the loss costs nothing past the last
+checkpoint), a SIGTERM to the workers saves at one step, and a run resumed at another size sees every sample exactly
+once.
 
 Each Ray job is its driver as the training task runs it (a bounded subprocess); a hang fails the test.
 """
@@ -77,30 +78,38 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
-def test_two_workers_on_two_nodes_end_with_the_torchrun_weights(cluster, tmp_path, torchrun_weights):
-    assert {node.node_ip_address for node in cluster.list_all_nodes()} == {"127.0.0.1"}
-    outcome, _ = run_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path)
-    assert outcome["ok"], outcome
-    assert_same_weights(full_model_state(Path(outcome["result"]["latest_checkpoint"])), torchrun_weights)
-    headers = [log.read_text().splitlines()[0] for log in rank_logs(tmp_path)]
-    assert len({header.split(" on Ray node ")[1].split()[0] for header in headers}) == 2, headers  # one per node
-
-
-def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkpoint(
-    cluster, tmp_path, torchrun_weights
-):
-    driver = start_ray_job(recipe_on(cluster, *LONG, "ray.workers=2"), tmp_path)
+@pytest.fixture(scope="module")
+def lost_node_job(ray_cluster, tmp_path_factory) -> tuple[dict, Path]:
+    """The LONG run as a 2-worker Ray job whose rank-1 node is lost after the step-6 checkpoint (one job serves the
+    tests of the uninterrupted placement and of the restart: a Ray job costs about 25 s to start here):
+    (its outcome, its run directory)."""
+    run_dir = tmp_path_factory.mktemp("lost-node")
+    driver = start_ray_job(recipe_on(ray_cluster, *LONG, "ray.workers=2"), run_dir)
     try:
-        wait_for(lambda: RunLayout(tmp_path).checkpoint(6).is_dir(), timeout=240)
-        lose_the_node_of(cluster, tmp_path, rank=1)
+        wait_for(lambda: RunLayout(run_dir).checkpoint(6).is_dir(), timeout=240)
+        lose_the_node_of(ray_cluster, run_dir, rank=1)
         output, _ = driver.communicate(timeout=300)
     finally:
         driver.kill()
     assert driver.returncode == 0, output[-3000:]
-    outcome = json.loads((tmp_path / "ray_result.json").read_text())
+    return json.loads((run_dir / "ray_result.json").read_text()), run_dir
+
+
+def test_two_workers_on_two_nodes_end_with_the_torchrun_weights(cluster, lost_node_job, torchrun_weights):
+    assert {node.node_ip_address for node in cluster.list_all_nodes()} == {"127.0.0.1"}
+    outcome, run_dir = lost_node_job
+    assert outcome["ok"], outcome
+    assert_same_weights(full_model_state(Path(outcome["result"]["latest_checkpoint"])), torchrun_weights)
+    first_attempt = [log for log in rank_logs(run_dir) if log.parent.name == "attempt_1"]
+    headers = [log.read_text().splitlines()[0] for log in first_attempt]
+    assert len({header.split(" on Ray node ")[1].split()[0] for header in headers}) == 2, headers  # one per node
+
+
+def test_a_lost_node_restarts_the_workers_and_costs_nothing_past_the_last_checkpoint(lost_node_job, torchrun_weights):
+    outcome, run_dir = lost_node_job
     assert outcome["ok"], outcome
     assert outcome["result"]["resumed_from_step"] >= 6  # the restart resumed, not started over
-    assert {log.parent.name for log in rank_logs(tmp_path)} >= {"attempt_1", "attempt_2"}
+    assert {log.parent.name for log in rank_logs(run_dir)} >= {"attempt_1", "attempt_2"}
     assert_same_weights(full_model_state(Path(outcome["result"]["latest_checkpoint"])), torchrun_weights)
 
 
