@@ -1,8 +1,8 @@
 """The `wmtp` command: train, resume, checkpoints, upload, convert-meta, verify, probe, serve, evaluate, generate, ui.
 Input is validated before anything is written.
 
-Exit codes: 0 success, 2 invalid input (the message names the field or file), 130 stopped by Ctrl-C (after saving a
-checkpoint at the step reached: `wmtp resume RUN` continues), 1 any other failure.
+Exit codes: 0 success, 2 invalid input (the message names the field or file), 130 stopped by Ctrl-C and 143 by SIGTERM
+(after saving a checkpoint at the step reached: `wmtp resume RUN` continues), 1 any other failure.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from deployments.cli_options import (
 from deployments.flow_runs import run_flow, wait_for_server
 from deployments.progress_bars import byte_progress_bars
 from flows.temporary_server import configured_api_url, default_prefect_environment, start_temporary_server
-from wmtp_core.checkpoint.manifest import CheckpointError
+from wmtp_core.checkpoint.manifest import CheckpointError, latest_valid_checkpoint
 from wmtp_core.config import Recipe, RecipeError, check_run_name
 from wmtp_core.layout import RunLayout
 from wmtp_core.recipes import load_recipe, recipe_to_yaml
 from wmtp_core.run.summary import read_summary
+from wmtp_core.runtime.stopping import EXIT_STATUS, Terminated, sigterm_raises
 
 if TYPE_CHECKING:
     from wmtp_core.run.plan import PlannedRun
@@ -87,7 +88,7 @@ def train(
         return
     loaded = invalid_input_guard(lambda: load_recipe(recipe, [*overrides, *shortcuts]))
     planned = invalid_input_guard(lambda: planned_or_refused(loaded, resume=None))
-    run_flow(planned, resume=False, as_json=as_json)  # exits unless the run completed
+    run_stopping_on_sigterm(planned, resume=False, as_json=as_json)  # exits unless the run completed
     print(next_steps(planned.plan.recipe.run.name), file=sys.stderr)
 
 
@@ -112,7 +113,25 @@ def resume(
     if print_recipe:
         print(recipe_to_yaml(loaded), end="")
         return
-    run_flow(invalid_input_guard(lambda: planned_or_refused(loaded, resume="latest")), resume=True, as_json=as_json)
+    planned = invalid_input_guard(lambda: planned_or_refused(loaded, resume="latest"))
+    run_stopping_on_sigterm(planned, resume=True, as_json=as_json)
+
+
+def run_stopping_on_sigterm(planned: PlannedRun, *, resume: bool, as_json: bool) -> None:
+    """run_flow, where SIGTERM (`timeout`, systemd, Slurm, often sent to the whole process group) stops the run as a
+    first Ctrl-C does: the step ends, a checkpoint is saved, the run is summarised and reported, exit 143. Outside a
+    training step (starting, reporting) the command ends at once: one line, exit 143, its cleanup run (the
+    temporary Prefect server, in a session of its own, is stopped by the exit handler after the flow reported)."""
+    try:
+        with sigterm_raises():
+            run_flow(planned, resume=resume, as_json=as_json)
+    except Terminated:
+        run_name = planned.plan.recipe.run.name
+        latest = latest_valid_checkpoint(RunLayout.of_run(run_name).root, checksums=False)
+        kept = f"its newest checkpoint is step {latest.step}" if latest else "no checkpoint was saved yet"
+        go_on = f"continue with: wmtp resume {run_name}" if latest else f"start again with: wmtp train -n {run_name}"
+        print(f"run {run_name} ended by SIGTERM outside a training step: {kept}\n{go_on}", file=sys.stderr)
+        raise typer.Exit(EXIT_STATUS["SIGTERM"]) from None
 
 
 @app.command()

@@ -4,16 +4,28 @@ A flow run without PREFECT_API_URL starts Prefect's temporary server itself and 
 cores the first time (it creates its database), less after that. Started first, in a background thread, it comes
 up while the parent process loads what the run needs anyway (the flow's tasks, MLflow, torch), instead of after.
 The flow run then finds the same server already answering: Prefect keeps one temporary server per process.
+
+The server runs in a session of its own, so a signal to the CLI's process group (Ctrl-C, `timeout`, systemd, Slurm)
+does not take it down while the flow still saves and reports; the CLI stops it at exit (the exit handler Prefect
+registers, here stopping its whole process group), and the server ends itself if the CLI dies without stopping it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 
 from wmtp_core.layout import wmtp_home
+
+PARENT_PID = "WMTP_TEMPORARY_SERVER_PARENT"
+"""The CLI's pid, in the server's environment: the server ends itself once its parent is gone."""
 
 
 def start_temporary_server() -> Callable[[], None]:
@@ -25,11 +37,11 @@ def start_temporary_server() -> Callable[[], None]:
     if configured_api_url() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
     import prefect.main  # noqa: F401  (sets up Prefect's logging, so the server's start line shows)
-    from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
+    from prefect.server.api.server import subprocess_server_logger
 
     subprocess_server_logger.addFilter(_our_words_for_the_server)
 
-    server = SubprocessASGIServer()  # the instance the flow run's client asks for, so it will not start a second
+    server = _session_server_class()()  # the instance the flow run's client asks for: it will not start a second
     failures: list[BaseException] = []
 
     def start() -> None:
@@ -49,6 +61,69 @@ def start_temporary_server() -> Callable[[], None]:
             raise failures[0]
 
     return wait
+
+
+def _session_server_class() -> type:
+    """Prefect's SubprocessASGIServer, started in a session of its own and stopped with its whole process group.
+    The instance is the one Prefect's clients find (SubprocessASGIServer keeps one per port, subclasses included)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class SessionServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            return _start_in_own_session(self.port)
+
+        def stop(self) -> None:
+            if self.server_process is not None:
+                _stop_group(self.server_process)
+            super().stop()  # forgets the reaped process and the instance
+
+    return SessionServer
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group; SIGKILL to what is left of it after 5 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the group has ended: the server and anything it started
+        process.wait()
+        return
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):  # usually nothing of the group is left
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _start_in_own_session(port: int) -> subprocess.Popen:
+    """What SubprocessASGIServer runs (uvicorn on Prefect's app, no UI), in a new session, through an app factory
+    that watches the parent."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory"]
+    command += ["flows.temporary_server:app_ending_with_parent", "--host", "127.0.0.1", "--port", str(port)]
+    settings = get_current_settings().to_environment_variables(exclude_unset=True)
+    server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env = {**os.environ, **server_env, **settings, PARENT_PID: str(os.getpid())}
+    return subprocess.Popen([*command, "--log-level", "error", "--lifespan", "on"], env=env, start_new_session=True)
+
+
+def app_ending_with_parent():
+    """uvicorn's app factory in the temporary server: Prefect's app, and a thread that stops the server (SIGTERM,
+    uvicorn's graceful shutdown) once the CLI that started it is gone (killed with SIGKILL: no exit handler ran)."""
+    from prefect.server.api.server import create_app
+
+    parent = int(os.environ[PARENT_PID])
+    threading.Thread(target=_end_with_parent, args=(parent,), name="wmtp-parent-watch", daemon=True).start()
+    return create_app()
+
+
+def _end_with_parent(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by init (or a subreaper): its parent pid changes
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _our_words_for_the_server(record: logging.LogRecord) -> bool:

@@ -19,11 +19,12 @@ from wmtp_core.config import RecipeError
 from wmtp_core.launch.torchrun import WorkerInterrupted, run_job, worker_command
 from wmtp_core.recipes import recipe_to_yaml
 from wmtp_core.run.plan import RunPlan, read_plan, restarted, save_plan
+from wmtp_core.run.start import choose_checkpoint
 from wmtp_core.runtime.run_lock import RunLockedError, run_lock
 from wmtp_core.runtime.stopping import TrainingInterrupted
 
 # Errors a retry cannot fix: bad input, a deterministic legacy-path failure, a run held by another trainer, or
-# a SIGTERM (the run is being cancelled; the scheduled resume deployment picks it up later).
+# a SIGTERM (the run is being stopped: train_model returns it as a stopped run; the rho1 reference fails with it).
 NOT_RETRIED = (
     RecipeError,
     ValueError,
@@ -81,8 +82,31 @@ def train_reference(plan_file: str) -> str:
     cache_policy=NO_CACHE,
 )
 def train_model(plan_file: str, *, mlflow_run_id: str | None) -> dict:
-    """Train as the run plan says, to recipe.train.max_steps; a retry resumes from the newest valid checkpoint."""
-    return train_planned(Path(plan_file), mlflow_run_id=mlflow_run_id)
+    """Train as the run plan says, to recipe.train.max_steps; a retry resumes from the newest valid checkpoint. A
+    SIGTERM (a preemption, `timeout`, a Prefect cancellation) ends it as a stopped run, as Ctrl-C does: every process
+    saved a checkpoint at the step it reached, and the flow summarises and reports the run before its process exits."""
+    try:
+        return train_planned(Path(plan_file), mlflow_run_id=mlflow_run_id)
+    except (TrainingInterrupted, WorkerInterrupted) as stopped:
+        get_run_logger().warning("%s", stopped)
+        # run_job also raises WorkerInterrupted for a Ctrl-C that reached the ranks before they could stop in order
+        reason = "Ctrl-C" if str(stopped).startswith("stopped by Ctrl-C") else "SIGTERM"
+        return stopped_result(read_plan(Path(plan_file)), reason)
+
+
+def stopped_result(run_plan: RunPlan, reason: str) -> dict:
+    """The training result of a run that a signal stopped: the newest valid checkpoint (the one saved at the stop)
+    is where it reached. Its figures stay with the processes that trained; the flow needs the step and checkpoint."""
+    latest = choose_checkpoint(run_plan.layout, "latest", continuing=False, fresh_if_none=True)
+    resumed_from = None if run_plan.start.fresh else run_plan.start.step
+    saved = () if latest.fresh else (str(latest.checkpoint),)  # verified just now: not hashed again
+    return {
+        "steps": latest.step,
+        "latest_checkpoint": str(latest.checkpoint) if saved else None,
+        "resumed_from_step": resumed_from,
+        "stop_reason": reason,
+        "saved_checkpoints": saved,
+    }
 
 
 def train_planned(plan_file: Path, *, mlflow_run_id: str | None) -> dict:

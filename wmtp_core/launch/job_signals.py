@@ -1,8 +1,10 @@
 """Stop signals while a torchrun job runs: this process passes them on, so every rank saves before it stops.
 
 The job runs in a session of its own, so the terminal's Ctrl-C reaches only this process, which decides:
-- SIGTERM (a Prefect cancellation) and a first Ctrl-C go to torchrun, which sends the same signal to every rank;
-  each rank saves a checkpoint after its current step and stops (Ctrl-C: the run ends "stopped", not failed).
+- SIGTERM (a Prefect cancellation, `timeout`, a preemption) and a first Ctrl-C go to torchrun, which sends the same
+  signal to every rank; each rank saves a checkpoint after its current step and stops (the run ends "stopped").
+  SIGTERM is passed on once (torchrun already waits for the ranks' saves); a rank that gets SIGTERM directly as
+  well (Slurm signals every process of a job) only sets its stop flag again.
 - A second Ctrl-C kills the ranks and torchrun at once and raises KeyboardInterrupt: abort without saving.
 torchrun waits 30 s for its ranks after passing a signal on, then kills them: one step plus one save must fit.
 """
@@ -27,7 +29,7 @@ class forwarded_stop_signals:
 
     def __init__(self, process: subprocess.Popen, log: logging.Logger):
         self.process, self.log = process, log
-        self.interrupted = False
+        self.interrupted = self.terminated = False
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> forwarded_stop_signals:
@@ -40,6 +42,10 @@ class forwarded_stop_signals:
             stop_job(self.process)
 
     def _on_sigterm(self, signum, frame) -> None:
+        if self.terminated:
+            return  # torchrun has it already, and is waiting for the ranks' saves
+        self.terminated = True
+        self.log.warning("SIGTERM: every rank saves a checkpoint after its current step, then stops")
         self.process.send_signal(signal.SIGTERM)
 
     def _on_sigint(self, signum, frame) -> None:

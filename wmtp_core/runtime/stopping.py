@@ -8,24 +8,54 @@ SIGTERM, so one step plus one save must fit in that grace.
 Ctrl-C (SIGINT) stops the same way, but as a user's choice rather than a cancellation: training returns normally
 (stop_reason "Ctrl-C"), so the run is summarised and uploaded and `wmtp resume` continues it. A second Ctrl-C
 aborts at once (KeyboardInterrupt), without waiting for the step or the save.
+
+A command that runs training (`wmtp train`) handles SIGTERM outside a training step with `sigterm_raises`: the
+signal raises Terminated where the command is, so it ends with one line and its cleanup run, not killed mid-way.
+Exit statuses follow the shell's convention (128 + the signal): 130 after Ctrl-C, 143 after SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 log = logging.getLogger(__name__)
 STOP_REASONS = (None, "time budget", "Ctrl-C", "SIGTERM")
 """Lowest severity first: ranks told different things agree on the most severe (see StopRequest.severity)."""
+EXIT_STATUS = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+"""A command's exit status after a stop in order, by stop reason: 130 and 143, as a shell reports the signals."""
 
 
 class TrainingInterrupted(RuntimeError):
     """A SIGTERM ended training; a checkpoint at the step reached was saved, resume continues from it."""
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the process outside a training step (while starting, saving its summary, uploading): the
+    command ends now. A BaseException, as KeyboardInterrupt is, so no `except Exception` takes it for a failure."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread for the block (a training step inside it handles the signal
+    itself: StopRequest and the torchrun job's handlers replace this one while they run)."""
+    if threading.current_thread() is not threading.main_thread():  # Python's rule: handlers in the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
 
 
 class StopRequest:
