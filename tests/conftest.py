@@ -62,9 +62,17 @@ def run_wmtp():
     """
 
     def run(
-        args: list[str], *, home: Path, api_url: str | None = None, mlflow_uri: str | None = None, timeout: int = 600
+        args: list[str],
+        *,
+        home: Path,
+        api_url: str | None = None,
+        mlflow_uri: str | None = None,
+        timeout: int = 600,
+        fresh: bool = False,
     ) -> dict:
-        out, summary = run_wmtp_json(args, home=home, api_url=api_url, mlflow_uri=mlflow_uri, timeout=timeout)
+        out, summary = run_wmtp_json(
+            args, home=home, api_url=api_url, mlflow_uri=mlflow_uri, timeout=timeout, fresh=fresh
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return summary
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_default_train_command_succeeds_on_a_fresh_home(tmp_path, run_wmtp):
     """`wmtp train` with nothing set: its own temporary Prefect server, the built-in data and model."""
     home = tmp_path / "fresh"
-    summary = run_wmtp(["train"], home=home)
+    summary = run_wmtp(["train"], home=home, fresh=True)  # its MLflow store made by this first run
     assert summary["status"] == "completed"
     assert summary["final_eval_loss"] <= 0.8 * summary["initial_eval_loss"]
     assert (Path(summary["latest_checkpoint"]) / "manifest.json").is_file()
