@@ -19,9 +19,11 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.git_utils import get_git_commit
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from tracking.errors import TrackingError, credentials_redacted
+from tracking.errors import TrackingError as TrackingError  # the error its functions raise, for callers
+from tracking.errors import credentials_redacted
 from tracking.metrics_buffer import BufferedMetrics, Point, SpooledMetrics, read_pending
-from tracking.spool import PENDING_UPLOADS_FILE, pending_uploads, record_pending_uploads, tracking_spooled
+from tracking.spool import PENDING_UPLOADS_FILE as PENDING_UPLOADS_FILE  # where it was defined before
+from tracking.spool import pending_uploads, tracking_spooled
 from wmtp_core.checkpoint.manifest import (
     FINAL_MODEL_CONFIG,
     MANIFEST_FILE,
@@ -37,7 +39,6 @@ from wmtp_core.run.start import choose_checkpoint
 from wmtp_core.runtime.atomic_files import write_atomically
 from wmtp_core.runtime.redaction import redact_credentials, without_credentials
 
-__all__ = ["PENDING_UPLOADS_FILE", "TrackingError", "record_pending_uploads"]  # defined beside, named here too
 log = logging.getLogger(__name__)
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000

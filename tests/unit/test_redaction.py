@@ -1,12 +1,14 @@
 """Credentials out of URIs and out of the text that quotes them: the one redaction function, the link without
-credentials, and MLflow errors re-raised without the password."""
+credentials, MLflow errors re-raised without the password, and the reason a tracking server is unreachable."""
 
 from __future__ import annotations
 
 import pytest
 from mlflow.exceptions import MlflowException
 
+from benchmarks.servers import free_port
 from tracking.errors import TrackingError, credentials_redacted
+from tracking.spool import unreachable_reason
 from wmtp_core.runtime.redaction import redact_credentials, without_credentials
 
 
@@ -79,3 +81,10 @@ def test_an_error_without_credentials_keeps_its_type():
 
     with pytest.raises(FileNotFoundError):
         call()
+
+
+def test_a_tracking_server_found_unreachable_is_named_without_its_password():
+    port = free_port()  # nothing listens: the connection is refused
+    reason = unreachable_reason(f"http://user:s3cr3t@127.0.0.1:{port}")
+    assert reason == f"tracking server http://user:***@127.0.0.1:{port} unreachable (Connection refused)"
+    assert unreachable_reason("sqlite:////tmp/mlflow.db") is None  # not a server: nothing to reach
