@@ -124,6 +124,8 @@ def _assert_stopped_in_order(outcome: dict, home: Path, name: str, *, torchruns_
     assert outcome["to_exit_s"] < GRACE_S, (outcome["to_exit_s"], stderr[-3000:])
     latest = outcome["latest"]
     assert latest is not None and latest.step >= 40 and outcome["to_checkpoint_s"] < GRACE_S, outcome
+    steps = sorted(int(c.name.removeprefix("step_")) for c in (home / "runs" / name / "checkpoints").glob("step_*"))
+    assert [s for s in steps if s % 20] in ([], [latest.step]), steps  # one stop save (save_every 20), not two
     summary = json.loads((home / "runs" / name / "summary.json").read_text())
     assert (summary["status"], summary["stop_reason"], summary["steps"]) == ("stopped", "SIGTERM", latest.step)
     assert f"stopped by the SIGTERM at step {latest.step}" in stderr and f"wmtp resume {name}" in stderr
