@@ -124,6 +124,8 @@ def _end_with_parent(parent: int) -> None:
     while os.getppid() == parent:  # an orphan is adopted by init (or a subreaper): its parent pid changes
         time.sleep(1)
     os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)  # uvicorn finishes a start-up (the database's migrations) before it shuts down: not forever
+    os._exit(1)
 
 
 def _our_words_for_the_server(record: logging.LogRecord) -> bool:

@@ -52,6 +52,13 @@ def _processes_of(root: int, session: int) -> set[tuple[int, str]]:
     return {(pid, table[pid][19]) for pid in found if pid in table}
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""
+
+
 def _port_answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
@@ -184,3 +191,24 @@ def test_a_group_sigterm_before_training_ends_the_command_with_one_line(recipe_f
     assert "run early ended by SIGTERM outside a training step: no checkpoint was saved yet" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     _assert_nothing_left(outcome)
+
+
+@pytest.mark.slow
+def test_the_temporary_server_ends_itself_when_the_command_is_killed(recipe_file, tmp_path):
+    """SIGKILL runs no exit handler: the server, in a session of its own, must notice that its parent is gone."""
+    home = tmp_path / "home"
+    command = [WMTP, "train", "--recipe", str(recipe_file), "-n", "killed", *[f"--set={s}" for s in LONG_RUN]]
+    cli = subprocess.Popen(command, env=wmtp_environment(home), stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (home / "runs" / "killed" / "plan.json").exists() and cli.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    servers = [p for p in _processes_of(cli.pid, cli.pid) if b"uvicorn" in _cmdline(p[0])]
+    os.kill(cli.pid, signal.SIGKILL)
+    cli.wait()
+    deadline = time.monotonic() + 20  # its parent checked every second, 10 s for a server still starting
+    while any(_alive(server) for server in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid, start in servers if _alive((pid, start))]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert len(servers) == 1 and not left, servers
