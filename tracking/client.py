@@ -394,7 +394,8 @@ def run_link(run_dir: Path) -> str | None:
     if not recorded.is_file():
         return None
     info = json.loads(recorded.read_text())
-    uri, run_id, experiment_id = info["tracking_uri"], info["mlflow_run_id"], info.get("experiment_id", "0")
+    uri = info.get("tracking_uri") or tracking_address()  # a record that names no store: this process's
+    run_id, experiment_id = info["mlflow_run_id"], info.get("experiment_id", "0")
     if uri.startswith("http"):
         return f"{without_credentials(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
     page = f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
