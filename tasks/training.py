@@ -89,8 +89,8 @@ def train_model(plan_file: str, *, mlflow_run_id: str | None) -> dict:
         return train_planned(Path(plan_file), mlflow_run_id=mlflow_run_id)
     except (TrainingInterrupted, WorkerInterrupted) as stopped:
         get_run_logger().warning("%s", stopped)
-        # run_job also raises WorkerInterrupted for a Ctrl-C that reached the ranks before they could stop in order
-        reason = "Ctrl-C" if str(stopped).startswith("stopped by Ctrl-C") else "SIGTERM"
+        # In this process only SIGTERM raises; a torchrun job's says which signal stopped it (Ctrl-C too).
+        reason = stopped.reason if isinstance(stopped, WorkerInterrupted) else "SIGTERM"
         return stopped_result(read_plan(Path(plan_file)), reason)
 
 

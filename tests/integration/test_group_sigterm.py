@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support.cli import WMTP, run_wmtp_json, wmtp_environment
+from support.cli import WMTP, wmtp_environment
+from support.training import plan_and_train
 
 from wmtp_core.checkpoint.manifest import latest_valid_checkpoint
+from wmtp_core.recipes import load_recipe
 
 GRACE_S = 30  # docs/distributed.md: one step plus one save must fit in it
 LONG_RUN = ["train.max_steps=5000", "train.save_every=20", "train.eval_every=100000", "train.log_every=10"]
@@ -146,12 +148,12 @@ def _assert_nothing_left(outcome: dict) -> None:
     assert outcome["port"] is not None and not _port_answers(outcome["port"]), "the temporary server is still up"
 
 
-def _resumes_from(home: Path, name: str, step: int, prefect_api_url: str) -> None:
-    out, resumed = run_wmtp_json(
-        ["resume", name, f"--set=train.max_steps={step + 2}"], home=home, api_url=prefect_api_url
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (resumed["resumed_from_step"], resumed["steps"], resumed["status"]) == (step, step + 2, "completed")
+def _resumes_from(home: Path, name: str, step: int) -> None:
+    """The stop checkpoint resumes (here, on one process: the CLI's own resume is tested in test_cli_end_to_end)."""
+    run_dir = home / "runs" / name
+    recipe = load_recipe(run_dir / "recipe.yaml", ["devices.nproc_per_node=1", f"train.max_steps={step + 2}"])
+    resumed = plan_and_train(recipe, run_dir, resume_from=run_dir / "checkpoints" / f"step_{step:08d}")
+    assert (resumed.resumed_from_step, resumed.steps) == (step, step + 2)
 
 
 @pytest.fixture
@@ -162,24 +164,24 @@ def recipe_file(tmp_path, tiny_recipe) -> Path:
 
 
 @pytest.mark.slow
-def test_a_group_sigterm_stops_the_run_with_a_checkpoint_and_exits_143(recipe_file, tmp_path, prefect_api_url):
+def test_a_group_sigterm_stops_the_run_with_a_checkpoint_and_exits_143(recipe_file, tmp_path):
     home = tmp_path / "home"
     outcome = _train_then_sigterm_the_group(recipe_file, home, "grouped", [])
     print(f"in process: exit {outcome['to_exit_s']:.1f} s, checkpoint {outcome['to_checkpoint_s']:.1f} s after")
     _assert_stopped_in_order(outcome, home, "grouped")
-    _resumes_from(home, "grouped", outcome["latest"].step, prefect_api_url)
+    _resumes_from(home, "grouped", outcome["latest"].step)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_group_sigterm_under_torchrun_stops_every_rank_once_and_exits_143(recipe_file, tmp_path, prefect_api_url):
+def test_a_group_sigterm_under_torchrun_stops_every_rank_once_and_exits_143(recipe_file, tmp_path):
     home = tmp_path / "home"
     torchrun = ["devices.launcher=torchrun", "devices.nproc_per_node=2", "devices.strategy=ddp"]
     outcome = _train_then_sigterm_the_group(recipe_file, home, "grouped-ranks", torchrun, ranks_too=True)
     print(f"torchrun: exit {outcome['to_exit_s']:.1f} s, checkpoint {outcome['to_checkpoint_s']:.1f} s after")
     assert len(outcome["ranks"]) == 2
     _assert_stopped_in_order(outcome, home, "grouped-ranks", torchruns_own_report=1)
-    _resumes_from(home, "grouped-ranks", outcome["latest"].step, prefect_api_url)
+    _resumes_from(home, "grouped-ranks", outcome["latest"].step)
 
 
 @pytest.mark.slow

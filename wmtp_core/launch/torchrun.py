@@ -52,7 +52,11 @@ class WorkerInputError(ValueError):
 
 
 class WorkerInterrupted(RuntimeError):
-    """The job was stopped by SIGTERM after saving a checkpoint."""
+    """The job was stopped by a signal (reason: "SIGTERM" or "Ctrl-C"); its ranks saved what they could."""
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 _TEE_PREFIX = re.compile(r"^\[default\d+\]:")  # what torchrun puts before each line it tees to the console
@@ -223,14 +227,15 @@ def _outcome(status: int, result_file: Path, job: EndedJob, *, interrupted: bool
         return outcome["result"]
     if interrupted:  # Ctrl-C before the ranks could stop cleanly (e.g. still starting): not a failure to retry
         raise WorkerInterrupted(
-            f"stopped by Ctrl-C ({job.name} exited {status}); resume continues from the newest checkpoint"
+            f"stopped by Ctrl-C ({job.name} exited {status}); resume continues from the newest checkpoint",
+            reason="Ctrl-C",
         )
     rank, _ = failed_first(job)
     if rank not in (None, 0):  # that rank's own outcome, or none: never rank 0's error in its name
         outcome = _read_outcome(rank_result_file(result_file, rank))
     error_type, message = outcome.get("error_type"), outcome.get("message")
     if status == EXIT_TERMINATED or error_type == "TrainingInterrupted":
-        raise WorkerInterrupted(message or f"{job.name} exited {status} after SIGTERM")
+        raise WorkerInterrupted(message or f"{job.name} exited {status} after SIGTERM", reason="SIGTERM")
     if error_type in INPUT_ERROR_TYPES:
         raise WorkerInputError(f"{error_type}: {message}")
     raise RuntimeError(failure_message(status, job, outcome))
