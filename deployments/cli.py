@@ -154,7 +154,8 @@ def upload(run: str = RunArgument) -> None:
     """Upload what RUN still owes MLflow (checkpoints, pending metrics, summary) and close its MLflow run."""
     directory = invalid_input_guard(lambda: existing_run_dir(run))
     layout = RunLayout(directory)
-    from tracking.client import TrackingError, run_link, tracking_address, upload_run
+    from tracking.artifacts import upload_run
+    from tracking.client import TrackingError, run_link, tracking_address
     from tracking.spool import tracking_spooled
 
     if not layout.tracking.is_file() and not tracking_spooled(directory):

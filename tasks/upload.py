@@ -11,8 +11,8 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 from prefect.tasks import exponential_backoff
 
+from tracking import artifacts, spool
 from tracking import client as tracking
-from tracking import spool
 from wmtp_core.checkpoint.manifest import Verdicts
 from wmtp_core.run.plan import RunPlan, read_plan
 from wmtp_core.run.summary import RunSummary
@@ -91,7 +91,7 @@ def upload_artifacts(summary: RunSummary, *, verdicts: Verdicts | None = None) -
     summary.write()
     if summary.mlflow_run_id is None:
         return []
-    return tracking.upload_run(
+    return artifacts.upload_run(
         summary.mlflow_run_id,
         Path(summary.run_dir),
         succeeded=summary.status == "completed",

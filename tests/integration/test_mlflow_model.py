@@ -15,6 +15,7 @@ from support.hf_models import HF_OVERRIDES
 from support.recipes import TINY_OVERRIDES
 from support.training import plan_and_train
 
+from tracking import artifacts
 from tracking import client as tracking
 from wmtp_core.recipes import load_recipe
 
@@ -81,7 +82,7 @@ def test_cli_run_logs_a_registered_mlflow_model_that_generates_as_wmtp_generate(
     experiment = mlflow.get_experiment(run.info.experiment_id)
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND
     # Uploading again (a retry, `wmtp upload`) registers no second version of the same step.
-    assert tracking.register_final_model(run_id, Path(summary["run_dir"])) == "1"
+    assert artifacts.register_final_model(run_id, Path(summary["run_dir"])) == "1"
     assert [str(v.version) for v in mlflow.search_model_versions(f"name='{REGISTERED}'")] == ["1"]
 
 

@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from benchmarks.servers import free_port
+from tracking import artifacts
 from tracking import client as tracking
 
 
@@ -64,16 +65,16 @@ def test_a_checkpoint_upload_cut_short_before_its_manifest_is_redone_whole(train
     mlflow = MlflowClient(tracking.tracking_uri())
     cut_short = run_dir / "checkpoints" / "step_00000002"
     mlflow.log_artifact(run_id, str(cut_short / "model.safetensors"), "checkpoints/step_00000002")  # no manifest
-    assert tracking.upload_checkpoints(run_id, run_dir) == ["step_00000002", "step_00000004"]
+    assert artifacts.upload_checkpoints(run_id, run_dir) == ["step_00000002", "step_00000004"]
     sent = {Path(a.path).name for a in mlflow.list_artifacts(run_id, "checkpoints/step_00000002")}
     assert sent == {p.name for p in cut_short.iterdir()}
-    assert tracking.upload_checkpoints(run_id, run_dir) == []  # complete now: nothing sent twice
+    assert artifacts.upload_checkpoints(run_id, run_dir) == []  # complete now: nothing sent twice
 
 
 def test_upload_progress_counts_every_byte_once_and_ends_at_the_total(trained_run):
     run_dir, run_id = trained_run
     reports: list[tuple[str, int, int]] = []
-    tracking.upload_checkpoints(run_id, run_dir, on_progress=lambda *report: reports.append(report))
+    artifacts.upload_checkpoints(run_id, run_dir, on_progress=lambda *report: reports.append(report))
     on_disk = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
     done = [report[1] for report in reports]
     assert done == sorted(done) and done[-1] == reports[-1][2] == on_disk
