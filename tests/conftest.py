@@ -61,18 +61,9 @@ def run_wmtp():
     Pass api_url=prefect_api_url: without it the command starts a temporary Prefect server of its own (~20 s).
     """
 
-    def run(
-        args: list[str],
-        *,
-        home: Path,
-        api_url: str | None = None,
-        mlflow_uri: str | None = None,
-        timeout: int = 600,
-        fresh: bool = False,
-    ) -> dict:
-        out, summary = run_wmtp_json(
-            args, home=home, api_url=api_url, mlflow_uri=mlflow_uri, timeout=timeout, fresh=fresh
-        )
+    def run(args: list[str], **options) -> dict:
+        """options: those of support.cli.run_wmtp_json (home, api_url, mlflow_uri, timeout, fresh)."""
+        out, summary = run_wmtp_json(args, **options)
         assert out.returncode == 0, out.stderr[-3000:]
         return summary
 

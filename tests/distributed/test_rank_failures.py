@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.log_lines import Lines
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import free_port, rank_pids, when_exists
 
@@ -27,15 +28,6 @@ from wmtp_core.run.plan import plan_run, write_plan
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # each runs torchrun jobs of 10-40 s
 LONG_RUN = ["train.max_steps=5000", "train.save_every=5", "train.eval_every=100000", "devices.strategy=ddp"]
-
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def job(run_dir: Path, *overrides: str, resume=None, manifest_extra=None) -> tuple[list[str], Path]:

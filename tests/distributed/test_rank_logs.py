@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from support.log_lines import Lines
 from support.recipes import TINY_OVERRIDES
 
 from wmtp_core.launch.torchrun import run_job, worker_command
@@ -36,15 +37,6 @@ def _two_process_command(run_dir, *, worker=None):
         at = command.index("-m", command.index("--local-ranks-filter"))
         command[at : at + 2] = [str(worker)]
     return command, result
-
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def _logger() -> tuple[logging.Logger, Lines]:

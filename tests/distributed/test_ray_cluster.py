@@ -22,7 +22,7 @@ import pytest
 import torch
 from support import ROOT
 from support.checkpoints import copy_run_up_to, full_model_state
-from support.ray_cluster import lose_the_node_of, plan_ray_job, rank_logs, run_ray_job, start_ray_job, wait_for
+from support.ray_cluster import lose_a_node_after_step_6, plan_ray_job, rank_logs, run_ray_job, start_ray_job, wait_for
 from support.recipes import TINY_OVERRIDES
 from support.torchrun import torchrun_worker
 from support.training import plan_and_train
@@ -85,12 +85,7 @@ def lost_node_job(ray_cluster, tmp_path_factory) -> tuple[dict, Path]:
     (its outcome, its run directory)."""
     run_dir = tmp_path_factory.mktemp("lost-node")
     driver = start_ray_job(recipe_on(ray_cluster, *LONG, "ray.workers=2"), run_dir)
-    try:
-        wait_for(lambda: RunLayout(run_dir).checkpoint(6).is_dir(), timeout=240)
-        lose_the_node_of(ray_cluster, run_dir, rank=1)
-        output, _ = driver.communicate(timeout=300)
-    finally:
-        driver.kill()
+    output, _ = lose_a_node_after_step_6(ray_cluster, driver, run_dir, timeout=300)
     assert driver.returncode == 0, output[-3000:]
     return json.loads((run_dir / "ray_result.json").read_text()), run_dir
 

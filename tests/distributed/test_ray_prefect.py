@@ -18,7 +18,7 @@ import pytest
 from support import ROOT
 from support.cli import WMTP, wmtp_environment
 from support.prefect import deployment_named, finished_run
-from support.ray_cluster import lose_the_node_of, rank_logs, wait_for
+from support.ray_cluster import lose_a_node_after_step_6, rank_logs, wait_for
 from support.recipes import TINY_OVERRIDES
 
 from benchmarks.servers import RAY_LOOPBACK_ONLY, free_port, stop_process_group
@@ -40,13 +40,8 @@ def test_a_prefect_retry_resumes_a_ray_job_that_lost_a_node_past_its_allowed_fai
     train = subprocess.Popen(
         [WMTP, "train", *settings, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    try:
-        run_dir = home / "runs" / "lost"
-        wait_for(lambda: RunLayout(run_dir).checkpoint(6).is_dir(), timeout=300)
-        lose_the_node_of(ray_cluster, run_dir, rank=1)
-        stdout, stderr = train.communicate(timeout=400)
-    finally:
-        train.kill()
+    run_dir = home / "runs" / "lost"
+    stdout, stderr = lose_a_node_after_step_6(ray_cluster, train, run_dir, timeout=400)
     assert train.returncode == 0, stderr[-4000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert (summary["status"], summary["steps"]) == ("completed", 60)

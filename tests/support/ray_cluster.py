@@ -50,6 +50,17 @@ def lose_the_node_of(cluster, run_dir: Path, *, rank: int) -> None:
     cluster.add_node(num_cpus=1)
 
 
+def lose_a_node_after_step_6(cluster, process: subprocess.Popen, run_dir: Path, *, timeout: float) -> tuple:
+    """Once run_dir has its step-6 checkpoint, lose the node of rank 1, then wait for process (training the run
+    there) to end: its (stdout, stderr). It is killed if any of this fails or takes longer than timeout."""
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "step_00000006").is_dir(), timeout=timeout)
+        lose_the_node_of(cluster, run_dir, rank=1)
+        return process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+
+
 def wait_for(condition, *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
