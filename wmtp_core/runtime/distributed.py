@@ -185,13 +185,15 @@ def max_over_ranks(value: int, ctx: DistContext) -> int:
     return int(tensor.item())
 
 
-def sum_over_ranks(count: torch.Tensor, ctx: DistContext) -> int:
-    """An integer count (a 0-d tensor) summed over every rank, exactly (int64), on every rank."""
+def sum_over_ranks(count: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """An integer count (a 0-d tensor) summed over every rank, exactly (int64), on every rank: a tensor on the
+    count's device, so the caller reads it with its next host sync instead of adding one (on CUDA the all-reduce
+    is only queued here)."""
     if not ctx.active:
-        return int(count)
-    total = count.reshape(1).to(device=ctx.device, dtype=torch.int64, copy=True)
+        return count
+    total = count.reshape(1).to(dtype=torch.int64, copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return int(total.item())
+    return total
 
 
 def barrier(ctx: DistContext, group: dist.ProcessGroup | None = None) -> None:

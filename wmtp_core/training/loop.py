@@ -227,9 +227,11 @@ def train_step(
             totals[name] = totals.get(name, 0.0) + value.float() / accumulation
         num_tokens += mb.valid_BT.count_nonzero()
     # One host sync for every metric; the loss is needed on the host anyway to decide whether to update. Under
-    # torchrun the metrics are averaged over ranks first, so every rank takes the same skip decision.
+    # torchrun the metrics are averaged over ranks first, so every rank takes the same skip decision. The token
+    # count's sum is queued before that sync, which so completes it too: reading it after costs no second wait.
+    tokens_over_ranks = sum_over_ranks(num_tokens, parts.ctx)
     values = dict(zip(totals, all_reduce_mean(torch.stack(list(totals.values())), parts.ctx).tolist()))
-    state.tokens_seen += sum_over_ranks(num_tokens, parts.ctx)
+    state.tokens_seen += int(tokens_over_ranks)
     grad_norm = apply_update(parts, recipe=recipe, loss_ok=math.isfinite(values["loss"]))
     if grad_norm is None:
         state.skipped_steps += 1
